@@ -1,0 +1,8 @@
+"""ner_compress: shrink a Chinese NER BERT with a once-for-all width supernet.
+
+Stages: ``training`` (teacher), ``supernet`` (OFA distillation), ``export``
+(sub-model to dynamic and static graph), ``inference`` (Paddle Inference).
+"""
+from . import compat  # noqa: F401  (first: works around a zlib clash before paddle loads)
+
+__version__ = "0.1.0"

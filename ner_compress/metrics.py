@@ -1,0 +1,22 @@
+"""Entity-level scores (seqeval, conlleval semantics) and entity extraction for output."""
+from seqeval.metrics import classification_report
+from seqeval.metrics.sequence_labeling import get_entities
+
+
+def entity_scores(true_tags, pred_tags):
+    """Micro precision/recall/F1 over whole sentences, plus the same per entity type."""
+    report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
+    per_type = {
+        name: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]),
+               "support": int(v["support"])}
+        for name, v in report.items() if not name.endswith(" avg")
+    }
+    return {"precision": float(micro["precision"]), "recall": float(micro["recall"]),
+            "f1": float(micro["f1-score"]), "support": int(micro["support"]), "per_type": per_type}
+
+
+def extract_entities(text, tags):
+    """``[{type, start, end, text}]`` with ``end`` exclusive, so ``text[start:end]`` is the entity."""
+    return [{"type": kind, "start": start, "end": end + 1, "text": text[start: end + 1]}
+            for kind, start, end in get_entities(list(tags))]

@@ -1,0 +1,104 @@
+"""The teacher (``BertForTokenClassification``) and its width-pruned sub-model.
+
+A width-``w`` sub-model keeps the hidden size and the head size; it keeps ``w`` of the
+heads and ``w`` of the feed-forward neurons. ``BertConfig`` cannot say that, so the config
+carries ``width_mult`` and ``PrunedBertForTokenClassification`` shrinks its layers to
+match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
+"""
+import paddle
+from paddle import nn
+from paddlenlp.transformers import BertConfig, BertForTokenClassification
+
+from .errors import UserError
+
+
+def teacher_config(cfg, labels, vocab_size):
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        max_position_embeddings=max(512, cfg.max_seq_length),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+
+
+def build_teacher(cfg, labels, vocab_size):
+    """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory."""
+    if not cfg.model_name_or_path:
+        return BertForTokenClassification(teacher_config(cfg, labels, vocab_size))
+    try:
+        model = BertForTokenClassification.from_pretrained(
+            cfg.model_name_or_path, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load ({err})")
+    if model.config.vocab_size != vocab_size:
+        raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: vocab size {model.config.vocab_size} "
+                        f"differs from --vocab_file ({vocab_size}); use the model's own vocabulary")
+    return model
+
+
+def _shrunk_linear(linear, in_ratio, out_ratio):
+    in_dim, out_dim = linear.weight.shape
+    return nn.Linear(int(in_dim * in_ratio), int(out_dim * out_ratio))
+
+
+def shrink_encoder(model, width_mult):
+    """Cut heads and feed-forward neurons of every encoder layer to ``width_mult``."""
+    for layer in model.bert.encoder.layers:
+        attn = layer.self_attn
+        heads = int(attn.num_heads * width_mult)
+        if heads < 1:
+            raise UserError(f"--width_mult {width_mult}: leaves no attention head of {attn.num_heads}")
+        ratio = heads / attn.num_heads
+        attn.num_heads = heads
+        attn.q_proj = _shrunk_linear(attn.q_proj, 1.0, ratio)
+        attn.k_proj = _shrunk_linear(attn.k_proj, 1.0, ratio)
+        attn.v_proj = _shrunk_linear(attn.v_proj, 1.0, ratio)
+        attn.out_proj = _shrunk_linear(attn.out_proj, ratio, 1.0)
+        layer.linear1 = _shrunk_linear(layer.linear1, 1.0, width_mult)
+        layer.linear2 = _shrunk_linear(layer.linear2, width_mult, 1.0)
+    return model
+
+
+class PrunedBertForTokenClassification(BertForTokenClassification):
+    """``BertForTokenClassification`` whose encoder is cut to ``config.width_mult``."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        width_mult = float(getattr(config, "width_mult", 1.0))
+        if width_mult < 1.0:
+            shrink_encoder(self, width_mult)
+
+
+def sub_model_state(supernet_state, sub_model):
+    """Slice supernet weights (keys with ``.fn``) to the leading rows/columns the sub-model has.
+
+    Heads and neurons were reordered by importance before distillation, so the leading
+    slice is exactly what the supernet computes at that width.
+    """
+    target = sub_model.state_dict()
+    sliced = {}
+    for key, value in supernet_state.items():
+        name = key.replace(".fn.", ".")
+        if name not in target:
+            raise UserError(f"supernet weight {key} has no place in the sub-model; was it made by another model?")
+        shape = target[name].shape
+        value = value.numpy() if isinstance(value, paddle.Tensor) else value
+        sliced[name] = value[tuple(slice(0, d) for d in shape)]
+        if list(sliced[name].shape) != list(shape):
+            raise UserError(f"supernet weight {key} {list(value.shape)} is smaller than the sub-model's {shape}")
+    missing = sorted(set(target) - set(sliced))
+    if missing:
+        raise UserError(f"supernet weights lack {missing[:3]}...; the ofa/ directory is incomplete")
+    return sliced
+
+
+def count_parameters(model):
+    return int(sum(p.numel().item() if hasattr(p.numel(), "item") else p.numel() for p in model.parameters()))

@@ -1,0 +1,109 @@
+"""The stages as functions of a Config, and the command lines that call them.
+
+``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``.
+"""
+import json
+import logging
+import os
+
+import paddle
+from paddlenlp.transformers import BertForTokenClassification
+
+from . import export, supernet, training
+from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
+from .config import parse_config
+from .data import prepare_data
+from .errors import UserError
+
+log = logging.getLogger("ner_compress")
+
+DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "dev_size", "dev_limit",
+              "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
+RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
+             "logging_steps", "seed", "device"]
+TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "model_name_or_path", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "learning_rate", "num_train_epochs", "max_steps",
+    "eval_steps"]
+OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",
+    "lambda_distill", "lambda_logit", "importance_batches"]
+EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir"]
+
+
+def teacher_dir(cfg):
+    return os.path.join(cfg.output_dir, "teacher")
+
+
+def ofa_dir(cfg):
+    return os.path.join(cfg.output_dir, "ofa")
+
+
+def export_dir(cfg, width=None):
+    name = "teacher" if width is None else f"width_{round(width, 4)}"
+    return os.path.join(cfg.output_dir, "export", name)
+
+
+def recorded_config(stage_dir):
+    """The resolved config a finished stage recorded, or {} when there is none yet."""
+    def inherit(output_dir):
+        path = os.path.join(output_dir, stage_dir, MANIFEST)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("config", {})
+    return inherit
+
+
+def _start(cfg):
+    training.setup_logging()
+    training.set_device(cfg.device)
+    return prepare_data(cfg)
+
+
+def run_teacher(cfg):
+    data = _start(cfg)
+    return training.train_teacher(cfg, data, teacher_dir(cfg))
+
+
+def run_ofa(cfg):
+    teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
+    data = _start(cfg)
+    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
+    teacher = BertForTokenClassification.from_pretrained(teacher_dir(cfg))
+    training.set_seed(cfg.seed)
+    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, ofa_dir(cfg))
+    summary = {"stage": "ofa-summary", "widths": sorted(best), "best": best,
+               "loss_history": history, "teacher": teacher_manifest.get("metrics", {})}
+    write_json(os.path.join(ofa_dir(cfg), "summary.json"), summary)
+    for width, result in sorted(best.items(), reverse=True):
+        log.info("ofa: width %s best dev F1 %.4f (step %s)", width, result["dev_f1"], result.get("step"))
+    return best, history
+
+
+def run_export(cfg, width=None):
+    """Export one width (or the teacher when ``width`` is None)."""
+    data = _start(cfg)
+    if width is None:
+        return export.export_teacher(cfg, data, teacher_dir(cfg), export_dir(cfg))
+    return export.export_width(cfg, data, ofa_dir(cfg), export_dir(cfg, width), width)
+
+
+def train_teacher_cli(argv=None):
+    cfg, _ = parse_config("Fine-tune the BERT teacher; best dev F1 goes to DIR/teacher/.", TEACHER_FLAGS, argv)
+    run_teacher(cfg)
+
+
+def ofa_compress_cli(argv=None):
+    cfg, _ = parse_config("Distil the teacher into an OFA width supernet; best per width goes to DIR/ofa/.",
+                          OFA_FLAGS, argv, inherit=recorded_config("teacher"))
+    run_ofa(cfg)
+
+
+def export_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
+    cfg, args = parse_config("Cut a width out of the supernet; save dynamic and static graph under DIR/export/.",
+                             EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
+    run_export(cfg, None if args.teacher else cfg.width_mult)
+

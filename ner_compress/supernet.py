@@ -1,0 +1,210 @@
+"""Once-for-all width supernet: convert the teacher, reorder by importance, distil at every width.
+
+The OFA forwards come from ``paddlenlp.transformers.ofa_utils`` (scaled attention, head
+masks) and ``trainer_compress.auto_model_dynabert_forward`` (the BERT forward OFA needs).
+They are bound per instance, never on the classes, so the teacher's class and the exported
+sub-model keep the stock PaddleNLP forwards. PaddleSlim's ``nlp_utils`` is never imported: it
+patches the classes with an attention that drops the 1/sqrt(head_dim) scale.
+"""
+import copy
+import logging
+import os
+import types
+from contextlib import contextmanager
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward, check_dynabert_config
+from paddlenlp.transformers import BertModel
+from paddlenlp.transformers.ofa_utils import (
+    compute_neuron_head_importance,
+    encoder_layer_ofa_forward,
+    encoder_ofa_forward,
+    mha_ofa_forward,
+    prepare_qkv_ofa,
+    reorder_neuron_head,
+)
+from paddleslim.nas.ofa import OFA, DistillConfig, utils
+from paddleslim.nas.ofa.convert_super import Convert, supernet
+from tqdm import tqdm
+
+from . import compat
+from .artifacts import atomic_dir, write_manifest
+from .data import IGNORE_INDEX, collate, eval_batches
+from .training import count_batches, evaluate, iterate_steps, make_optimizer, to_tensors, token_loss, total_steps
+
+log = logging.getLogger("ner_compress")
+
+SUPERNET_WEIGHTS = "supernet.pdparams"
+# instance attribute -> replacement, per layer class
+_OFA_FORWARDS = (
+    (nn.MultiHeadAttention, {"forward": mha_ofa_forward, "_prepare_qkv": prepare_qkv_ofa}),
+    (nn.TransformerEncoderLayer, {"forward": encoder_layer_ofa_forward}),
+    (nn.TransformerEncoder, {"forward": encoder_ofa_forward}),
+    (BertModel, {"forward": auto_model_dynabert_forward}),
+)
+
+
+def bind_ofa_forwards(model):
+    """Give every matching sublayer of ``model`` the OFA forward, on that instance only."""
+    for layer in model.sublayers(include_self=True):
+        for cls, methods in _OFA_FORWARDS:
+            if isinstance(layer, cls):
+                for name, fn in methods.items():
+                    object.__setattr__(layer, name, types.MethodType(fn, layer))
+    return model
+
+
+def unbind_ofa_forwards(model):
+    """Back to the class forwards (the instance attributes simply go away)."""
+    for layer in model.sublayers(include_self=True):
+        for name in ("forward", "_prepare_qkv"):
+            layer.__dict__.pop(name, None)
+    return model
+
+
+def to_supernet(model):
+    """``Convert(supernet(...))`` of ``model`` carrying its weights, with OFA forwards bound."""
+    compat.apply_patches()
+    weights = model.state_dict()
+    converted = Convert(supernet(expand_ratio=[1.0])).convert(model)
+    utils.set_state_dict(converted, weights)
+    return bind_ofa_forwards(converted)
+
+
+def mapping_layers(model):
+    prefix = model.base_model_prefix
+    return [f"{prefix}.embeddings"] + [f"{prefix}.encoder.layers.{i}"
+                                       for i in range(model.config.num_hidden_layers)]
+
+
+def build_ofa(teacher, lambda_distill):
+    """OFA supernet of a copy of ``teacher``, distilling from ``teacher`` (hidden states hooked)."""
+    teacher_copy = bind_ofa_forwards(copy.deepcopy(teacher))
+    student = to_supernet(copy.deepcopy(teacher))
+    distill = DistillConfig(lambda_distill=lambda_distill, teacher_model=teacher_copy,
+                            mapping_layers=mapping_layers(student))
+    return OFA(student, distill_config=distill, elastic_order=["width"])
+
+
+def set_width(ofa_model, width_mult):
+    config = check_dynabert_config(utils.dynabert_config(ofa_model, width_mult), width_mult)
+    ofa_model.set_net_config(config)
+    return config
+
+
+@contextmanager
+def student_only(ofa_model):
+    """Skip the teacher's forward (evaluation needs the student alone)."""
+    saved = ofa_model._add_teacher
+    ofa_model._add_teacher = False
+    try:
+        yield ofa_model
+    finally:
+        ofa_model._add_teacher = saved
+
+
+def ofa_inputs(batch):
+    return {"input_ids": batch["input_ids"], "token_type_ids": batch["token_type_ids"],
+            "attention_mask": [None, None]}
+
+
+def ofa_logits(ofa_model):
+    def fn(inputs):
+        with student_only(ofa_model):
+            return ofa_model(**ofa_inputs(inputs))
+    return fn
+
+
+def importance_batches(windows, batch_size, limit):
+    batches = eval_batches(windows, batch_size)[:limit] if limit else eval_batches(windows, batch_size)
+    return [to_tensors(collate([windows[i] for i in idx], 0)) for idx in batches]
+
+
+def reorder_by_importance(model, batches):
+    """Sort heads and FFN neurons of every layer by importance (DynaBERT) so width slices keep the best."""
+    head_importance, neuron_importance = compute_neuron_head_importance(
+        model=model, data_loader=[dict(b) for b in batches], loss_fct=token_loss,
+        num_layers=model.config.num_hidden_layers, num_heads=model.config.num_attention_heads)
+    reorder_neuron_head(model, head_importance, neuron_importance)
+    model.clear_gradients()
+    return head_importance, neuron_importance
+
+
+def soft_cross_entropy(student_logits, teacher_logits, labels):
+    """Cross-entropy to the teacher's distribution, averaged over real characters only."""
+    per_token = -(F.softmax(teacher_logits.detach(), axis=-1) * F.log_softmax(student_logits, axis=-1)).sum(-1)
+    mask = (labels != IGNORE_INDEX).astype(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clip(min=1.0)
+
+
+def distill_step(ofa_model, batch, widths, lambda_logit):
+    """Forward and backward at every width; returns {width: (logit loss, hidden-state loss)}."""
+    losses = {}
+    for width in widths:
+        set_width(ofa_model, width)
+        student, teacher = ofa_model(**ofa_inputs(batch))
+        rep_loss = ofa_model.calc_distill_loss()
+        logit_loss = soft_cross_entropy(student, teacher, batch["labels"])
+        (rep_loss + lambda_logit * logit_loss).backward()
+        losses[width] = (float(logit_loss), float(rep_loss))
+    return losses
+
+
+def width_dir(ofa_dir, width):
+    return os.path.join(ofa_dir, f"width_{round(width, 4)}")
+
+
+def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, ofa_dir):
+    with atomic_dir(width_dir(ofa_dir, width)) as tmp:
+        paddle.save(ofa_model.model.state_dict(), os.path.join(tmp, SUPERNET_WEIGHTS))
+        teacher.config.save_pretrained(tmp)
+        with open(data.vocab_file, encoding="utf-8") as src, open(os.path.join(tmp, "vocab.txt"), "w",
+                                                                     encoding="utf-8") as dst:
+            dst.write(src.read())
+        write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
+                       inputs={"teacher": teacher_manifest}, width_mult=width)
+
+
+def distill(cfg, data, teacher, teacher_manifest, ofa_dir):
+    """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
+    teacher.eval()
+    ofa_model = build_ofa(teacher, cfg.lambda_distill)
+    dev_w, train_w = data.windows("dev"), data.windows("train")
+    log.info("ofa: computing head and neuron importance on dev")
+    reorder_by_importance(ofa_model.model, importance_batches(dev_w, cfg.per_device_eval_batch_size,
+                                                              cfg.importance_batches))
+    steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
+    steps = total_steps(cfg.ofa_max_steps, cfg.ofa_num_train_epochs, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(ofa_model.model.parameters(), ofa_model.model.named_parameters(),
+                                          cfg.ofa_learning_rate, cfg.weight_decay, cfg.warmup_ratio, steps)
+    widths = sorted(cfg.width_mult_list, reverse=True)
+    best = {w: {"dev_f1": -1.0} for w in widths}
+    history = []
+    bar = tqdm(total=steps, desc="ofa", mininterval=2, dynamic_ncols=True)
+    ofa_model.model.train()
+    for step, (epoch, batch) in enumerate(iterate_steps(train_w, cfg.per_device_train_batch_size, cfg.seed, steps), 1):
+        losses = distill_step(ofa_model, to_tensors(batch), widths, cfg.lambda_logit)
+        optimizer.step()
+        scheduler.step()
+        optimizer.clear_grad()
+        history.append({"step": step, **{f"width_{w}": {"logit": l, "hidden": h} for w, (l, h) in losses.items()}})
+        bar.update(1)
+        if step % cfg.logging_steps == 0:
+            log.info("ofa step %d/%d %s", step, steps, " ".join(
+                f"w{w}: logit {l:.4f} hidden {h:.4f}" for w, (l, h) in losses.items()))
+        if step % cfg.ofa_eval_steps == 0 or step == steps:
+            ofa_model.model.eval()
+            for width in widths:
+                set_width(ofa_model, width)
+                scores = evaluate(ofa_logits(ofa_model), data.splits.dev, dev_w, data.labels,
+                                  cfg.per_device_eval_batch_size)
+                log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
+                if scores["f1"] > best[width]["dev_f1"]:
+                    best[width] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
+                    save_width(ofa_model, teacher, data, cfg, width, best[width], teacher_manifest, ofa_dir)
+            ofa_model.model.train()
+        bar.set_postfix({f"f1@{w}": f"{max(b['dev_f1'], 0):.3f}" for w, b in best.items()})
+    bar.close()
+    return best, history

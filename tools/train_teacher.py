@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Stage 1: fine-tune the BERT teacher on MSRA NER; the best dev-F1 model goes to DIR/teacher/."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ner_compress import pipeline  # noqa: E402
+from ner_compress.errors import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    run_cli(pipeline.train_teacher_cli)
