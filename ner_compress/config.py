@@ -163,11 +163,13 @@ def validate(cfg):
         )
 
 
-def parse_config(description, names, argv=None, extra=None, inherit=None):
+def parse_config(description, names, argv=None, extra=None, inherit=None, default_config=None):
     """Build a parser, let ``extra(parser)`` add tool-only flags, and return (Config, args)."""
     parser = argparse.ArgumentParser(description=description)
     add_config_flags(parser, names)
     if extra:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.config is None:
+        args.config = default_config
     return resolve_config(args, inherit), args

@@ -9,7 +9,7 @@ import os
 import paddle
 from paddlenlp.transformers import BertForTokenClassification
 
-from . import export, supernet, training
+from . import export, report, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
@@ -17,6 +17,7 @@ from .errors import UserError
 
 log = logging.getLogger("ner_compress")
 
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "dev_size", "dev_limit",
               "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
 RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
@@ -61,14 +62,14 @@ def _start(cfg):
     return prepare_data(cfg)
 
 
-def run_teacher(cfg):
-    data = _start(cfg)
+def run_teacher(cfg, data=None):
+    data = data or _start(cfg)
     return training.train_teacher(cfg, data, teacher_dir(cfg))
 
 
-def run_ofa(cfg):
+def run_ofa(cfg, data=None):
     teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
-    data = _start(cfg)
+    data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
     teacher = BertForTokenClassification.from_pretrained(teacher_dir(cfg))
     training.set_seed(cfg.seed)
@@ -81,12 +82,41 @@ def run_ofa(cfg):
     return best, history
 
 
-def run_export(cfg, width=None):
+def run_export(cfg, width=None, data=None):
     """Export one width (or the teacher when ``width`` is None)."""
-    data = _start(cfg)
+    data = data or _start(cfg)
     if width is None:
         return export.export_teacher(cfg, data, teacher_dir(cfg), export_dir(cfg))
     return export.export_width(cfg, data, ofa_dir(cfg), export_dir(cfg, width), width)
+
+
+def run_all(cfg):
+    """Every stage on one config, then the test-set table of the teacher and each width."""
+    data = _start(cfg)
+    run_teacher(cfg, data)
+    run_ofa(cfg, data)
+    widths = sorted(cfg.width_mult_list, reverse=True)
+    run_export(cfg, None, data)
+    for width in widths:
+        run_export(cfg, width, data)
+    log.info("measuring %d test sentences per model", len(data.splits.test))
+    rows = [report.measure_export("teacher", export_dir(cfg), data.splits.test, cfg.cpu_threads, cfg.device)]
+    rows += [report.measure_export(f"width {width}", export_dir(cfg, width), data.splits.test, cfg.cpu_threads,
+                                   cfg.device) for width in widths]
+    text = report.table(rows)
+    os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
+    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"), {"config": cfg.to_dict(), "rows": rows})
+    with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    print(text)
+    return rows
+
+
+def run_all_cli(argv=None):
+    cfg, _ = parse_config("Run every stage on one config and print the test-set table.",
+                          sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS) - {"width_mult"}), argv,
+                          default_config=DEMO_CONFIG)
+    run_all(cfg)
 
 
 def train_teacher_cli(argv=None):

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Tag texts with an exported static model through Paddle Inference; one JSON object per text."""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ner_compress.errors import UserError, run_cli  # noqa: E402
+from ner_compress.predict_io import DEFAULT_MAX_CHARS, read_lines  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model_dir", required=True, help="DIR/export/width_W/static (or export/teacher/static)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to tag (repeatable)")
+    source.add_argument("--input_file", help="UTF-8 file, one text per line; '-' for stdin")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--cpu_threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_chars", type=int, default=DEFAULT_MAX_CHARS, help="longest line accepted")
+    return parser.parse_args(argv)
+
+
+def emit(records):
+    for record in records:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def tag_batch(tagger, batch):
+    texts = [text for _, text, error in batch if error is None]
+    results = iter(tagger.predict(texts))
+    out = []
+    for lineno, text, error in batch:
+        out.append({"line": lineno, "error": error} if error else {"line": lineno, **next(results)})
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from ner_compress.inference import StaticTagger
+
+    tagger = StaticTagger(args.model_dir, device=args.device, threads=args.cpu_threads, batch_size=args.batch_size)
+    if args.text:
+        emit(tagger.predict(args.text))
+        return
+    if args.input_file != "-" and not os.path.isfile(args.input_file):
+        raise UserError(f"--input_file {args.input_file}: no such file")
+    stream = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
+    with stream:
+        for batch in read_lines(stream, args.batch_size, args.max_chars):
+            emit(tag_batch(tagger, batch))
+
+
+if __name__ == "__main__":
+    run_cli(main)
