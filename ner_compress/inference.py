@@ -43,26 +43,22 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     return config
 
 
-class StaticTagger:
-    """Tags texts with an exported static model through Paddle Inference."""
+class Tagger:
+    """Text -> entities around one ``logits(input_ids, token_type_ids)``; backends subclass it."""
 
-    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32):
+    def __init__(self, model_dir, batch_size=32):
         self.meta = read_meta(model_dir)
         self.labels = self.meta["labels"]
         self.max_seq_length = int(self.meta["max_seq_length"])
         self.encoder = CharEncoder(load_vocab(os.path.join(model_dir, "vocab.txt")))
         self.batch_size = batch_size
-        self.predictor = paddle_infer.create_predictor(predictor_config(model_dir, device, threads, mkldnn))
-        self.input_names = self.predictor.get_input_names()
 
     def logits(self, input_ids, token_type_ids):
-        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
-        for name in self.input_names:
-            handle = self.predictor.get_input_handle(name)
-            handle.reshape(feeds[name].shape)
-            handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
-        self.predictor.run()
-        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
+        raise NotImplementedError
+
+    def windows(self, sentences):
+        label_to_id = {label: i for i, label in enumerate(self.labels)}
+        return encode(sentences, self.encoder, label_to_id, self.max_seq_length)
 
     def window_predictions(self, windows):
         preds = [None] * len(windows)
@@ -75,8 +71,7 @@ class StaticTagger:
 
     def tag_sentences(self, sentences):
         """Predicted BIO tags per sentence (``Sentence.tags`` may be empty)."""
-        label_to_id = {label: i for i, label in enumerate(self.labels)}
-        windows = encode(sentences, self.encoder, label_to_id, self.max_seq_length)
+        windows = self.windows(sentences)
         return stitch(sentences, windows, self.window_predictions(windows), self.labels)
 
     def predict(self, texts):
@@ -87,3 +82,24 @@ class StaticTagger:
         for i, sentence_tags in zip(live, tags):
             results[i]["entities"] = extract_entities(texts[i], sentence_tags)
         return results
+
+
+class StaticTagger(Tagger):
+    """Tags texts with an exported static model through Paddle Inference."""
+
+    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32, int8=False):
+        super().__init__(model_dir, batch_size)
+        config = predictor_config(model_dir, device, threads, mkldnn)
+        if int8 and device == "cpu":
+            config.enable_mkldnn_int8()
+        self.predictor = paddle_infer.create_predictor(config)
+        self.input_names = self.predictor.get_input_names()
+
+    def logits(self, input_ids, token_type_ids):
+        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        for name in self.input_names:
+            handle = self.predictor.get_input_handle(name)
+            handle.reshape(feeds[name].shape)
+            handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
+        self.predictor.run()
+        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()

@@ -5,11 +5,12 @@
 import json
 import logging
 import os
+import sys
 
 import paddle
 from paddlenlp.transformers import BertForTokenClassification
 
-from . import export, report, supernet, training
+from . import benchmark, export, report, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
@@ -117,6 +118,61 @@ def run_all_cli(argv=None):
                           sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS) - {"width_mult"}), argv,
                           default_config=DEMO_CONFIG)
     run_all(cfg)
+
+
+def run_benchmark(cfg, opts, command):
+    """Measure the teacher and every exported width; write DIR/report/{results.json,report.md,pareto.png}."""
+    from tqdm import tqdm
+
+    data = _start(cfg)
+    if opts["export_missing"]:
+        if not os.path.isdir(os.path.join(export_dir(cfg), "static")):
+            run_export(cfg, None, data)
+        for width in export.trained_widths(ofa_dir(cfg)):
+            if not os.path.isdir(os.path.join(export_dir(cfg, width), "static")):
+                run_export(cfg, width, data)
+    models = benchmark.export_dirs(cfg.output_dir)
+    if not models:
+        raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
+                        f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
+    report_dir = os.path.join(cfg.output_dir, "report")
+    work_dir = os.path.join(report_dir, "models")
+    os.makedirs(work_dir, exist_ok=True)
+    sentences = data.splits.test
+    opts = {**opts, "calibration_sentences": data.splits.dev[: opts["calibration_sentences"]]}
+    rows = []
+    bar = tqdm(models, desc="benchmark", dynamic_ncols=True)
+    for name, directory in bar:
+        bar.set_postfix_str(name)
+        rows += benchmark.measure_model(name, directory, sentences, work_dir, opts, bar.set_postfix_str)
+    results = {"command": command, "machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
+               "matmul_gflops": benchmark.matmul_gflops(opts["threads"]), "batch_size": opts["batch_size"],
+               "repeats": opts["repeats"], "test_sentences": len(sentences),
+               "speed_sentences": min(len(sentences), opts["speed_sentences"]), "rows": rows,
+               "targets": benchmark.targets(rows)}
+    write_json(os.path.join(report_dir, "results.json"), results)
+    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(benchmark.markdown(results))
+    benchmark.plot_pareto(rows, os.path.join(report_dir, "pareto.png"))
+    print(benchmark.markdown(results))
+    return results
+
+
+def benchmark_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+        parser.add_argument("--batch_size", type=int, default=32)
+        parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
+        parser.add_argument("--speed_sentences", type=int, default=1000, help="test sentences timed per run")
+        parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
+        parser.add_argument("--calibration_sentences", type=int, default=320, help="dev sentences for INT8")
+        parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
+    cfg, args = parse_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
+                             ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
+                             inherit=recorded_config("teacher"))
+    opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
+                                          "latency_sentences", "calibration_sentences", "export_missing")}
+    run_benchmark(cfg, opts, "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
 def train_teacher_cli(argv=None):
