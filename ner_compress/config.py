@@ -47,6 +47,11 @@ class Config:
     logging_steps: int = 50
     seed: int = 42
     device: str = "cpu"
+    save_steps: int = 500  # checkpoint every N steps (and at each epoch end and on SIGINT/SIGTERM)
+    save_total_limit: int = 2  # checkpoints kept per stage
+    resume: bool = False  # continue from the newest complete checkpoint
+    resume_from: Optional[str] = None  # continue from this checkpoint directory
+    allow_pickle: bool = False  # load pickled .pdparams weights (only from a source you trust)
 
     # OFA distillation
     width_mult_list: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])

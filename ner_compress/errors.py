@@ -16,3 +16,10 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        from .checkpoint import StopRequested
+
+        if not isinstance(err, StopRequested):
+            raise
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)

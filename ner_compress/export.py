@@ -20,7 +20,8 @@ from .artifacts import atomic_dir, check_same_inputs, read_manifest, write_json,
 from .data import collate
 from .errors import UserError
 from .inference import INFERENCE_META, MODEL_PREFIX, StaticTagger
-from .modeling import PrunedBertForTokenClassification, count_parameters, sub_model_state
+from .checkpoint import load_weights
+from .modeling import PrunedBertForTokenClassification, count_parameters, load_pretrained, sub_model_state
 from .supernet import SUPERNET_WEIGHTS, set_width, student_only, to_supernet, width_dir
 
 log = logging.getLogger("ner_compress")
@@ -39,9 +40,9 @@ def trained_widths(ofa_dir):
 def load_supernet_width(source_dir):
     """The supernet as trained (OFA wrapper, no teacher) and its raw weights."""
     model = BertForTokenClassification(BertConfig.from_pretrained(source_dir))
-    state = paddle.load(os.path.join(source_dir, SUPERNET_WEIGHTS))
+    state = load_weights(os.path.join(source_dir, SUPERNET_WEIGHTS))
     ofa_model = OFA(to_supernet(model), elastic_order=["width"])
-    ofa_model.model.set_state_dict(state)
+    ofa_model.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
     ofa_model.model.eval()
     return ofa_model, state
 
@@ -95,7 +96,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
     reference = reference_fn(input_ids, token_type_ids)
     with atomic_dir(out_dir) as tmp:
         dynamic_dir, static_dir = os.path.join(tmp, "dynamic"), os.path.join(tmp, "static")
-        model.save_pretrained(dynamic_dir)
+        model.save_pretrained(dynamic_dir, safe_serialization=True)
         BertTokenizer(data.vocab_file).save_pretrained(dynamic_dir)
         save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
         reloaded = PrunedBertForTokenClassification.from_pretrained(dynamic_dir)
@@ -140,7 +141,7 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
 def export_teacher(cfg, data, teacher_dir, out_dir):
     manifest = read_manifest(teacher_dir, "teacher")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
-    teacher = BertForTokenClassification.from_pretrained(teacher_dir)
+    teacher = load_pretrained(BertForTokenClassification, teacher_dir, flag="teacher")
     teacher.eval()
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     model = build_sub_model(teacher_dir, 1.0, state)

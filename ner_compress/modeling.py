@@ -5,11 +5,16 @@ heads and ``w`` of the feed-forward neurons. ``BertConfig`` cannot say that, so 
 carries ``width_mult`` and ``PrunedBertForTokenClassification`` shrinks its layers to
 match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
 """
+import os
+
 import paddle
 from paddle import nn
 from paddlenlp.transformers import BertConfig, BertForTokenClassification
 
 from .errors import UserError
+
+SAFE_WEIGHTS = "model.safetensors"
+PICKLED_WEIGHTS = "model_state.pdparams"
 
 
 def teacher_config(cfg, labels, vocab_size):
@@ -28,16 +33,35 @@ def teacher_config(cfg, labels, vocab_size):
     )
 
 
+def load_pretrained(cls, name_or_dir, allow_pickle=False, flag="--model_name_or_path", **kwargs):
+    """``cls.from_pretrained`` that reads safetensors, and pickled ``.pdparams`` only when allowed.
+
+    Unpickling runs arbitrary code from the file, so a directory without ``model.safetensors``
+    (or a hub name, whose PaddleNLP weights are pickled) needs ``--allow_pickle``.
+    """
+    local = os.path.isdir(name_or_dir)
+    if local and not os.path.isfile(os.path.join(name_or_dir, SAFE_WEIGHTS)):
+        if not os.path.isfile(os.path.join(name_or_dir, PICKLED_WEIGHTS)):
+            raise UserError(f"{flag} {name_or_dir}: no {SAFE_WEIGHTS} or {PICKLED_WEIGHTS} in that directory")
+        if not allow_pickle:
+            raise UserError(f"{flag} {name_or_dir}: weights are pickled ({PICKLED_WEIGHTS}); pass --allow_pickle "
+                            f"if you trust the source")
+    elif not local and not allow_pickle:
+        raise UserError(f"{flag} {name_or_dir}: hub weights are pickled .pdparams; pass --allow_pickle to "
+                        f"download and load them, or give a local directory with {SAFE_WEIGHTS}")
+    try:
+        return cls.from_pretrained(name_or_dir, use_safetensors=local and not allow_pickle or None, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise UserError(f"{flag} {name_or_dir}: cannot load ({err})")
+
+
 def build_teacher(cfg, labels, vocab_size):
     """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory."""
     if not cfg.model_name_or_path:
         return BertForTokenClassification(teacher_config(cfg, labels, vocab_size))
-    try:
-        model = BertForTokenClassification.from_pretrained(
-            cfg.model_name_or_path, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load ({err})")
+    model = load_pretrained(BertForTokenClassification, cfg.model_name_or_path, cfg.allow_pickle,
+                            num_labels=len(labels), id2label=dict(enumerate(labels)),
+                            label2id={label: i for i, label in enumerate(labels)})
     if model.config.vocab_size != vocab_size:
         raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: vocab size {model.config.vocab_size} "
                         f"differs from --vocab_file ({vocab_size}); use the model's own vocabulary")

@@ -10,11 +10,12 @@ import sys
 import paddle
 from paddlenlp.transformers import BertForTokenClassification
 
-from . import benchmark, export, report, supernet, training
+from . import benchmark, export, parallel, report, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
 from .errors import UserError
+from .modeling import load_pretrained
 
 log = logging.getLogger("ner_compress")
 
@@ -22,7 +23,8 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "dev_size", "dev_limit",
               "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
 RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
-             "logging_steps", "seed", "device"]
+             "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
+             "allow_pickle"]
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "model_name_or_path", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "learning_rate", "num_train_epochs", "max_steps",
@@ -57,7 +59,12 @@ def recorded_config(stage_dir):
     return inherit
 
 
+def checkpoint_dir(cfg, stage):
+    return os.path.join(cfg.output_dir, "checkpoints", stage)
+
+
 def _start(cfg):
+    parallel.init()
     training.setup_logging()
     training.set_device(cfg.device)
     return prepare_data(cfg)
@@ -65,16 +72,18 @@ def _start(cfg):
 
 def run_teacher(cfg, data=None):
     data = data or _start(cfg)
-    return training.train_teacher(cfg, data, teacher_dir(cfg))
+    return training.train_teacher(cfg, data, teacher_dir(cfg), checkpoint_dir(cfg, "teacher"))
 
 
 def run_ofa(cfg, data=None):
     teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
     data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
-    teacher = BertForTokenClassification.from_pretrained(teacher_dir(cfg))
+    teacher = load_pretrained(BertForTokenClassification, teacher_dir(cfg), flag="teacher")
     training.set_seed(cfg.seed)
-    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, ofa_dir(cfg))
+    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, ofa_dir(cfg), checkpoint_dir(cfg, "ofa"))
+    if not parallel.is_writer():
+        return best, history
     summary = {"stage": "ofa-summary", "widths": sorted(best), "best": best,
                "loss_history": history, "teacher": teacher_manifest.get("metrics", {})}
     write_json(os.path.join(ofa_dir(cfg), "summary.json"), summary)

@@ -9,6 +9,7 @@ patches the classes with an attention that drops the 1/sqrt(head_dim) scale.
 import copy
 import logging
 import os
+import shutil
 import types
 from contextlib import contextmanager
 
@@ -27,16 +28,17 @@ from paddlenlp.transformers.ofa_utils import (
 )
 from paddleslim.nas.ofa import OFA, DistillConfig, utils
 from paddleslim.nas.ofa.convert_super import Convert, supernet
-from tqdm import tqdm
 
-from . import compat
+from . import compat, parallel
 from .artifacts import atomic_dir, write_manifest
 from .data import IGNORE_INDEX, collate, eval_batches
-from .training import count_batches, evaluate, iterate_steps, make_optimizer, to_tensors, token_loss, total_steps
+from .checkpoint import Checkpointer, resume_path, save_weights
+from .training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors, token_loss,
+                       total_steps, train_loop)
 
 log = logging.getLogger("ner_compress")
 
-SUPERNET_WEIGHTS = "supernet.pdparams"
+SUPERNET_WEIGHTS = "supernet.safetensors"
 # instance attribute -> replacement, per layer class
 _OFA_FORWARDS = (
     (nn.MultiHeadAttention, {"forward": mha_ofa_forward, "_prepare_qkv": prepare_qkv_ofa}),
@@ -132,23 +134,26 @@ def reorder_by_importance(model, batches):
     return head_importance, neuron_importance
 
 
-def soft_cross_entropy(student_logits, teacher_logits, labels):
-    """Cross-entropy to the teacher's distribution, averaged over real characters only."""
+def soft_cross_entropy_sum(student_logits, teacher_logits, labels):
+    """Cross-entropy to the teacher's distribution, summed over real characters only."""
     per_token = -(F.softmax(teacher_logits.detach(), axis=-1) * F.log_softmax(student_logits, axis=-1)).sum(-1)
-    mask = (labels != IGNORE_INDEX).astype(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clip(min=1.0)
+    return (per_token * (labels != IGNORE_INDEX).astype(per_token.dtype)).sum()
 
 
 def distill_step(ofa_model, batch, widths, lambda_logit):
-    """Forward and backward at every width; returns {width: (logit loss, hidden-state loss)}."""
+    """Forward and backward at every width; {"w<width>_logit": .., "w<width>_hidden": ..} averaged
+    over all ranks. The hidden-state loss is PaddleSlim's ``calc_distill_loss`` (MSE, hooks)."""
+    tokens = global_token_count(batch["labels"])
+    world = parallel.world_size()
     losses = {}
     for width in widths:
         set_width(ofa_model, width)
         student, teacher = ofa_model(**ofa_inputs(batch))
         rep_loss = ofa_model.calc_distill_loss()
-        logit_loss = soft_cross_entropy(student, teacher, batch["labels"])
-        (rep_loss + lambda_logit * logit_loss).backward()
-        losses[width] = (float(logit_loss), float(rep_loss))
+        logit_sum = soft_cross_entropy_sum(student, teacher, batch["labels"])
+        (rep_loss / world + lambda_logit * logit_sum / tokens).backward()
+        losses[f"w{width}_logit"] = parallel.all_reduce_sum(float(logit_sum)) / tokens
+        losses[f"w{width}_hidden"] = parallel.all_reduce_sum(float(rep_loss)) / world
     return losses
 
 
@@ -157,54 +162,44 @@ def width_dir(ofa_dir, width):
 
 
 def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, ofa_dir):
+    if not parallel.is_writer():
+        return
     with atomic_dir(width_dir(ofa_dir, width)) as tmp:
-        paddle.save(ofa_model.model.state_dict(), os.path.join(tmp, SUPERNET_WEIGHTS))
+        save_weights(ofa_model.model.state_dict(), os.path.join(tmp, SUPERNET_WEIGHTS))
         teacher.config.save_pretrained(tmp)
-        with open(data.vocab_file, encoding="utf-8") as src, open(os.path.join(tmp, "vocab.txt"), "w",
-                                                                     encoding="utf-8") as dst:
-            dst.write(src.read())
+        shutil.copyfile(data.vocab_file, os.path.join(tmp, "vocab.txt"))
         write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
                        inputs={"teacher": teacher_manifest}, width_mult=width)
 
 
-def distill(cfg, data, teacher, teacher_manifest, ofa_dir):
+def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
     teacher.eval()
     ofa_model = build_ofa(teacher, cfg.lambda_distill)
     dev_w, train_w = data.windows("dev"), data.windows("train")
-    log.info("ofa: computing head and neuron importance on dev")
-    reorder_by_importance(ofa_model.model, importance_batches(dev_w, cfg.per_device_eval_batch_size,
-                                                              cfg.importance_batches))
+    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
+    if resume_path(cfg, checkpointer) is None and parallel.is_writer():
+        # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
+        log.info("ofa: computing head and neuron importance on dev")
+        reorder_by_importance(ofa_model.model, importance_batches(dev_w, cfg.per_device_eval_batch_size,
+                                                                  cfg.importance_batches))
     steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
     steps = total_steps(cfg.ofa_max_steps, cfg.ofa_num_train_epochs, steps_per_epoch)
     optimizer, scheduler = make_optimizer(ofa_model.model.parameters(), ofa_model.model.named_parameters(),
                                           cfg.ofa_learning_rate, cfg.weight_decay, cfg.warmup_ratio, steps)
     widths = sorted(cfg.width_mult_list, reverse=True)
-    best = {w: {"dev_f1": -1.0} for w in widths}
-    history = []
-    bar = tqdm(total=steps, desc="ofa", mininterval=2, dynamic_ncols=True)
-    ofa_model.model.train()
-    for step, (epoch, batch) in enumerate(iterate_steps(train_w, cfg.per_device_train_batch_size, cfg.seed, steps), 1):
-        losses = distill_step(ofa_model, to_tensors(batch), widths, cfg.lambda_logit)
-        optimizer.step()
-        scheduler.step()
-        optimizer.clear_grad()
-        history.append({"step": step, **{f"width_{w}": {"logit": l, "hidden": h} for w, (l, h) in losses.items()}})
-        bar.update(1)
-        if step % cfg.logging_steps == 0:
-            log.info("ofa step %d/%d %s", step, steps, " ".join(
-                f"w{w}: logit {l:.4f} hidden {h:.4f}" for w, (l, h) in losses.items()))
-        if step % cfg.ofa_eval_steps == 0 or step == steps:
-            ofa_model.model.eval()
-            for width in widths:
-                set_width(ofa_model, width)
-                scores = evaluate(ofa_logits(ofa_model), data.splits.dev, dev_w, data.labels,
-                                  cfg.per_device_eval_batch_size)
-                log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
-                if scores["f1"] > best[width]["dev_f1"]:
-                    best[width] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-                    save_width(ofa_model, teacher, data, cfg, width, best[width], teacher_manifest, ofa_dir)
-            ofa_model.model.train()
-        bar.set_postfix({f"f1@{w}": f"{max(b['dev_f1'], 0):.3f}" for w, b in best.items()})
-    bar.close()
-    return best, history
+
+    def eval_fn(step, state):
+        for width in widths:
+            set_width(ofa_model, width)
+            scores = evaluate(ofa_logits(ofa_model), data.splits.dev, dev_w, data.labels,
+                              cfg.per_device_eval_batch_size)
+            log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
+            key = str(width)
+            if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
+                state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
+                save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
+
+    state = train_loop("ofa", cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
+                       lambda batch: distill_step(ofa_model, batch, widths, cfg.lambda_logit), eval_fn, checkpointer)
+    return {float(k): v for k, v in state["best"].items()}, state["history"]

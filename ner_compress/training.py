@@ -1,4 +1,9 @@
-"""Teacher fine-tuning: AdamW with linear warm-up and decay, dev F1 every N steps, best kept."""
+"""Teacher fine-tuning, and the training loop both stages share.
+
+The loop: AdamW with linear warm-up and decay, global-norm clipping, dev evaluation every
+``eval_steps``, checkpoints every ``save_steps``, at each epoch end and on SIGINT/SIGTERM,
+resumable with ``--resume``; several processes each read their shard of every global batch.
+"""
 import logging
 import math
 import random
@@ -9,7 +14,9 @@ import paddle.nn.functional as F
 from paddlenlp.transformers import BertTokenizer, LinearDecayWithWarmup
 from tqdm import tqdm
 
+from . import parallel
 from .artifacts import atomic_dir, write_manifest
+from .checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
 from .data import IGNORE_INDEX, collate, eval_batches, stitch, train_batches
 from .errors import UserError
 from .metrics import entity_scores
@@ -19,7 +26,7 @@ log = logging.getLogger("ner_compress")
 
 
 def setup_logging(level=logging.INFO):
-    """Our progress lines on stderr; PaddleNLP's per-file save notices only at WARNING."""
+    """Our progress lines on stderr (rank 0 only); PaddleNLP's per-file notices only at WARNING."""
     from paddlenlp.utils.log import logger as paddlenlp_logger
 
     paddlenlp_logger.set_level("WARNING")
@@ -27,14 +34,14 @@ def setup_logging(level=logging.INFO):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-    log.setLevel(level)
+    log.setLevel(level if parallel.is_writer() else logging.WARNING)
     log.propagate = False
 
 
 def set_device(device):
     if device == "gpu" and not paddle.device.is_compiled_with_cuda():
         raise UserError("--device gpu: this paddlepaddle has no CUDA; install paddlepaddle-gpu==2.6.2 or use cpu")
-    paddle.set_device("gpu" if device == "gpu" else "cpu")
+    paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().dev_id}" if device == "gpu" else "cpu")
 
 
 def set_seed(seed):
@@ -51,6 +58,12 @@ def token_loss(logits, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
+def global_token_count(labels):
+    """Real characters in this step's global batch (all ranks), so every rank's loss is a share
+    of one global mean and summed gradients equal a single process with the whole batch."""
+    return max(parallel.all_reduce_sum(int((labels != IGNORE_INDEX).astype("int64").sum())), 1.0)
+
+
 def make_optimizer(parameters, named_parameters, learning_rate, weight_decay, warmup_ratio, total_steps):
     """AdamW with linear warm-up then linear decay; no weight decay on biases and norms."""
     scheduler = LinearDecayWithWarmup(learning_rate, total_steps, warmup_ratio)
@@ -63,24 +76,33 @@ def make_optimizer(parameters, named_parameters, learning_rate, weight_decay, wa
 
 def total_steps(max_steps, epochs, steps_per_epoch):
     if steps_per_epoch == 0:
-        raise UserError("no training batches: the training split is empty or smaller than one batch")
+        raise UserError("no training batches: the training split is empty or smaller than one global batch")
     return max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
 
 
-def count_batches(windows, batch_size):
-    return len(train_batches([len(w.input_ids) for w in windows], batch_size, 0, 0))
-
-
-def iterate_steps(windows, batch_size, seed, steps, rank=0, world_size=1):
-    """Yield (epoch, collated batch) for exactly ``steps`` steps, reshuffling every epoch."""
+def epoch_batches(windows, batch_size, seed, epoch):
     lengths = [len(w.input_ids) for w in windows]
+    return train_batches(lengths, batch_size, seed, epoch, parallel.rank(), parallel.world_size())
+
+
+def count_batches(windows, batch_size):
+    return len(epoch_batches(windows, batch_size, 0, 0))
+
+
+def iterate_steps(windows, batch_size, seed, steps, start=0):
+    """Yield (epoch, last step of its epoch?, collated batch) for steps ``start+1 .. steps``.
+
+    Batches are a pure function of (seed, epoch), so resuming at ``start`` skips without work.
+    """
     done, epoch = 0, 0
     while done < steps:
-        for idx in train_batches(lengths, batch_size, seed, epoch, rank, world_size):
+        batches = epoch_batches(windows, batch_size, seed, epoch)
+        for i, idx in enumerate(batches):
             if done == steps:
                 return
-            yield epoch, collate([windows[i] for i in idx], pad_id=0)
             done += 1
+            if done > start:
+                yield epoch, i == len(batches) - 1, collate([windows[j] for j in idx], pad_id=0)
         epoch += 1
 
 
@@ -108,15 +130,60 @@ def model_logits(model):
     return fn
 
 
+def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer):
+    """Run ``step_fn(batch) -> {loss name: float}`` for ``steps`` steps, resuming if asked.
+
+    ``eval_fn(step, state)`` evaluates on dev and records the best in ``state``. Returns ``state``
+    (``best``, ``history``, ``step``). Raises ``StopRequested`` after saving on SIGINT/SIGTERM.
+    """
+    state = {"step": 0, "best": {}, "history": []}
+    resume = resume_path(cfg, checkpointer)
+    if resume:
+        state = checkpointer.load(resume, model, optimizer)
+    parallel.broadcast_parameters(model)
+    bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=2, dynamic_ncols=True,
+               disable=not parallel.is_writer())
+    model.train()
+    with stop_on_signals() as stop:
+        batches = iterate_steps(windows, cfg.per_device_train_batch_size, cfg.seed, steps, state["step"])
+        for step, (epoch, epoch_end, batch) in enumerate(batches, state["step"] + 1):
+            paddle.seed(cfg.seed + step)  # dropout depends on the step alone: resumable exactly
+            losses = step_fn(to_tensors(batch))
+            parallel.all_reduce_gradients(model.parameters())
+            optimizer.step()
+            scheduler.step()
+            optimizer.clear_grad()
+            state["step"] = step
+            state["history"].append({"step": step, **losses})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
+            if step % cfg.logging_steps == 0:
+                log.info("%s step %d/%d epoch %d lr %.2e %s", name, step, steps, epoch, optimizer.get_lr(),
+                         " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            if step % eval_steps == 0 or step == steps:
+                model.eval()
+                eval_fn(step, state)
+                model.train()
+            if step % cfg.save_steps == 0 or epoch_end or step == steps or stop["signum"]:
+                path = checkpointer.save(step, model, optimizer, state)
+                parallel.barrier()
+                if stop["signum"]:
+                    raise StopRequested(stop["signum"], step, path)
+    bar.close()
+    return state
+
+
 def save_teacher(model, data, cfg, metrics, out_dir):
+    if not parallel.is_writer():
+        return
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
         BertTokenizer(data.vocab_file).save_pretrained(tmp)
         write_manifest(tmp, "teacher", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
                        data_sources=data.splits.sources, parameters=count_parameters(model))
 
 
-def train_teacher(cfg, data, out_dir):
+def train_teacher(cfg, data, out_dir, checkpoint_root):
     """Fine-tune the teacher; the best dev-F1 model is (re)written to ``out_dir`` as it appears."""
     set_seed(cfg.seed)
     model = build_teacher(cfg, data.labels, len(data.encoder.vocab))
@@ -125,34 +192,27 @@ def train_teacher(cfg, data, out_dir):
     steps = total_steps(cfg.max_steps, cfg.num_train_epochs, steps_per_epoch)
     optimizer, scheduler = make_optimizer(model.parameters(), model.named_parameters(), cfg.learning_rate,
                                           cfg.weight_decay, cfg.warmup_ratio, steps)
-    log.info("teacher: %d parameters, %d train windows, %d steps (%.2f epochs)", count_parameters(model),
-             len(train_w), steps, steps / steps_per_epoch)
-    best = {"dev_f1": -1.0}
-    bar = tqdm(total=steps, desc="teacher", mininterval=2, dynamic_ncols=True)
-    model.train()
-    for step, (epoch, batch) in enumerate(iterate_steps(train_w, cfg.per_device_train_batch_size, cfg.seed,
-                                                        steps), 1):
-        batch = to_tensors(batch)
-        loss = token_loss(model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]),
-                          batch["labels"])
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.clear_grad()
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}", best_f1=f"{max(best['dev_f1'], 0):.4f}")
-        if step % cfg.logging_steps == 0:
-            log.info("teacher step %d/%d epoch %d loss %.4f lr %.2e", step, steps, epoch, float(loss),
-                     optimizer.get_lr())
-        if step % cfg.eval_steps == 0 or step == steps:
-            model.eval()
-            scores = evaluate(model_logits(model), data.splits.dev, dev_w, data.labels, cfg.per_device_eval_batch_size)
-            model.train()
-            log.info("teacher step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
-                     scores["f1"])
-            if scores["f1"] > best["dev_f1"]:
-                best = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-                save_teacher(model, data, cfg, best, out_dir)
-    bar.close()
-    log.info("teacher: best dev F1 %.4f at step %d -> %s", best["dev_f1"], best["step"], out_dir)
-    return best
+    log.info("teacher: %d parameters, %d train windows, %d steps (%.2f epochs), %d process(es)",
+             count_parameters(model), len(train_w), steps, steps / steps_per_epoch, parallel.world_size())
+
+    def step_fn(batch):
+        logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        loss_sum = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+        tokens = global_token_count(batch["labels"])
+        (loss_sum / tokens).backward()
+        return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}
+
+    def eval_fn(step, state):
+        # every rank scores the whole dev set with identical weights: one F1, one decision
+        scores = evaluate(model_logits(model), data.splits.dev, dev_w, data.labels, cfg.per_device_eval_batch_size)
+        log.info("teacher step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
+                 scores["f1"])
+        if scores["f1"] > state["best"].get("dev_f1", -1.0):
+            state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
+            save_teacher(model, data, cfg, state["best"], out_dir)
+
+    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
+    state = train_loop("teacher", cfg, model, optimizer, scheduler, train_w, steps, cfg.eval_steps, step_fn,
+                       eval_fn, checkpointer)
+    log.info("teacher: best dev F1 %.4f at step %d -> %s", state["best"]["dev_f1"], state["best"]["step"], out_dir)
+    return state["best"]
