@@ -219,9 +219,10 @@ def train_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group=
         chunk = chunk[np.argsort([-lengths[i] for i in chunk], kind="stable")]
         batches.extend(chunk[i: i + global_size] for i in range(0, len(chunk), global_size))
     batches = [batches[i] for i in rng.permutation(len(batches))]
-    full = [b for b in batches if len(b) == global_size]  # equal shards on every rank
-    if world_size > 1:
-        batches = full
+    full = [b for b in batches if len(b) == global_size]
+    # drop partial global batches (whenever a full one exists): every rank gets an equal shard, and
+    # one process with batch 2b walks exactly the global batches of two processes with batch b
+    batches = full or batches
     return [list(b[rank * batch_size: (rank + 1) * batch_size]) for b in batches]
 
 

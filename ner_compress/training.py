@@ -4,9 +4,11 @@ The loop: AdamW with linear warm-up and decay, global-norm clipping, dev evaluat
 ``eval_steps``, checkpoints every ``save_steps``, at each epoch end and on SIGINT/SIGTERM,
 resumable with ``--resume``; several processes each read their shard of every global batch.
 """
+import hashlib
 import logging
 import math
 import random
+import sys
 
 import numpy as np
 import paddle
@@ -170,7 +172,17 @@ def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_step
                 if stop["signum"]:
                     raise StopRequested(stop["signum"], step, path)
     bar.close()
+    print(f"{name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}", file=sys.stderr)
     return state
+
+
+def parameters_digest(model):
+    """One hash of every weight, to show that all ranks ended with the same model."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(param.numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def save_teacher(model, data, cfg, metrics, out_dir):

@@ -1,0 +1,91 @@
+"""Both training stages under ``paddle.distributed.launch``: 2 CPU processes (gloo), tiny config."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+COMMON = ["--config", TINY, "--save_steps", "2", "--logging_steps", "1", "--save_total_limit", "10"]
+# no dropout: 1 process x batch 16 and 2 processes x batch 8 would draw different masks
+TEACHER = [*COMMON, "--eval_steps", "2", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
+
+
+def launch(nproc, tool, out, *args):
+    log_dir = out / f"log-{tool}"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir",
+           str(log_dir), os.path.join(ROOT, "tools", tool), "--output_dir", str(out), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    logs = {p: (log_dir / p).read_text() for p in os.listdir(log_dir) if p.startswith("workerlog")}
+    assert result.returncode == 0, result.stdout[-2000:] + "\n".join(v[-2000:] for v in logs.values())
+    return logs
+
+
+def run_single(tool, out, *args):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", tool), "--output_dir", str(out), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def digests(logs, stage):
+    found = {}
+    for text in logs.values():
+        for rank, digest in re.findall(rf"{stage} rank (\d) final parameters sha256 (\w+)", text):
+            found[int(rank)] = digest
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    teacher_logs = launch(2, "train_teacher.py", out, *TEACHER, "--per_device_train_batch_size", 8,
+                          "--max_steps", 4)
+    ofa_logs = launch(2, "ofa_compress.py", out, *COMMON, "--per_device_train_batch_size", 8, "--ofa_max_steps", 4,
+                      "--ofa_eval_steps", 2, "--width_mult_list", 1.0, 0.5)
+    return out, teacher_logs, ofa_logs
+
+
+def test_ranks_end_with_identical_parameters(two_process_run):
+    _, teacher_logs, ofa_logs = two_process_run
+    for stage, logs in (("teacher", teacher_logs), ("ofa", ofa_logs)):
+        found = digests(logs, stage)
+        assert sorted(found) == [0, 1], f"{stage}: both ranks must report"
+        assert found[0] == found[1], f"{stage}: ranks diverged"
+
+
+def test_hidden_state_distillation_loss_is_kept_every_step(two_process_run):
+    out, _, _ = two_process_run
+    history = json.load(open(out / "ofa" / "summary.json"))["loss_history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for entry in history:
+        hidden = [v for k, v in entry.items() if k.endswith("_hidden")]
+        assert len(hidden) == 2 and all(v > 0 for v in hidden), entry
+
+
+def test_one_copy_of_each_artifact_and_export_parity(two_process_run):
+    out, _, _ = two_process_run
+    names = sorted(os.listdir(out))
+    assert [n for n in names if not n.startswith("log-")] == ["checkpoints", "ofa", "teacher"]
+    assert sorted(os.listdir(out / "ofa")) == ["summary.json", "width_0.5", "width_1.0"]
+    run_single("export.py", out, "--width_mult", 0.5)  # refuses to write unless parity holds
+    manifest = json.load(open(out / "export" / "width_0.5" / "static" / "manifest.json"))
+    assert max(manifest["metrics"]["parity_max_abs_diff"].values()) < 1e-4
+
+
+def test_two_processes_match_one_process_with_the_global_batch(two_process_run, tmp_path):
+    out, _, _ = two_process_run
+    run_single("train_teacher.py", tmp_path, *TEACHER, "--per_device_train_batch_size", 16, "--max_steps", 4)
+    for step in (2, 4):
+        name = f"step-{step:08d}"
+        one = load_file(str(tmp_path / "checkpoints" / "teacher" / name / "model.safetensors"))
+        two = load_file(str(out / "checkpoints" / "teacher" / name / "model.safetensors"))
+        assert max(float(np.abs(one[k] - two[k]).max()) for k in one) < 1e-4
+    one_state = json.load(open(tmp_path / "checkpoints" / "teacher" / "step-00000004" / "trainer_state.json"))
+    two_state = json.load(open(out / "checkpoints" / "teacher" / "step-00000004" / "trainer_state.json"))
+    for a, b in zip(one_state["history"], two_state["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
