@@ -31,6 +31,7 @@ def atomic_dir(final):
     """Yield a scratch directory; on success swap it in for ``final`` in one rename."""
     final = os.path.abspath(final)
     os.makedirs(os.path.dirname(final), exist_ok=True)
+    recover_interrupted(final)
     partial = f"{final}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
@@ -44,6 +45,34 @@ def atomic_dir(final):
         os.replace(final, old)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(final):
+    """Clean up after a writer that died (SIGKILL, power loss): drop its scratch directory, and
+    if it died between its two renames, put the previous version (``.old-PID``) back in place."""
+    parent, base = os.path.split(os.path.abspath(final))
+    if not os.path.isdir(parent):
+        return
+    for name in sorted(os.listdir(parent)):
+        for marker in (".partial-", ".old-"):
+            prefix = base + marker
+            if not (name.startswith(prefix) and name[len(prefix):].isdigit()) or _alive(int(name[len(prefix):])):
+                continue
+            path = os.path.join(parent, name)
+            if marker == ".old-" and not os.path.exists(os.path.join(parent, base)):
+                os.replace(path, os.path.join(parent, base))
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json(path, data):
@@ -78,6 +107,7 @@ def write_manifest(directory, stage, config, labels, vocab_sha256, metrics=None,
 
 def read_manifest(directory, stage, verify_weights=True):
     """The manifest of a finished stage directory; a clear error when it is missing or tampered."""
+    recover_interrupted(directory)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         maker = MAKERS.get(stage, "the previous stage")

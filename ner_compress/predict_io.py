@@ -1,26 +1,42 @@
 """Streaming text input for prediction: bounded memory, one result or one error line per input line.
 
-Lines are read as bytes in batches; a line that is not UTF-8 or is too long becomes an
-error record for that line and the rest of the file goes on.
+Lines are read as bytes with a length cap; a line that is not UTF-8 or is too long becomes an
+error record for that line (its excess is skipped without being held in memory) and the rest of
+the file goes on.
 """
 DEFAULT_MAX_CHARS = 100_000  # longer lines are refused per line, not by the run
+_CHUNK = 1 << 20
+
+
+def _bounded_lines(stream, max_bytes):
+    """(raw line without newline, too long?) pairs, never holding more than ``max_bytes`` + 1 MiB."""
+    while True:
+        raw = stream.readline(max_bytes + 1)
+        if not raw:
+            return
+        too_long = len(raw) > max_bytes and not raw.endswith(b"\n")
+        while too_long and not raw.endswith(b"\n"):
+            raw = stream.readline(_CHUNK)  # drain the rest of the line
+            if not raw:
+                break
+        yield (b"" if too_long else raw.rstrip(b"\r\n")), too_long
 
 
 def read_lines(stream, batch_size, max_chars=DEFAULT_MAX_CHARS):
     """Yield lists of (line number, text or None, error or None), ``batch_size`` lines at a time."""
     batch = []
-    for lineno, raw in enumerate(stream, 1):
+    too_long_error = f"line longer than {max_chars} characters; split it"
+    for lineno, (raw, too_long) in enumerate(_bounded_lines(stream, 4 * max_chars), 1):
         text, error = None, None
-        raw = raw.rstrip(b"\r\n")
-        if len(raw) > 4 * max_chars:
-            error = f"line longer than {max_chars} characters; split it"
+        if too_long:
+            error = too_long_error
         else:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 error = f"not valid UTF-8 at byte {err.start}"
             if text is not None and len(text) > max_chars:
-                text, error = None, f"line longer than {max_chars} characters; split it"
+                text, error = None, too_long_error
         batch.append((lineno, text, error))
         if len(batch) == batch_size:
             yield batch

@@ -1,0 +1,188 @@
+"""Kills, interrupted writes, tampered or mismatched inputs, and hostile text for predict."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+RUN = ["--config", TINY, "--max_steps", 24, "--save_steps", 4, "--eval_steps", 8, "--save_total_limit", 10]
+
+
+def cmd(tool, *args):
+    return [sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)]
+
+
+def run(tool, *args, check=True, **kwargs):
+    result = subprocess.run(cmd(tool, *args), capture_output=True, text=True, cwd=ROOT, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, "the run ended before the checkpoint appeared"
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
+def final_weights(out, step=24):
+    return load_file(str(out / "checkpoints" / "teacher" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert sorted(a) == sorted(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run("train_teacher.py", *RUN, "--output_dir", out)
+    return out
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(uninterrupted, tmp_path):
+    proc = subprocess.Popen(cmd("train_teacher.py", *RUN, "--output_dir", tmp_path), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(tmp_path / "checkpoints" / "teacher" / "step-00000012" / "trainer_state.json", proc)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "checkpoints" / "teacher" / "step-00000024").exists()
+    result = run("train_teacher.py", *RUN, "--output_dir", tmp_path, "--resume")
+    assert "resumed from" in result.stderr
+    assert max_diff(final_weights(uninterrupted), final_weights(tmp_path)) < 1e-6
+    best = json.load(open(tmp_path / "teacher" / "manifest.json"))["metrics"]
+    assert best == json.load(open(uninterrupted / "teacher" / "manifest.json"))["metrics"]
+
+
+def test_sigterm_writes_a_last_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(cmd("train_teacher.py", *RUN, "--max_steps", 2000, "--save_steps", 1000,
+                                "--output_dir", tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "teacher" / "manifest.json", proc)  # training is under way (first eval done)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    steps = sorted(os.listdir(tmp_path / "checkpoints" / "teacher"))
+    assert steps and all(s.startswith("step-") for s in steps)
+    state = json.load(open(tmp_path / "checkpoints" / "teacher" / steps[-1] / "trainer_state.json"))
+    assert 8 <= state["step"] < 2000
+
+
+def test_checkpoints_are_pruned_to_the_limit(tmp_path):
+    run("train_teacher.py", *RUN, "--save_total_limit", 2, "--output_dir", tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "teacher")) == ["step-00000024", "step-00000028"] or \
+        sorted(os.listdir(tmp_path / "checkpoints" / "teacher")) == ["step-00000020", "step-00000024"]
+
+
+def test_kill_during_an_artifact_write_keeps_the_previous_one(uninterrupted):
+    """A writer SIGKILLed inside atomic_dir, mid-write and between the two renames."""
+    teacher = uninterrupted / "teacher"
+    before = json.load(open(teacher / "manifest.json"))
+    for stage in ("mid-write", "between-renames"):
+        script = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import ner_compress.artifacts as a
+final = {str(teacher)!r}
+if {stage!r} == "between-renames":
+    os.replace(final, final + ".old-" + str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+with a.atomic_dir(final) as tmp:
+    open(os.path.join(tmp, "model.safetensors"), "wb").write(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+        assert proc.returncode == -signal.SIGKILL
+        import ner_compress  # noqa: F401
+        from ner_compress.artifacts import read_manifest
+
+        assert read_manifest(str(teacher), "teacher") == before  # hashes verified too
+        assert not [n for n in os.listdir(uninterrupted) if ".partial-" in n or ".old-" in n]
+
+
+def test_tampered_weights_are_refused(uninterrupted, tmp_path):
+    run("ofa_compress.py", "--output_dir", uninterrupted, "--ofa_max_steps", 4, "--ofa_eval_steps", 2)
+    weights = uninterrupted / "ofa" / "width_0.5" / "supernet.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-4] + b"\x00\x00\x00\x01")
+        result = run("export.py", "--output_dir", uninterrupted, "--width_mult", 0.5, check=False)
+        assert result.returncode == 2
+        assert "supernet.safetensors" in result.stderr and "sha256" in result.stderr
+    finally:
+        weights.write_bytes(original)
+
+
+def test_mismatched_labels_and_vocabulary_are_refused(uninterrupted, tmp_path):
+    other_labels = tmp_path / "train.txt"
+    other_labels.write_text("苹\tB-PRODUCT\n果\tI-PRODUCT\n\n" + "张\tB-PER\n三\tI-PER\n在\tO\n\n" * 30,
+                            encoding="utf-8")
+    result = run("ofa_compress.py", "--output_dir", uninterrupted, "--train_file", other_labels, "--dev_size", 5,
+                 check=False)
+    assert result.returncode == 2 and "labels" in result.stderr and "differ" in result.stderr
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "张", "三"]) + "\n", encoding="utf-8")
+    result = run("ofa_compress.py", "--output_dir", uninterrupted, "--vocab_file", vocab, check=False)
+    assert result.returncode == 2 and "vocabulary" in result.stderr
+
+
+def test_pickled_weights_need_allow_pickle(uninterrupted, tmp_path):
+    import ner_compress  # noqa: F401
+    from paddlenlp.transformers import BertForTokenClassification
+
+    pickled = tmp_path / "pickled"
+    BertForTokenClassification.from_pretrained(str(uninterrupted / "teacher")).save_pretrained(str(pickled))
+    assert (pickled / "model_state.pdparams").exists()
+    args = ["--config", TINY, "--max_steps", 1, "--eval_steps", 1, "--model_name_or_path", pickled,
+            "--output_dir", tmp_path / "out"]
+    refused = run("train_teacher.py", *args, check=False)
+    assert refused.returncode == 2 and "--allow_pickle" in refused.stderr
+    run("train_teacher.py", *args, "--allow_pickle")
+
+
+@pytest.fixture(scope="module")
+def static_model(uninterrupted):
+    run("export.py", "--output_dir", uninterrupted, "--teacher")
+    return uninterrupted / "export" / "teacher" / "static"
+
+
+def test_predict_survives_hostile_lines(static_model, tmp_path):
+    lines = [
+        "张三在北京工作".encode(),
+        b"",
+        b"\xff\xfe\xfa broken",
+        "控制\x00字符\x07\x1b[31m红".encode(),
+        ("长" * 1_000_000).encode(),
+        "最后一行".encode(),
+    ]
+    hostile = tmp_path / "hostile.txt"
+    hostile.write_bytes(b"\n".join(lines) + b"\n")
+    result = run("predict.py", "--model_dir", static_model, "--input_file", hostile, timeout=300)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["text"] == "张三在北京工作" and records[1]["entities"] == []
+    assert "UTF-8" in records[2]["error"]
+    assert records[3]["text"] == "控制\x00字符\x07\x1b[31m红"
+    assert "longer than" in records[4]["error"]
+    assert records[5]["text"] == "最后一行"
+
+
+def test_predict_streams_a_large_file(static_model, tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "w", encoding="utf-8") as fh:
+        for i in range(3000):
+            fh.write(f"第{i}行：李四去上海。\n")
+    result = run("predict.py", "--model_dir", static_model, "--input_file", big, "--batch_size", 64, timeout=300)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3000 and json.loads(lines[-1])["line"] == 3000
