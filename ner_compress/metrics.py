@@ -12,8 +12,10 @@ def entity_scores(true_tags, pred_tags):
                "support": int(v["support"])}
         for name, v in report.items() if not name.endswith(" avg")
     }
+    predicted = sum(len(get_entities(list(tags))) for tags in pred_tags)
     return {"precision": float(micro["precision"]), "recall": float(micro["recall"]),
-            "f1": float(micro["f1-score"]), "support": int(micro["support"]), "per_type": per_type}
+            "f1": float(micro["f1-score"]), "support": int(micro["support"]), "predicted": predicted,
+            "per_type": per_type}
 
 
 def extract_entities(text, tags):
