@@ -22,8 +22,9 @@ def superlayernorm_forward(self, input):
     """``SuperLayerNorm.forward`` of PaddleSlim 2.6.0, fixed for Paddle 2.6.2.
 
     Upstream unpacks three outputs from ``paddle._C_ops.layer_norm``, which returns a
-    single tensor on Paddle 2.6.x, so any OFA forward raised ``ValueError: too many
-    values to unpack``. The public functional API computes the same thing.
+    single tensor on Paddle 2.6.x: the unpacking runs along the batch axis, so any OFA
+    forward raises ``ValueError`` (too many / not enough values to unpack), and a batch of
+    exactly 3 would silently yield one row. The public functional API computes the same thing.
     """
     feature_dim = int(input.shape[-1])
     weight = self.weight[:feature_dim] if self._weight_attr is not False else None

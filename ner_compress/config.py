@@ -96,6 +96,11 @@ def _coerce(name, value, source):
             if isinstance(value, bool):
                 return value
             raise ValueError
+        if kind is int:
+            # YAML gives ints, floats and bools: refuse 64.7 and true rather than truncate them
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
         return kind(value)
     except (TypeError, ValueError):
         raise UserError(f"{source}: '{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}")

@@ -18,6 +18,7 @@ from .errors import UserError
 IGNORE_INDEX = -100
 MSRA_TRAIN_SENTENCES = 50289  # dh_msra.txt: the first 50,289 are train, the last 5,000 test
 MSRA_TEST_SENTENCES = 5000
+_SEPARATOR = re.compile(r"[\t ]+")
 _TAG = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z0-9_]*)$")
 
 
@@ -47,7 +48,8 @@ def read_conll_chars(path, strict_tags=False):
                     sentences.append(Sentence(chars, tags))
                     chars, tags = [], []
                 continue
-            parts = line.split()
+            # split on tabs and ASCII spaces only: a full-width space (U+3000) can be the character
+            parts = [p for p in _SEPARATOR.split(line) if p]
             if len(parts) != 2 or len(parts[0]) != 1:
                 raise UserError(f"{path}:{lineno}: expected one character and a tag separated by whitespace, "
                                 f"got {line[:60]!r}")

@@ -36,7 +36,7 @@ def test_stages_leave_self_describing_artifacts(pipeline_dir):
     assert teacher["stage"] == "teacher"
     assert teacher["labels"] == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert teacher["config"]["hidden_size"] == 64 and teacher["config"]["train_limit"] == 400
-    assert "model_state.pdparams" in teacher["weights_sha256"]
+    assert "model.safetensors" in teacher["weights_sha256"]
     ofa = json.load(open(pipeline_dir / "ofa" / "width_0.5" / "manifest.json"))
     assert ofa["width_mult"] == 0.5
     assert ofa["config"]["hidden_size"] == 64  # inherited, not the 768 default

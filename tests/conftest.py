@@ -1,0 +1,47 @@
+"""Shared fixtures. ``ner_compress`` is imported before paddle: its compat module works around
+a zlib clash that otherwise breaks importing paddlenlp after paddle."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import ner_compress  # noqa: E402,F401  (before paddle)
+
+import paddle  # noqa: E402
+import pytest  # noqa: E402
+
+from ner_compress import resources  # noqa: E402
+
+TINY_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+
+
+@pytest.fixture
+def write_file(tmp_path):
+    """``write_file(name, content)``: write text (as UTF-8, newlines untouched) or bytes; return the path."""
+    def _write(name, content):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        return str(path)
+    return _write
+
+
+@pytest.fixture(scope="session")
+def vocab_file():
+    """bert-base-chinese vocabulary from the cache ($NER_COMPRESS_CACHE)."""
+    return resources.vocab_path()
+
+
+@pytest.fixture
+def tiny_bert(vocab_file):
+    """A small, randomly initialised ``BertForTokenClassification`` in eval mode (seeded)."""
+    from paddlenlp.transformers import BertConfig, BertForTokenClassification
+
+    paddle.seed(1234)
+    config = BertConfig(vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=len(TINY_LABELS))
+    model = BertForTokenClassification(config)
+    model.eval()
+    return model

@@ -1,0 +1,258 @@
+"""The OFA supernet: importance reordering, distillation step, sub-model extraction, save/load."""
+import copy
+
+import numpy as np
+import paddle
+import pytest
+
+from ner_compress import data, modeling, supernet
+from ner_compress.config import Config
+from ner_compress.data import Sentence
+
+LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+
+
+@pytest.fixture(scope="module")
+def windows(vocab_file):
+    """Windows of a few random sentences with valid BIO tags over all seven labels."""
+    rng = np.random.RandomState(11)
+    alphabet = list("我们在北京大学学习中文今天天气很好张三李四王五上海市政府新华社记者")
+    sentences = []
+    for _ in range(16):
+        n = rng.randint(4, 30)
+        tags, prev = [], "O"
+        for _ in range(n):
+            r = rng.rand()
+            if prev != "O" and r < 0.4:
+                tag = "I-" + prev[2:]
+            elif r < 0.7:
+                tag = "O"
+            else:
+                tag = "B-" + ("PER", "LOC", "ORG")[rng.randint(3)]
+            tags.append(tag)
+            prev = tag
+        sentences.append(Sentence(list(rng.choice(alphabet, n)), tags))
+    encoder = data.CharEncoder(data.load_vocab(vocab_file))
+    return data.encode(sentences, encoder, {label: i for i, label in enumerate(LABELS)}, 64)
+
+
+@pytest.fixture
+def batches(windows):
+    out = supernet.importance_batches(windows, 8, 2)
+    assert len(out) == 2
+    return out
+
+
+def logits_at(ofa_model, width, batch):
+    supernet.set_width(ofa_model, width)
+    with paddle.no_grad(), supernet.student_only(ofa_model):
+        return ofa_model(**supernet.ofa_inputs(batch)).numpy()
+
+
+def block_permutation(new, old, blocks, axis):
+    """Which old block each block of ``new`` is, along ``axis`` (``None`` if any is not found)."""
+    new_parts, old_parts = np.split(new, blocks, axis=axis), np.split(old, blocks, axis=axis)
+    perm = []
+    for part in new_parts:
+        match = [j for j, o in enumerate(old_parts) if np.array_equal(part, o)]
+        if len(match) != 1:
+            return None
+        perm.append(match[0])
+    return perm
+
+
+def test_importance_batches_shapes(windows):
+    out = supernet.importance_batches(windows, 8, 2)
+    assert [tuple(b["input_ids"].shape)[0] for b in out] == [8, 8]
+    assert all(isinstance(v, paddle.Tensor) for b in out for v in b.values())
+    assert len(supernet.importance_batches(windows, 8, None)) == -(-len(windows) // 8)
+
+
+def test_reorder_by_importance_keeps_full_width_output(tiny_bert, batches):
+    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model.model.eval()
+    before = [logits_at(ofa_model, 1.0, b) for b in batches]
+    layers = ofa_model.model.bert.encoder.layers
+    q_before = [layer.self_attn.q_proj.fn.weight.numpy().copy() for layer in layers]
+    ffn_before = [layer.linear1.fn.weight.numpy().copy() for layer in layers]
+
+    head_imp, neuron_imp = supernet.reorder_by_importance(ofa_model.model, batches)
+
+    after = [logits_at(ofa_model, 1.0, b) for b in batches]
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    head_imp = np.asarray(head_imp.numpy() if isinstance(head_imp, paddle.Tensor) else head_imp)
+    assert head_imp.shape == (2, 4)
+    changed = False
+    for i, layer in enumerate(layers):
+        # heads: q_proj output columns moved as whole heads, most important first
+        heads = block_permutation(layer.self_attn.q_proj.fn.weight.numpy(), q_before[i], 4, axis=1)
+        assert heads is not None
+        assert heads == list(np.argsort(-head_imp[i], kind="stable"))
+        # neurons: linear1 output columns, most important first
+        neurons = block_permutation(layer.linear1.fn.weight.numpy(), ffn_before[i], 64, axis=1)
+        assert neurons == list(np.argsort(-np.asarray(neuron_imp[i]), kind="stable"))
+        changed |= heads != sorted(heads) or neurons != sorted(neurons)
+    assert changed, "importance was already sorted everywhere: the reordering did nothing visible"
+    # the teacher used for distillation is not reordered
+    np.testing.assert_array_equal(tiny_bert.bert.encoder.layers[0].self_attn.q_proj.weight.numpy(),
+                                  q_before[0])
+    # and no gradient is left behind
+    assert all(p.grad is None or not np.any(p.grad.numpy()) for p in ofa_model.model.parameters())
+
+
+def test_distill_step_hidden_loss(tiny_bert, batches):
+    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model.model.eval()  # no dropout: at full width the student is the teacher
+    losses = supernet.distill_step(ofa_model, batches[0], [1.0, 0.5], lambda_logit=1.0)
+    assert set(losses) == {"w1.0_logit", "w1.0_hidden", "w0.5_logit", "w0.5_hidden"}
+    assert losses["w1.0_hidden"] < 1e-8
+    assert losses["w0.5_hidden"] > 0 and losses["w0.5_hidden"] > 100 * max(losses["w1.0_hidden"], 1e-12)
+    assert np.isfinite([losses["w1.0_logit"], losses["w0.5_logit"]]).all() and losses["w0.5_logit"] > 0
+    grads = [p.grad for p in ofa_model.model.parameters() if p.grad is not None]
+    assert grads and any(np.any(g.numpy()) for g in grads)  # backward ran on the student
+    assert all(p.grad is None for p in tiny_bert.parameters())  # not on the teacher
+
+
+def test_distill_step_logit_loss_is_mean_soft_cross_entropy(tiny_bert, batches):
+    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model.model.eval()
+    batch = batches[0]
+    supernet.set_width(ofa_model, 0.5)
+    with paddle.no_grad():
+        student, teacher = ofa_model(**supernet.ofa_inputs(batch))
+    s, t, labels = student.numpy(), teacher.numpy(), batch["labels"].numpy()
+    p_t = np.exp(t - t.max(-1, keepdims=True))
+    p_t /= p_t.sum(-1, keepdims=True)
+    log_p_s = s - s.max(-1, keepdims=True)
+    log_p_s -= np.log(np.exp(log_p_s).sum(-1, keepdims=True))
+    per_token = -(p_t * log_p_s).sum(-1)
+    expected = per_token[labels != -100].mean()
+    losses = supernet.distill_step(ofa_model, batch, [0.5], lambda_logit=1.0)
+    assert losses["w0.5_logit"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_distill_step_in_train_mode_has_positive_hidden_loss(tiny_bert, batches):
+    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model.model.train()
+    losses = supernet.distill_step(ofa_model, batches[1], [0.5], lambda_logit=1.0)
+    assert losses["w0.5_hidden"] > 0
+
+
+def test_soft_cross_entropy_sum_ignores_special_positions():
+    student = paddle.to_tensor(np.random.RandomState(0).randn(1, 3, 4).astype("float32"))
+    teacher = paddle.to_tensor(np.random.RandomState(1).randn(1, 3, 4).astype("float32"))
+    labels = paddle.to_tensor([[-100, 2, -100]], dtype="int64")
+    loss = float(supernet.soft_cross_entropy_sum(student, teacher, labels))
+    s, t = student.numpy()[0, 1], teacher.numpy()[0, 1]
+    p_t = np.exp(t) / np.exp(t).sum()
+    log_p_s = s - np.log(np.exp(s).sum())
+    assert loss == pytest.approx(float(-(p_t * log_p_s).sum()), rel=1e-5)
+
+
+def _pruned_from_supernet(tiny_bert, batches, width):
+    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model.model.eval()
+    supernet.reorder_by_importance(ofa_model.model, batches)
+    config = copy.deepcopy(tiny_bert.config)
+    config.width_mult = width
+    sub = modeling.PrunedBertForTokenClassification(config)
+    sub.set_state_dict(modeling.sub_model_state(ofa_model.model.state_dict(), sub))
+    sub.eval()
+    return ofa_model, sub
+
+
+def _logits(model, batch):
+    with paddle.no_grad():
+        return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).numpy()
+
+
+def test_pruned_sub_model_equals_supernet_at_half_width(tiny_bert, batches):
+    ofa_model, sub = _pruned_from_supernet(tiny_bert, batches, 0.5)
+    attn = sub.bert.encoder.layers[0].self_attn
+    assert attn.num_heads == 2 and list(attn.q_proj.weight.shape) == [32, 16]
+    assert list(sub.bert.encoder.layers[0].linear1.weight.shape) == [32, 32]
+    assert modeling.count_parameters(sub) < modeling.count_parameters(tiny_bert)
+    for batch in batches:
+        half = logits_at(ofa_model, 0.5, batch)
+        np.testing.assert_allclose(_logits(sub, batch), half, atol=1e-5)
+        assert np.abs(half - logits_at(ofa_model, 1.0, batch)).max() > 1e-4  # width 0.5 is really narrower
+
+
+def test_sub_model_state_refuses_a_foreign_state(tiny_bert):
+    from ner_compress.errors import UserError
+
+    config = copy.deepcopy(tiny_bert.config)
+    config.width_mult = 0.5
+    sub = modeling.PrunedBertForTokenClassification(config)
+    state = {k: v for k, v in tiny_bert.state_dict().items()}
+    state["bert.extra.weight"] = np.zeros([2], "float32")
+    with pytest.raises(UserError, match="bert.extra.weight"):
+        modeling.sub_model_state(state, sub)
+    state.pop("bert.extra.weight")
+    state.pop("classifier.bias")
+    with pytest.raises(UserError, match="lack"):
+        modeling.sub_model_state(state, sub)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_pruned_model_save_and_reload(tiny_bert, batches, tmp_path, safe):
+    _, sub = _pruned_from_supernet(tiny_bert, batches, 0.5)
+    sub.save_pretrained(str(tmp_path), safe_serialization=safe)
+    if safe:
+        assert (tmp_path / modeling.SAFE_WEIGHTS).is_file()
+        reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+    else:
+        reloaded = modeling.PrunedBertForTokenClassification.from_pretrained(str(tmp_path))
+    reloaded.eval()
+    assert float(reloaded.config.width_mult) == 0.5
+    assert reloaded.bert.encoder.layers[1].self_attn.num_heads == 2
+    assert list(reloaded.bert.encoder.layers[1].linear2.weight.shape) == [32, 32]
+    for batch in batches:
+        np.testing.assert_array_equal(_logits(reloaded, batch), _logits(sub, batch))
+
+
+def test_build_teacher_from_saved_directory(tiny_bert, batches, tmp_path):
+    tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
+    assert (tmp_path / modeling.SAFE_WEIGHTS).is_file()
+    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+    teacher.eval()
+    assert teacher.config.id2label == dict(enumerate(LABELS))
+    for batch in batches:
+        np.testing.assert_array_equal(_logits(teacher, batch), _logits(tiny_bert, batch))
+
+
+def test_build_teacher_pickled_weights_need_allow_pickle(tiny_bert, batches, tmp_path):
+    from ner_compress.errors import UserError
+
+    tiny_bert.save_pretrained(str(tmp_path))  # model_state.pdparams (pickle)
+    assert (tmp_path / modeling.PICKLED_WEIGHTS).is_file() and not (tmp_path / modeling.SAFE_WEIGHTS).exists()
+    with pytest.raises(UserError, match="allow_pickle") as err:
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+    assert str(tmp_path) in str(err.value)
+    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path), allow_pickle=True), LABELS, 21128)
+    teacher.eval()
+    np.testing.assert_array_equal(_logits(teacher, batches[0]), _logits(tiny_bert, batches[0]))
+
+
+def test_build_teacher_refuses_directory_without_weights(tmp_path):
+    from ner_compress.errors import UserError
+
+    with pytest.raises(UserError, match=str(tmp_path)):
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+
+
+def test_build_teacher_refuses_other_vocab_size(tiny_bert, tmp_path):
+    from ner_compress.errors import UserError
+
+    tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
+    with pytest.raises(UserError, match="vocab size"):
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 30000)
+
+
+def test_build_teacher_fresh_from_config():
+    cfg = Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    teacher = modeling.build_teacher(cfg, LABELS, 21128)
+    assert teacher.config.num_labels == 7 and teacher.config.hidden_size == 32
+    assert len(teacher.bert.encoder.layers) == 2
+    assert list(teacher.classifier.weight.shape) == [32, 7]
