@@ -343,6 +343,29 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def summary_row(name, export_dir, sentences, threads=None, device="cpu", latency_sentences=110):
+    """The short figures ``run_pipeline.py`` prints: FP32 Paddle Inference only."""
+    static_dir = os.path.join(export_dir, "static")
+    tagger = StaticTagger(static_dir, device=device, threads=threads)
+    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir)}
+    row.update(accuracy(tagger, sentences))
+    row.update(latency_ms(tagger, sentences[:latency_sentences], warmup=10))
+    return row
+
+
+def summary_table(rows):
+    """A Markdown table; F1 share and speed-up are relative to the first row (the teacher)."""
+    base = rows[0]
+    lines = ["| model | params | P | R | F1 | F1 / teacher | latency p50 ms | speed-up | test set s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = r["f1"] / base["f1"] if base["f1"] else float("nan")
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['precision']:.4f} | {r['recall']:.4f} | "
+                     f"{r['f1']:.4f} | {share:.2%} | {r['latency_ms_p50']:.2f} | "
+                     f"{base['latency_ms_p50'] / r['latency_ms_p50']:.2f}x | {r['test_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def plot_pareto(rows, path):
     import matplotlib
 

@@ -10,7 +10,7 @@ import sys
 import paddle
 from paddlenlp.transformers import BertForTokenClassification
 
-from . import benchmark, export, parallel, report, supernet, training
+from . import benchmark, export, parallel, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
@@ -110,10 +110,10 @@ def run_all(cfg):
     for width in widths:
         run_export(cfg, width, data)
     log.info("measuring %d test sentences per model", len(data.splits.test))
-    rows = [report.measure_export("teacher", export_dir(cfg), data.splits.test, cfg.cpu_threads, cfg.device)]
-    rows += [report.measure_export(f"width {width}", export_dir(cfg, width), data.splits.test, cfg.cpu_threads,
+    rows = [benchmark.summary_row("teacher", export_dir(cfg), data.splits.test, cfg.cpu_threads, cfg.device)]
+    rows += [benchmark.summary_row(f"width {width}", export_dir(cfg, width), data.splits.test, cfg.cpu_threads,
                                    cfg.device) for width in widths]
-    text = report.table(rows)
+    text = benchmark.summary_table(rows)
     os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
     write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"), {"config": cfg.to_dict(), "rows": rows})
     with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:

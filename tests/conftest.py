@@ -45,3 +45,19 @@ def tiny_bert(vocab_file):
     model = BertForTokenClassification(config)
     model.eval()
     return model
+
+
+def random_bio_tags(rng, n, types=("PER", "LOC", "ORG")):
+    """A valid BIO sequence (no I- without its B-) of length n."""
+    tags, prev = [], "O"
+    for _ in range(n):
+        r = rng.rand()
+        if prev != "O" and r < 0.4:
+            tag = "I-" + prev[2:]
+        elif r < 0.7:
+            tag = "O"
+        else:
+            tag = "B-" + types[rng.randint(len(types))]
+        tags.append(tag)
+        prev = tag
+    return tags

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import random_bio_tags
 from ner_compress import data, resources
 from ner_compress.config import Config
 from ner_compress.data import IGNORE_INDEX, Sentence
@@ -19,22 +20,6 @@ def vocab_lines(vocab_file):
 @pytest.fixture(scope="module")
 def encoder(vocab_file):
     return data.CharEncoder(data.load_vocab(vocab_file))
-
-
-def _random_tags(rng, n, types=("PER", "LOC", "ORG")):
-    """A valid BIO sequence (no I- without its B-) of length n."""
-    tags, prev = [], "O"
-    for _ in range(n):
-        r = rng.rand()
-        if prev != "O" and r < 0.4:
-            tag = "I-" + prev[2:]
-        elif r < 0.7:
-            tag = "O"
-        else:
-            tag = "B-" + types[rng.randint(len(types))]
-        tags.append(tag)
-        prev = tag
-    return tags
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -111,7 +96,7 @@ def test_long_sentence_splits_into_windows_and_stitches_back(encoder):
     rng = np.random.RandomState(3)
     label_to_id = {label: i for i, label in enumerate(MSRA_LABELS)}
     alphabet = list("我们在北京大学学习中文今天天气很好张三李四王五上海")
-    long_sent = Sentence(list(rng.choice(alphabet, 150)), _random_tags(rng, 150))
+    long_sent = Sentence(list(rng.choice(alphabet, 150)), random_bio_tags(rng, 150))
     short_sent = Sentence(list("张三"), ["B-PER", "I-PER"])
     sents = [long_sent, short_sent]
     windows = data.encode(sents, encoder, label_to_id, 64)

@@ -5,6 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import random_bio_tags
 from ner_compress import data, modeling, supernet
 from ner_compress.config import Config
 from ner_compress.data import Sentence
@@ -20,17 +21,7 @@ def windows(vocab_file):
     sentences = []
     for _ in range(16):
         n = rng.randint(4, 30)
-        tags, prev = [], "O"
-        for _ in range(n):
-            r = rng.rand()
-            if prev != "O" and r < 0.4:
-                tag = "I-" + prev[2:]
-            elif r < 0.7:
-                tag = "O"
-            else:
-                tag = "B-" + ("PER", "LOC", "ORG")[rng.randint(3)]
-            tags.append(tag)
-            prev = tag
+        tags = random_bio_tags(rng, n)
         sentences.append(Sentence(list(rng.choice(alphabet, n)), tags))
     encoder = data.CharEncoder(data.load_vocab(vocab_file))
     return data.encode(sentences, encoder, {label: i for i, label in enumerate(LABELS)}, 64)
