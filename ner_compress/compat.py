@@ -12,7 +12,7 @@ import zlib
 # system zlib for good.
 zlib.decompress(zlib.compress(b"ner_compress"))
 
-import paddle  # noqa: E402  (must come after the zlib round trip)
+import paddle  # noqa: E402,F401  (loads libpaddle after the zlib round trip)
 import paddle.nn.functional as F  # noqa: E402
 
 _PATCHED = False

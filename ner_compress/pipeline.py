@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-import paddle
 from paddlenlp.transformers import BertForTokenClassification
 
 from . import benchmark, export, parallel, supernet, training

@@ -13,7 +13,6 @@ import shutil
 import types
 from contextlib import contextmanager
 
-import paddle
 import paddle.nn.functional as F
 from paddle import nn
 from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward, check_dynabert_config
