@@ -31,6 +31,8 @@ TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
 OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",
     "lambda_distill", "lambda_logit", "importance_batches"]
+# how the previous stage was run, not what it was run on
+NOT_INHERITED = {"resume", "resume_from", "output_dir"}
 EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir"]
 
 
@@ -54,7 +56,8 @@ def recorded_config(stage_dir):
         if not os.path.isfile(path):
             return {}
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh).get("config", {})
+            recorded = json.load(fh).get("config", {})
+        return {k: v for k, v in recorded.items() if k not in NOT_INHERITED}
     return inherit
 
 

@@ -119,7 +119,7 @@ def ofa_logits(ofa_model):
 
 
 def importance_batches(windows, batch_size, limit):
-    batches = eval_batches(windows, batch_size)[:limit] if limit else eval_batches(windows, batch_size)
+    batches = eval_batches(windows, batch_size)[: limit or None]
     return [to_tensors(collate([windows[i] for i in idx], 0)) for idx in batches]
 
 

@@ -294,3 +294,15 @@ def test_atomic_dir_creates_missing_parents(tmp_path):
     with artifacts.atomic_dir(str(final)) as tmp:
         open(os.path.join(tmp, "x"), "w").close()
     assert os.listdir(final) == ["x"]
+
+
+def test_later_stage_inherits_data_settings_but_not_resume(tmp_path):
+    import json
+
+    from ner_compress.pipeline import recorded_config
+
+    (tmp_path / "teacher").mkdir()
+    recorded = {"train_limit": 400, "max_seq_length": 64, "resume": True, "resume_from": "x", "output_dir": "y"}
+    (tmp_path / "teacher" / "manifest.json").write_text(json.dumps({"config": recorded}))
+    assert recorded_config("teacher")(str(tmp_path)) == {"train_limit": 400, "max_seq_length": 64}
+    assert recorded_config("teacher")(str(tmp_path / "nowhere")) == {}
