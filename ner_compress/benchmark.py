@@ -17,10 +17,8 @@ from .artifacts import read_manifest
 from .data import collate
 from .inference import MODEL_PREFIX, StaticTagger, Tagger
 from .metrics import entity_scores
-from .modeling import PrunedBertForTokenClassification
-
-ONNX_TOLERANCE = 1e-4
-
+from .export import max_abs_diff, trained_widths
+from .modeling import PrunedBertForTokenClassification, numpy_logits
 
 def export_dirs(output_dir):
     """[(name, export dir)]: the teacher first, then widths from widest to narrowest."""
@@ -28,8 +26,7 @@ def export_dirs(output_dir):
     found = []
     if os.path.isdir(os.path.join(root, "teacher", "static")):
         found.append(("teacher", os.path.join(root, "teacher")))
-    widths = sorted((float(n[len("width_"):]) for n in os.listdir(root) if n.startswith("width_")
-                     and os.path.isdir(os.path.join(root, n, "static"))), reverse=True) if os.path.isdir(root) else []
+    widths = sorted(trained_widths(root, "static"), reverse=True)
     return found + [(f"width {w}", os.path.join(root, f"width_{w}")) for w in widths]
 
 
@@ -44,9 +41,7 @@ class DynamicTagger(Tagger):
         self.model.eval()
 
     def logits(self, input_ids, token_type_ids):
-        with paddle.no_grad():
-            return self.model(input_ids=paddle.to_tensor(input_ids),
-                              token_type_ids=paddle.to_tensor(token_type_ids)).numpy()
+        return numpy_logits(self.model, input_ids, token_type_ids)
 
 
 def export_onnx(static_dir, onnx_path):
@@ -160,8 +155,8 @@ def throughput(tagger, sentences, batch_size=32, repeats=3):
 
 def sample_logits_diff(a, b, sentences, batch_size=32):
     batch = fixed_batches(a, sentences[:batch_size], batch_size)[0]
-    return float(np.max(np.abs(a.logits(batch["input_ids"], batch["token_type_ids"])
-                                - b.logits(batch["input_ids"], batch["token_type_ids"]))))
+    return max_abs_diff(a.logits(batch["input_ids"], batch["token_type_ids"]),
+                        b.logits(batch["input_ids"], batch["token_type_ids"]))
 
 
 def model_shape(export_dir):

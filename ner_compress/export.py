@@ -9,6 +9,7 @@ width, the reloaded dynamic model and the static predictor must agree on the log
 import logging
 import os
 import shutil
+from functools import partial
 
 import numpy as np
 import paddle
@@ -16,13 +17,14 @@ from paddle.static import InputSpec
 from paddlenlp.transformers import BertConfig, BertForTokenClassification, BertTokenizer
 from paddleslim.nas.ofa import OFA
 
-from .artifacts import atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
+from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
 from .data import collate
 from .errors import UserError
 from .inference import INFERENCE_META, MODEL_PREFIX, StaticTagger
 from .checkpoint import load_weights
-from .modeling import PrunedBertForTokenClassification, count_parameters, load_pretrained, sub_model_state
-from .supernet import SUPERNET_WEIGHTS, set_width, student_only, to_supernet, width_dir
+from .modeling import (PrunedBertForTokenClassification, count_parameters, load_pretrained, numpy_logits,
+                       sub_model_state)
+from .supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
 
 log = logging.getLogger("ner_compress")
 PARITY_TOLERANCE = 1e-4
@@ -30,11 +32,12 @@ INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
               InputSpec([None, None], "int64", name="token_type_ids")]
 
 
-def trained_widths(ofa_dir):
-    if not os.path.isdir(ofa_dir):
+def trained_widths(parent, marker="manifest.json"):
+    """Widths W with a finished ``parent/width_W/<marker>`` (ofa/ by default, export/ with "static")."""
+    if not os.path.isdir(parent):
         return []
-    return sorted(float(name[len("width_"):]) for name in os.listdir(ofa_dir)
-                  if name.startswith("width_") and os.path.isfile(os.path.join(ofa_dir, name, "manifest.json")))
+    return sorted(float(name[len("width_"):]) for name in os.listdir(parent)
+                  if name.startswith("width_") and os.path.exists(os.path.join(parent, name, marker)))
 
 
 def load_supernet_width(source_dir):
@@ -85,11 +88,6 @@ def sample_inputs(data, n=16):
     return batch["input_ids"], batch["token_type_ids"]
 
 
-def dynamic_logits(model, input_ids, token_type_ids):
-    with paddle.no_grad():
-        return model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids)).numpy()
-
-
 def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, width):
     """Save dynamic + static into a scratch dir, check parity against ``reference_fn``, swap in."""
     input_ids, token_type_ids = sample_inputs(data)
@@ -104,7 +102,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
         static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
             input_ids, token_type_ids)
         diffs = check_parity(reference_name, reference, {
-            "reloaded dynamic model": dynamic_logits(reloaded, input_ids, token_type_ids),
+            "reloaded dynamic model": numpy_logits(reloaded, input_ids, token_type_ids),
             "static predictor": static_logits,
         })
         log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
@@ -119,7 +117,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
 def export_width(cfg, data, ofa_dir, out_dir, width):
     available = trained_widths(ofa_dir)
     if not available:
-        read_manifest(ofa_dir, "ofa")  # names the command that makes ofa/
+        raise UserError(f"{ofa_dir}: no trained width here; run `{MAKERS['ofa']}` first")
     if round(width, 4) not in [round(w, 4) for w in available]:
         raise UserError(f"--width_mult {width}: not trained in {ofa_dir} (trained: {available}); "
                         f"run `python tools/ofa_compress.py --width_mult_list ... {width}`")
@@ -128,14 +126,9 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
     check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
     ofa_model, state = load_supernet_width(source)
     set_width(ofa_model, width)
-
-    def supernet_logits(input_ids, token_type_ids):
-        with paddle.no_grad(), student_only(ofa_model):
-            return ofa_model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids),
-                             attention_mask=[None, None]).numpy()
-
     model = build_sub_model(source, width, state)
-    return write_export(out_dir, model, data, cfg, manifest, f"supernet at width {width}", supernet_logits, width)
+    return write_export(out_dir, model, data, cfg, manifest, f"supernet at width {width}", ofa_logits(ofa_model),
+                        width)
 
 
 def export_teacher(cfg, data, teacher_dir, out_dir):
@@ -146,4 +139,4 @@ def export_teacher(cfg, data, teacher_dir, out_dir):
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     model = build_sub_model(teacher_dir, 1.0, state)
     return write_export(out_dir, model, data, cfg, manifest, "teacher",
-                        lambda i, t: dynamic_logits(teacher, i, t), 1.0)
+                        partial(numpy_logits, teacher), 1.0)

@@ -43,6 +43,18 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     return config
 
 
+def predict_windows(logits_fn, windows, batch_size, pad_id=0):
+    """Argmax label ids per window, in the windows' order; ``logits_fn(input_ids, token_type_ids)``
+    takes and returns numpy arrays (a predictor, ONNX Runtime, or ``modeling.numpy_logits``)."""
+    preds = [None] * len(windows)
+    for idx in eval_batches(windows, batch_size):
+        batch = collate([windows[i] for i in idx], pad_id)
+        out = np.asarray(logits_fn(batch["input_ids"], batch["token_type_ids"])).argmax(-1)
+        for row, i in enumerate(idx):
+            preds[i] = out[row]
+    return preds
+
+
 class Tagger:
     """Text -> entities around one ``logits(input_ids, token_type_ids)``; backends subclass it."""
 
@@ -60,19 +72,11 @@ class Tagger:
         label_to_id = {label: i for i, label in enumerate(self.labels)}
         return encode(sentences, self.encoder, label_to_id, self.max_seq_length)
 
-    def window_predictions(self, windows):
-        preds = [None] * len(windows)
-        for idx in eval_batches(windows, self.batch_size):
-            batch = collate([windows[i] for i in idx], self.encoder.pad_id)
-            out = self.logits(batch["input_ids"], batch["token_type_ids"]).argmax(-1)
-            for row, i in enumerate(idx):
-                preds[i] = out[row]
-        return preds
-
     def tag_sentences(self, sentences):
         """Predicted BIO tags per sentence (``Sentence.tags`` may be empty)."""
         windows = self.windows(sentences)
-        return stitch(sentences, windows, self.window_predictions(windows), self.labels)
+        preds = predict_windows(self.logits, windows, self.batch_size, self.encoder.pad_id)
+        return stitch(sentences, windows, preds, self.labels)
 
     def predict(self, texts):
         """``[{text, entities}]`` for each text; empty texts give no entities."""

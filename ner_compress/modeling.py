@@ -124,5 +124,11 @@ def sub_model_state(supernet_state, sub_model):
     return sliced
 
 
+def numpy_logits(model, input_ids, token_type_ids):
+    """Logits of a dynamic-graph model for numpy ids, without building a backward graph."""
+    with paddle.no_grad():
+        return model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids)).numpy()
+
+
 def count_parameters(model):
     return int(sum(p.numel().item() if hasattr(p.numel(), "item") else p.numel() for p in model.parameters()))

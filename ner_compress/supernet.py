@@ -13,6 +13,7 @@ import shutil
 import types
 from contextlib import contextmanager
 
+import paddle
 import paddle.nn.functional as F
 from paddle import nn
 from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward, check_dynabert_config
@@ -112,9 +113,11 @@ def ofa_inputs(batch):
 
 
 def ofa_logits(ofa_model):
-    def fn(inputs):
-        with student_only(ofa_model):
-            return ofa_model(**ofa_inputs(inputs))
+    """The student at its current width as ``fn(input_ids, token_type_ids) -> numpy logits``."""
+    def fn(input_ids, token_type_ids):
+        with paddle.no_grad(), student_only(ofa_model):
+            return ofa_model(**ofa_inputs({"input_ids": paddle.to_tensor(input_ids),
+                                           "token_type_ids": paddle.to_tensor(token_type_ids)})).numpy()
     return fn
 
 

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import sys
+from functools import partial
 
 import numpy as np
 import paddle
@@ -19,10 +20,11 @@ from tqdm import tqdm
 from . import parallel
 from .artifacts import atomic_dir, write_manifest
 from .checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
-from .data import IGNORE_INDEX, collate, eval_batches, stitch, train_batches
+from .data import IGNORE_INDEX, collate, stitch, train_batches
+from .inference import predict_windows
 from .errors import UserError
 from .metrics import entity_scores
-from .modeling import build_teacher, count_parameters
+from .modeling import build_teacher, count_parameters, numpy_logits
 
 log = logging.getLogger("ner_compress")
 
@@ -108,28 +110,10 @@ def iterate_steps(windows, batch_size, seed, steps, start=0):
         epoch += 1
 
 
-def predict_windows(logits_fn, windows, batch_size, pad_id=0):
-    """Argmax label ids per window, in the windows' order."""
-    preds = [None] * len(windows)
-    with paddle.no_grad():
-        for idx in eval_batches(windows, batch_size):
-            batch = collate([windows[i] for i in idx], pad_id)
-            logits = logits_fn({k: paddle.to_tensor(v) for k, v in batch.items() if k != "labels"})
-            for row, i in enumerate(idx):
-                preds[i] = logits[row].argmax(-1).numpy()
-    return preds
-
-
 def evaluate(logits_fn, sentences, windows, labels, batch_size):
     preds = predict_windows(logits_fn, windows, batch_size)
     pred_tags = stitch(sentences, windows, preds, labels)
     return entity_scores([s.tags for s in sentences], pred_tags)
-
-
-def model_logits(model):
-    def fn(inputs):
-        return model(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
-    return fn
 
 
 def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer):
@@ -216,7 +200,7 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
 
     def eval_fn(step, state):
         # every rank scores the whole dev set with identical weights: one F1, one decision
-        scores = evaluate(model_logits(model), data.splits.dev, dev_w, data.labels, cfg.per_device_eval_batch_size)
+        scores = evaluate(partial(numpy_logits, model), data.splits.dev, dev_w, data.labels, cfg.per_device_eval_batch_size)
         log.info("teacher step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
                  scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
