@@ -15,10 +15,10 @@ import paddle
 
 from .artifacts import read_manifest
 from .data import collate
-from .inference import MODEL_PREFIX, StaticTagger, Tagger
+from .backends import DynamicTagger, OnnxTagger, StaticTagger, export_onnx
+from .inference import MODEL_PREFIX
 from .metrics import entity_scores
 from .export import max_abs_diff, trained_widths
-from .modeling import PrunedBertForTokenClassification, numpy_logits
 
 def export_dirs(output_dir):
     """[(name, export dir)]: the teacher first, then widths from widest to narrowest."""
@@ -31,42 +31,6 @@ def export_dirs(output_dir):
 
 
 # --- backends --------------------------------------------------------------------------------
-
-class DynamicTagger(Tagger):
-    """The exported dynamic-graph model, for the static-vs-dynamic comparison."""
-
-    def __init__(self, export_dir, batch_size=32):
-        super().__init__(os.path.join(export_dir, "static"), batch_size)
-        self.model = PrunedBertForTokenClassification.from_pretrained(os.path.join(export_dir, "dynamic"))
-        self.model.eval()
-
-    def logits(self, input_ids, token_type_ids):
-        return numpy_logits(self.model, input_ids, token_type_ids)
-
-
-def export_onnx(static_dir, onnx_path):
-    import paddle2onnx
-
-    paddle2onnx.export(os.path.join(static_dir, MODEL_PREFIX + ".pdmodel"),
-                       os.path.join(static_dir, MODEL_PREFIX + ".pdiparams"), save_file=onnx_path,
-                       opset_version=13, enable_onnx_checker=True)
-    return onnx_path
-
-
-class OnnxTagger(Tagger):
-    """The same static model converted by paddle2onnx, run by ONNX Runtime."""
-
-    def __init__(self, static_dir, onnx_path, threads=None, batch_size=32):
-        import onnxruntime as ort
-
-        super().__init__(static_dir, batch_size)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-
-    def logits(self, input_ids, token_type_ids):
-        return self.session.run(None, {"input_ids": input_ids, "token_type_ids": token_type_ids})[0]
-
 
 class CalibrationLoader(paddle.io.DataLoader):
     """Feed dicts for ``PostTrainingQuantization``, which on Paddle 2.6.2 only takes a

@@ -64,6 +64,7 @@ class Config:
     importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
 
     # export and inference
+    decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
     width_mult: float = 0.5
     cpu_threads: Optional[int] = None  # None: all cores
     output_dir: str = "output"
@@ -165,6 +166,8 @@ def validate(cfg):
         raise UserError(f"--width_mult_list {cfg.width_mult_list}: each width must be in (0, 1]")
     if not 0 < cfg.width_mult <= 1:
         raise UserError(f"--width_mult {cfg.width_mult}: must be in (0, 1]")
+    if cfg.decoding not in ("viterbi", "argmax"):
+        raise UserError(f"--decoding {cfg.decoding}: use viterbi or argmax")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

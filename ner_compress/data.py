@@ -2,8 +2,8 @@
 
 One token per character: ``[CLS] c1 ... cn [SEP]``; labels sit on the characters, and
 [CLS], [SEP] and padding carry ``IGNORE_INDEX`` so the loss and the metric skip them.
-Sentences longer than ``max_seq_length - 2`` are cut into consecutive windows; no
-character is dropped, and predictions are stitched back per sentence.
+Sentences longer than ``max_seq_length - 2`` are cut into half-overlapping windows; each
+character's prediction comes from the window where it has the most context on both sides.
 """
 import os
 import re
@@ -166,9 +166,26 @@ class CharEncoder:
 
 
 def window_spans(length, max_seq_length):
-    """Consecutive [start, end) spans that cover ``length`` characters, each fitting the model."""
+    """[start, end) spans covering ``length`` characters, each fitting the model.
+
+    A text longer than one window gets windows that overlap by half, the last one flush with
+    the end, so every character has at least a quarter window of context on each cut side.
+    """
     size = max_seq_length - 2
-    return [(start, min(start + size, length)) for start in range(0, max(length, 1), size)]
+    if length <= size:
+        return [(0, length)]
+    stride = max(size // 2, 1)
+    starts = list(range(0, length - size, stride)) + [length - size]
+    return [(start, start + size) for start in starts]
+
+
+def edge_margin(start, count, length):
+    """For each of ``count`` characters from ``start``: its distance to the nearest edge the
+    window cut (a text's own start and end are not cuts)."""
+    pos = np.arange(count)
+    left = pos if start > 0 else np.full(count, length)
+    right = count - 1 - pos if start + count < length else np.full(count, length)
+    return np.minimum(left, right)
 
 
 @dataclass
@@ -234,12 +251,20 @@ def eval_batches(windows, batch_size):
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def stitch(sentences, windows, window_preds, id_to_label):
-    """Per-sentence tag lists from per-window label ids (positions 1..n of each window)."""
-    out = [["O"] * len(s.chars) for s in sentences]
-    for w, pred in zip(windows, window_preds):
-        n = len(w.input_ids) - 2
-        out[w.sentence][w.start: w.start + n] = [id_to_label[int(p)] for p in pred[1: n + 1]]
+def stitch_scores(lengths, windows, window_scores):
+    """Per-sentence score arrays [n, L] from per-window ones [window characters, L]: each
+    character takes its row from the window where it sits farthest from a cut edge."""
+    out, margin = [None] * len(lengths), [None] * len(lengths)
+    for w, scores in zip(windows, window_scores):
+        n = lengths[w.sentence]
+        if out[w.sentence] is None:
+            out[w.sentence] = np.zeros((n, scores.shape[-1]), dtype="float32")
+            margin[w.sentence] = np.full(n, -1)
+        pos = np.arange(w.start, w.start + len(scores))
+        mine = edge_margin(w.start, len(scores), n)
+        better = mine > margin[w.sentence][pos]
+        out[w.sentence][pos[better]] = scores[better]
+        margin[w.sentence][pos[better]] = mine[better]
     return out
 
 

@@ -20,7 +20,8 @@ from paddleslim.nas.ofa import OFA
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
 from .data import collate
 from .errors import UserError
-from .inference import INFERENCE_META, MODEL_PREFIX, StaticTagger
+from .backends import StaticTagger
+from .inference import INFERENCE_META, MODEL_PREFIX
 from .checkpoint import load_weights
 from .modeling import (PrunedBertForTokenClassification, count_parameters, load_pretrained, numpy_logits,
                        sub_model_state)

@@ -17,9 +17,10 @@ SAFE_WEIGHTS = "model.safetensors"
 PICKLED_WEIGHTS = "model_state.pdparams"
 
 
-def teacher_config(cfg, labels, vocab_size):
+def teacher_config(cfg, labels, vocab_size, pad_id):
     return BertConfig(
         vocab_size=vocab_size,
+        pad_token_id=pad_id,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
@@ -55,16 +56,20 @@ def load_pretrained(cls, name_or_dir, allow_pickle=False, flag="--model_name_or_
         raise UserError(f"{flag} {name_or_dir}: cannot load ({err})")
 
 
-def build_teacher(cfg, labels, vocab_size):
-    """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory."""
+def build_teacher(cfg, labels, vocab_size, pad_id):
+    """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory.
+
+    ``pad_id`` is the vocabulary's [PAD]: the attention mask is built from it."""
     if not cfg.model_name_or_path:
-        return BertForTokenClassification(teacher_config(cfg, labels, vocab_size))
+        return BertForTokenClassification(teacher_config(cfg, labels, vocab_size, pad_id))
     model = load_pretrained(BertForTokenClassification, cfg.model_name_or_path, cfg.allow_pickle,
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={label: i for i, label in enumerate(labels)})
     if model.config.vocab_size != vocab_size:
         raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: vocab size {model.config.vocab_size} "
                         f"differs from --vocab_file ({vocab_size}); use the model's own vocabulary")
+    model.config.pad_token_id = pad_id
+    model.bert.pad_token_id = pad_id
     return model
 
 

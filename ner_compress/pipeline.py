@@ -9,7 +9,7 @@ import sys
 
 from paddlenlp.transformers import BertForTokenClassification
 
-from . import benchmark, export, parallel, supernet, training
+from . import benchmark, export, parallel, runtime, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
@@ -23,7 +23,7 @@ DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "
               "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
 RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
              "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
-             "allow_pickle"]
+             "allow_pickle", "cpu_threads"]
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "model_name_or_path", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "learning_rate", "num_train_epochs", "max_steps",
@@ -69,6 +69,9 @@ def _start(cfg):
     parallel.init()
     training.setup_logging()
     training.set_device(cfg.device)
+    if cfg.device == "cpu":
+        runtime.set_cpu_threads(cfg.cpu_threads)
+        runtime.log_once()
     return prepare_data(cfg)
 
 

@@ -13,6 +13,7 @@ import shutil
 import types
 from contextlib import contextmanager
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
@@ -31,7 +32,7 @@ from paddleslim.nas.ofa.convert_super import Convert, supernet
 
 from . import compat, parallel
 from .artifacts import atomic_dir, write_manifest
-from .data import IGNORE_INDEX, collate, eval_batches
+from .data import IGNORE_INDEX, collate
 from .checkpoint import Checkpointer, resume_path, save_weights
 from .training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors, token_loss,
                        total_steps, train_loop)
@@ -121,9 +122,12 @@ def ofa_logits(ofa_model):
     return fn
 
 
-def importance_batches(windows, batch_size, limit):
-    batches = eval_batches(windows, batch_size)[: limit or None]
-    return [to_tensors(collate([windows[i] for i in idx], 0)) for idx in batches]
+def importance_batches(windows, batch_size, limit, pad_id, seed=0):
+    """``limit`` batches (None: all) of windows drawn at random (seeded) from the whole dev set,
+    so importance sees sentences of every length, not only the shortest."""
+    order = np.random.RandomState(seed).permutation(len(windows))[: limit * batch_size if limit else None]
+    return [to_tensors(collate([windows[i] for i in order[j: j + batch_size]], pad_id))
+            for j in range(0, len(order), batch_size)]
 
 
 def reorder_by_importance(model, batches):
@@ -183,8 +187,8 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     if resume_path(cfg, checkpointer) is None and parallel.is_writer():
         # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
         log.info("ofa: computing head and neuron importance on dev")
-        reorder_by_importance(ofa_model.model, importance_batches(dev_w, cfg.per_device_eval_batch_size,
-                                                                  cfg.importance_batches))
+        reorder_by_importance(ofa_model.model, importance_batches(
+            dev_w, cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id, cfg.seed))
     steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
     steps = total_steps(cfg.ofa_max_steps, cfg.ofa_num_train_epochs, steps_per_epoch)
     optimizer, scheduler = make_optimizer(ofa_model.model.parameters(), ofa_model.model.named_parameters(),
@@ -194,8 +198,7 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     def eval_fn(step, state):
         for width in widths:
             set_width(ofa_model, width)
-            scores = evaluate(ofa_logits(ofa_model), data.splits.dev, dev_w, data.labels,
-                              cfg.per_device_eval_batch_size)
+            scores = evaluate(ofa_logits(ofa_model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
             log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
             key = str(width)
             if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
@@ -203,5 +206,6 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
     state = train_loop("ofa", cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
-                       lambda batch: distill_step(ofa_model, batch, widths, cfg.lambda_logit), eval_fn, checkpointer)
+                       lambda batch: distill_step(ofa_model, batch, widths, cfg.lambda_logit), eval_fn, checkpointer,
+                       data.encoder.pad_id)
     return {float(k): v for k, v in state["best"].items()}, state["history"]

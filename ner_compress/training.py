@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -17,11 +18,12 @@ import paddle.nn.functional as F
 from paddlenlp.transformers import BertTokenizer, LinearDecayWithWarmup
 from tqdm import tqdm
 
-from . import parallel
+from . import parallel, runtime
 from .artifacts import atomic_dir, write_manifest
 from .checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
-from .data import IGNORE_INDEX, collate, stitch, train_batches
-from .inference import predict_windows
+from .data import IGNORE_INDEX, collate, train_batches
+from .decoding import Decoder
+from .inference import tag_sentences
 from .errors import UserError
 from .metrics import entity_scores
 from .modeling import build_teacher, count_parameters, numpy_logits
@@ -93,7 +95,7 @@ def count_batches(windows, batch_size):
     return len(epoch_batches(windows, batch_size, 0, 0))
 
 
-def iterate_steps(windows, batch_size, seed, steps, start=0):
+def iterate_steps(windows, batch_size, seed, steps, pad_id, start=0):
     """Yield (epoch, last step of its epoch?, collated batch) for steps ``start+1 .. steps``.
 
     Batches are a pure function of (seed, epoch), so resuming at ``start`` skips without work.
@@ -106,17 +108,20 @@ def iterate_steps(windows, batch_size, seed, steps, start=0):
                 return
             done += 1
             if done > start:
-                yield epoch, i == len(batches) - 1, collate([windows[j] for j in idx], pad_id=0)
+                yield epoch, i == len(batches) - 1, collate([windows[j] for j in idx], pad_id)
         epoch += 1
 
 
-def evaluate(logits_fn, sentences, windows, labels, batch_size):
-    preds = predict_windows(logits_fn, windows, batch_size)
-    pred_tags = stitch(sentences, windows, preds, labels)
+def evaluate(logits_fn, data, windows, batch_size, decoding="viterbi"):
+    """Entity scores on dev, decoded exactly as ``predict.py`` decodes (same windows, pad id, decoder)."""
+    sentences = data.splits.dev
+    pred_tags = tag_sentences(logits_fn, sentences, windows, batch_size, data.encoder.pad_id,
+                              Decoder(data.labels, decoding))
     return entity_scores([s.tags for s in sentences], pred_tags)
 
 
-def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer):
+def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer,
+               pad_id):
     """Run ``step_fn(batch) -> {loss name: float}`` for ``steps`` steps, resuming if asked.
 
     ``eval_fn(step, state)`` evaluates on dev and records the best in ``state``. Returns ``state``
@@ -130,8 +135,9 @@ def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_step
     bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=2, dynamic_ncols=True,
                disable=not parallel.is_writer())
     model.train()
+    timer = {"start": time.perf_counter(), "sentences": 0, "steps": 0}
     with stop_on_signals() as stop:
-        batches = iterate_steps(windows, cfg.per_device_train_batch_size, cfg.seed, steps, state["step"])
+        batches = iterate_steps(windows, cfg.per_device_train_batch_size, cfg.seed, steps, pad_id, state["step"])
         for step, (epoch, epoch_end, batch) in enumerate(batches, state["step"] + 1):
             paddle.seed(cfg.seed + step)  # dropout depends on the step alone: resumable exactly
             losses = step_fn(to_tensors(batch))
@@ -140,12 +146,16 @@ def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_step
             scheduler.step()
             optimizer.clear_grad()
             state["step"] = step
+            timer["sentences"] += len(batch["input_ids"]) * parallel.world_size()
+            timer["steps"] += 1
+            state["speed"] = training_speed(timer)
             state["history"].append({"step": step, **losses})
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
             if step % cfg.logging_steps == 0:
-                log.info("%s step %d/%d epoch %d lr %.2e %s", name, step, steps, epoch, optimizer.get_lr(),
-                         " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+                log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", name, step, steps, epoch,
+                         optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                         state["speed"]["train_sentences_per_s"])
             if step % eval_steps == 0 or step == steps:
                 model.eval()
                 eval_fn(step, state)
@@ -160,6 +170,13 @@ def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_step
     return state
 
 
+def training_speed(timer):
+    """Training throughput since this run (or resume) started, evaluation time included."""
+    seconds = max(time.perf_counter() - timer["start"], 1e-9)
+    return {"train_sentences_per_s": timer["sentences"] / seconds, "train_steps_per_s": timer["steps"] / seconds,
+            "train_seconds": seconds}
+
+
 def parameters_digest(model):
     """One hash of every weight, to show that all ranks ended with the same model."""
     digest = hashlib.sha256()
@@ -169,20 +186,21 @@ def parameters_digest(model):
     return digest.hexdigest()
 
 
-def save_teacher(model, data, cfg, metrics, out_dir):
+def save_teacher(model, data, cfg, metrics, out_dir, speed=None):
     if not parallel.is_writer():
         return
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         BertTokenizer(data.vocab_file).save_pretrained(tmp)
         write_manifest(tmp, "teacher", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
-                       data_sources=data.splits.sources, parameters=count_parameters(model))
+                       data_sources=data.splits.sources, parameters=count_parameters(model),
+                       runtime=runtime.report(), speed=speed or {})
 
 
 def train_teacher(cfg, data, out_dir, checkpoint_root):
     """Fine-tune the teacher; the best dev-F1 model is (re)written to ``out_dir`` as it appears."""
     set_seed(cfg.seed)
-    model = build_teacher(cfg, data.labels, len(data.encoder.vocab))
+    model = build_teacher(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
     train_w, dev_w = data.windows("train"), data.windows("dev")
     steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
     steps = total_steps(cfg.max_steps, cfg.num_train_epochs, steps_per_epoch)
@@ -200,15 +218,15 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
 
     def eval_fn(step, state):
         # every rank scores the whole dev set with identical weights: one F1, one decision
-        scores = evaluate(partial(numpy_logits, model), data.splits.dev, dev_w, data.labels, cfg.per_device_eval_batch_size)
+        scores = evaluate(partial(numpy_logits, model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
         log.info("teacher step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
                  scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
             state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-            save_teacher(model, data, cfg, state["best"], out_dir)
+            save_teacher(model, data, cfg, state["best"], out_dir, state.get("speed"))
 
     checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     state = train_loop("teacher", cfg, model, optimizer, scheduler, train_w, steps, cfg.eval_steps, step_fn,
-                       eval_fn, checkpointer)
+                       eval_fn, checkpointer, data.encoder.pad_id)
     log.info("teacher: best dev F1 %.4f at step %d -> %s", state["best"]["dev_f1"], state["best"]["step"], out_dir)
     return state["best"]

@@ -17,6 +17,8 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to tag (repeatable)")
     source.add_argument("--input_file", help="UTF-8 file, one text per line; '-' for stdin")
+    parser.add_argument("--backend", default="paddle", help="paddle (Paddle Inference) or onnxruntime")
+    parser.add_argument("--decoding", default="viterbi", help="viterbi (BIO-constrained, default) or argmax")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--cpu_threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -41,9 +43,9 @@ def tag_batch(tagger, batch):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ner_compress.inference import StaticTagger
+    from ner_compress.backends import load_tagger
 
-    tagger = StaticTagger(args.model_dir, device=args.device, threads=args.cpu_threads, batch_size=args.batch_size)
+    tagger = load_tagger(args.model_dir, args.backend, args.device, args.cpu_threads, args.batch_size, args.decoding)
     if args.text:
         emit(tagger.predict(args.text))
         return
