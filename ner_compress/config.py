@@ -59,7 +59,7 @@ class Config:
     ofa_num_train_epochs: float = 3.0
     ofa_max_steps: int = -1
     ofa_eval_steps: int = 500
-    lambda_distill: float = 0.1  # hidden-state MSE weight (DistillConfig)
+    lambda_distill: float = 0.1  # weight of the hidden-state MSE (summed over layers, real characters only)
     lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
     importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
 

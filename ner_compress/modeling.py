@@ -1,11 +1,13 @@
 """The teacher (``BertForTokenClassification``) and its width-pruned sub-model.
 
 A width-``w`` sub-model keeps the hidden size and the head size; it keeps ``w`` of the
-heads and ``w`` of the feed-forward neurons. ``BertConfig`` cannot say that, so the config
+heads (snapped to whole heads) and the same share of the feed-forward neurons (``width_plan``). ``BertConfig`` cannot say that, so the config
 carries ``width_mult`` and ``PrunedBertForTokenClassification`` shrinks its layers to
 match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
 """
+import math
 import os
+from dataclasses import dataclass
 
 import paddle
 from paddle import nn
@@ -73,26 +75,57 @@ def build_teacher(cfg, labels, vocab_size, pad_id):
     return model
 
 
-def _shrunk_linear(linear, in_ratio, out_ratio):
-    in_dim, out_dim = linear.weight.shape
-    return nn.Linear(int(in_dim * in_ratio), int(out_dim * out_ratio))
+@dataclass(frozen=True)
+class WidthPlan:
+    """What a width keeps of every encoder layer: whole heads, and FFN neurons in the same ratio."""
+    requested: float
+    heads: int
+    num_heads: int
+    head_dim: int
+    neurons: int
+
+    @property
+    def effective(self):
+        return self.heads / self.num_heads
+
+    @property
+    def attention_width(self):
+        """Columns of the q/k/v projections: whole heads only."""
+        return self.heads * self.head_dim
+
+
+def width_plan(config, width):
+    """The one rule for a width: heads = ``width`` x heads rounded to the nearest whole head
+    (1.0 0.8333 0.6667 0.5 on 12 heads: 12, 10, 8, 6), neurons in the same effective ratio.
+
+    Supernet, export and ``PrunedBertForTokenClassification`` all cut by this plan, so a width
+    that does not land on whole heads is snapped the same way everywhere."""
+    num_heads = int(config.num_attention_heads)
+    heads = int(math.floor(num_heads * float(width) + 0.5))
+    if not 0 < width <= 1 or heads < 1:
+        raise UserError(f"--width_mult {width}: keeps no attention head of {num_heads} (widths must be in "
+                        f"[{0.5 / num_heads:.3g}, 1] for this model)")
+    neurons = int(math.floor(config.intermediate_size * heads / num_heads + 0.5))
+    return WidthPlan(float(width), heads, num_heads, config.hidden_size // num_heads, neurons)
+
+
+def _linear(in_features, out_features):
+    return nn.Linear(in_features, out_features)
 
 
 def shrink_encoder(model, width_mult):
-    """Cut heads and feed-forward neurons of every encoder layer to ``width_mult``."""
+    """Cut heads and feed-forward neurons of every encoder layer as ``width_plan`` says."""
+    plan = width_plan(model.config, width_mult)
+    hidden = model.config.hidden_size
     for layer in model.bert.encoder.layers:
         attn = layer.self_attn
-        heads = int(attn.num_heads * width_mult)
-        if heads < 1:
-            raise UserError(f"--width_mult {width_mult}: leaves no attention head of {attn.num_heads}")
-        ratio = heads / attn.num_heads
-        attn.num_heads = heads
-        attn.q_proj = _shrunk_linear(attn.q_proj, 1.0, ratio)
-        attn.k_proj = _shrunk_linear(attn.k_proj, 1.0, ratio)
-        attn.v_proj = _shrunk_linear(attn.v_proj, 1.0, ratio)
-        attn.out_proj = _shrunk_linear(attn.out_proj, ratio, 1.0)
-        layer.linear1 = _shrunk_linear(layer.linear1, 1.0, width_mult)
-        layer.linear2 = _shrunk_linear(layer.linear2, width_mult, 1.0)
+        attn.num_heads = plan.heads
+        attn.q_proj = _linear(hidden, plan.attention_width)
+        attn.k_proj = _linear(hidden, plan.attention_width)
+        attn.v_proj = _linear(hidden, plan.attention_width)
+        attn.out_proj = _linear(plan.attention_width, hidden)
+        layer.linear1 = _linear(hidden, plan.neurons)
+        layer.linear2 = _linear(plan.neurons, hidden)
     return model
 
 

@@ -1,6 +1,8 @@
 """Once-for-all width supernet: convert the teacher, reorder by importance, distil at every width.
 
-The OFA forwards come from ``paddlenlp.transformers.ofa_utils`` (scaled attention, head
+Distillation (``WidthDistiller``): the teacher runs once per step under ``no_grad``; every width
+matches its hidden states (masked MSE over real characters) and its soft labels. Widths are cut
+by ``modeling.width_plan`` (whole heads). The OFA forwards come from ``paddlenlp.transformers.ofa_utils`` (scaled attention, head
 masks) and ``trainer_compress.auto_model_dynabert_forward`` (the BERT forward OFA needs).
 They are bound per instance, never on the classes, so the teacher's class and the exported
 sub-model keep the stock PaddleNLP forwards. PaddleSlim's ``nlp_utils`` is never imported: it
@@ -11,38 +13,54 @@ import logging
 import os
 import shutil
 import types
-from contextlib import contextmanager
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
-from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward, check_dynabert_config
+from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward
 from paddlenlp.transformers import BertModel
 from paddlenlp.transformers.ofa_utils import (
     compute_neuron_head_importance,
     encoder_layer_ofa_forward,
     encoder_ofa_forward,
     mha_ofa_forward,
-    prepare_qkv_ofa,
     reorder_neuron_head,
 )
-from paddleslim.nas.ofa import OFA, DistillConfig, utils
+from paddleslim.nas.ofa import OFA, utils
 from paddleslim.nas.ofa.convert_super import Convert, supernet
 
 from . import compat, parallel
 from .artifacts import atomic_dir, write_manifest
-from .data import IGNORE_INDEX, collate
 from .checkpoint import Checkpointer, resume_path, save_weights
+from .data import collate
+from .distill_losses import FeatureRecorder, masked_mse, real_token_mask, soft_cross_entropy_sum
+from .modeling import width_plan
 from .training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors, token_loss,
                        total_steps, train_loop)
 
 log = logging.getLogger("ner_compress")
 
 SUPERNET_WEIGHTS = "supernet.safetensors"
+
+
+def prepare_qkv_whole_heads(self, query, key, value, cache=None):
+    """``prepare_qkv_ofa`` of paddlenlp 2.8.1 with the head count read from the projection's width.
+
+    Upstream scales ``num_heads`` by the expand ratio and divides it back after the forward:
+    ``int(12 * 0.8333) = 9`` heads against 639 projection columns, and ``int(8 / 0.6667) = 11``
+    heads at the next full-width step. Cut by ``modeling.width_plan``, the projection holds
+    whole heads, so its width says how many. Encoder self-attention only (no cache).
+    """
+    q = self.q_proj(query)
+    self.num_heads = q.shape[-1] // self.head_dim  # compute_kv reshapes k and v with it
+    q = paddle.transpose(paddle.reshape(q, [0, 0, self.num_heads, self.head_dim]), perm=[0, 2, 1, 3])
+    k, v = self.compute_kv(key, value)
+    return q, k, v
+
+
 # instance attribute -> replacement, per layer class
 _OFA_FORWARDS = (
-    (nn.MultiHeadAttention, {"forward": mha_ofa_forward, "_prepare_qkv": prepare_qkv_ofa}),
+    (nn.MultiHeadAttention, {"forward": mha_ofa_forward, "_prepare_qkv": prepare_qkv_whole_heads}),
     (nn.TransformerEncoderLayer, {"forward": encoder_layer_ofa_forward}),
     (nn.TransformerEncoder, {"forward": encoder_ofa_forward}),
     (BertModel, {"forward": auto_model_dynabert_forward}),
@@ -77,35 +95,79 @@ def to_supernet(model):
 
 
 def mapping_layers(model):
+    """Where hidden states are matched: the embeddings and every encoder layer."""
     prefix = model.base_model_prefix
     return [f"{prefix}.embeddings"] + [f"{prefix}.encoder.layers.{i}"
                                        for i in range(model.config.num_hidden_layers)]
 
 
-def build_ofa(teacher, lambda_distill):
-    """OFA supernet of a copy of ``teacher``, distilling from ``teacher`` (hidden states hooked)."""
-    teacher_copy = bind_ofa_forwards(copy.deepcopy(teacher))
-    student = to_supernet(copy.deepcopy(teacher))
-    distill = DistillConfig(lambda_distill=lambda_distill, teacher_model=teacher_copy,
-                            mapping_layers=mapping_layers(student))
-    return OFA(student, distill_config=distill, elastic_order=["width"])
+class WidthDistiller:
+    """The supernet (OFA, width only) of a copy of ``teacher``, and a frozen teacher copy in eval mode.
+
+    The teacher runs once per step under ``no_grad``; its hidden states and logits are reused at
+    every width (PaddleSlim's ``DistillConfig`` would rerun it per width with autograd on, and its
+    MSE covers padding). Hidden states are matched over real characters only.
+    """
+
+    def __init__(self, teacher, lambda_distill, lambda_logit):
+        self.teacher = copy.deepcopy(teacher)
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.stop_gradient = True
+        self.ofa_model = OFA(to_supernet(copy.deepcopy(teacher)), elastic_order=["width"])
+        self.config = teacher.config
+        self.lambda_distill, self.lambda_logit = lambda_distill, lambda_logit
+        names = mapping_layers(teacher)
+        self.teacher_features = FeatureRecorder(self.teacher, names)
+        self.student_features = FeatureRecorder(self.ofa_model.model, names)
+
+    @property
+    def student(self):
+        return self.ofa_model.model
+
+    def teacher_outputs(self, batch):
+        with paddle.no_grad():
+            logits = self.teacher(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        return logits, self.teacher_features.features()
+
+    def step(self, batch, widths):
+        """Forward and backward at every width; {"w<width>_logit": .., "w<width>_hidden": ..}, means
+        over the real characters of the global batch (all ranks)."""
+        tokens = global_token_count(batch["labels"])
+        mask = real_token_mask(batch["labels"])
+        teacher_logits, teacher_hidden = self.teacher_outputs(batch)
+        losses = {}
+        for width in widths:
+            set_width(self.ofa_model, width)
+            student_logits = self.ofa_model(**ofa_inputs(batch))
+            # normalised by the global character count: summed gradients equal one process's
+            hidden = paddle.add_n([masked_mse(s, t, mask, tokens) for s, t in
+                                   zip(self.student_features.features(), teacher_hidden)])
+            logit_sum = soft_cross_entropy_sum(student_logits, teacher_logits, batch["labels"])
+            (self.lambda_distill * hidden + self.lambda_logit * logit_sum / tokens).backward()
+            losses[f"w{width}_logit"] = parallel.all_reduce_sum(float(logit_sum)) / tokens
+            losses[f"w{width}_hidden"] = parallel.all_reduce_sum(float(hidden))
+        return losses
 
 
-def set_width(ofa_model, width_mult):
-    config = check_dynabert_config(utils.dynabert_config(ofa_model, width_mult), width_mult)
-    ofa_model.set_net_config(config)
+def net_config(ofa_model, plan):
+    """OFA's per-layer config for a ``WidthPlan``: whole heads in q/k/v, neurons in the first FFN
+    layer, everything else at full size (by channel count, not a ratio a float can round)."""
+    config = utils.dynabert_config(ofa_model, 1.0)
+    for key in config:
+        if any(name in key for name in ("q_proj", "k_proj", "v_proj")):
+            config[key] = {"channel": plan.attention_width}
+        elif "linear1" in key:
+            config[key] = {"channel": plan.neurons}
+        else:
+            config[key] = {"expand_ratio": 1.0}
     return config
 
 
-@contextmanager
-def student_only(ofa_model):
-    """Skip the teacher's forward (evaluation needs the student alone)."""
-    saved = ofa_model._add_teacher
-    ofa_model._add_teacher = False
-    try:
-        yield ofa_model
-    finally:
-        ofa_model._add_teacher = saved
+def set_width(ofa_model, width):
+    plan = width_plan(ofa_model.model.config, width)
+    ofa_model.set_net_config(net_config(ofa_model, plan))
+    return plan
 
 
 def ofa_inputs(batch):
@@ -116,7 +178,7 @@ def ofa_inputs(batch):
 def ofa_logits(ofa_model):
     """The student at its current width as ``fn(input_ids, token_type_ids) -> numpy logits``."""
     def fn(input_ids, token_type_ids):
-        with paddle.no_grad(), student_only(ofa_model):
+        with paddle.no_grad():
             return ofa_model(**ofa_inputs({"input_ids": paddle.to_tensor(input_ids),
                                            "token_type_ids": paddle.to_tensor(token_type_ids)})).numpy()
     return fn
@@ -140,31 +202,24 @@ def reorder_by_importance(model, batches):
     return head_importance, neuron_importance
 
 
-def soft_cross_entropy_sum(student_logits, teacher_logits, labels):
-    """Cross-entropy to the teacher's distribution, summed over real characters only."""
-    per_token = -(F.softmax(teacher_logits.detach(), axis=-1) * F.log_softmax(student_logits, axis=-1)).sum(-1)
-    return (per_token * (labels != IGNORE_INDEX).astype(per_token.dtype)).sum()
-
-
-def distill_step(ofa_model, batch, widths, lambda_logit):
-    """Forward and backward at every width; {"w<width>_logit": .., "w<width>_hidden": ..} averaged
-    over all ranks. The hidden-state loss is PaddleSlim's ``calc_distill_loss`` (MSE, hooks)."""
-    tokens = global_token_count(batch["labels"])
-    world = parallel.world_size()
-    losses = {}
-    for width in widths:
-        set_width(ofa_model, width)
-        student, teacher = ofa_model(**ofa_inputs(batch))
-        rep_loss = ofa_model.calc_distill_loss()
-        logit_sum = soft_cross_entropy_sum(student, teacher, batch["labels"])
-        (rep_loss / world + lambda_logit * logit_sum / tokens).backward()
-        losses[f"w{width}_logit"] = parallel.all_reduce_sum(float(logit_sum)) / tokens
-        losses[f"w{width}_hidden"] = parallel.all_reduce_sum(float(rep_loss)) / world
-    return losses
-
-
 def width_dir(ofa_dir, width):
     return os.path.join(ofa_dir, f"width_{round(width, 4)}")
+
+
+def plan_record(plan):
+    """How a width was cut, for manifests: the requested ratio and what it kept."""
+    return {"width_mult": plan.requested, "effective_width_mult": plan.effective, "heads": plan.heads,
+            "num_heads": plan.num_heads, "ffn_neurons": plan.neurons}
+
+
+def width_plans(config, widths):
+    """Every width's plan before any training: a width that keeps no head is refused here."""
+    plans = {w: width_plan(config, w) for w in widths}
+    for w, plan in plans.items():
+        if abs(plan.effective - w) > 1e-9:
+            log.info("ofa: width %s snapped to %d of %d heads (effective width %.4f), %d FFN neurons",
+                     w, plan.heads, plan.num_heads, plan.effective, plan.neurons)
+    return plans
 
 
 def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, ofa_dir):
@@ -175,13 +230,17 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
         teacher.config.save_pretrained(tmp)
         shutil.copyfile(data.vocab_file, os.path.join(tmp, "vocab.txt"))
         write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
-                       inputs={"teacher": teacher_manifest}, width_mult=width)
+                       inputs={"teacher": teacher_manifest}, speed=metrics.get("speed", {}),
+                       **plan_record(width_plan(teacher.config, width)))
 
 
 def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
     teacher.eval()
-    ofa_model = build_ofa(teacher, cfg.lambda_distill)
+    widths = sorted(cfg.width_mult_list, reverse=True)
+    width_plans(teacher.config, widths)
+    distiller = WidthDistiller(teacher, cfg.lambda_distill, cfg.lambda_logit)
+    ofa_model = distiller.ofa_model
     dev_w, train_w = data.windows("dev"), data.windows("train")
     checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     if resume_path(cfg, checkpointer) is None and parallel.is_writer():
@@ -193,7 +252,6 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     steps = total_steps(cfg.ofa_max_steps, cfg.ofa_num_train_epochs, steps_per_epoch)
     optimizer, scheduler = make_optimizer(ofa_model.model.parameters(), ofa_model.model.named_parameters(),
                                           cfg.ofa_learning_rate, cfg.weight_decay, cfg.warmup_ratio, steps)
-    widths = sorted(cfg.width_mult_list, reverse=True)
 
     def eval_fn(step, state):
         for width in widths:
@@ -202,10 +260,10 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
             log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
             key = str(width)
             if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
-                state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
+                state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step,
+                                      "speed": state.get("speed", {})}
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
     state = train_loop("ofa", cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
-                       lambda batch: distill_step(ofa_model, batch, widths, cfg.lambda_logit), eval_fn, checkpointer,
-                       data.encoder.pad_id)
+                       lambda batch: distiller.step(batch, widths), eval_fn, checkpointer, data.encoder.pad_id)
     return {float(k): v for k, v in state["best"].items()}, state["history"]

@@ -29,14 +29,14 @@ def windows(vocab_file):
 
 @pytest.fixture
 def batches(windows):
-    out = supernet.importance_batches(windows, 8, 2)
+    out = supernet.importance_batches(windows, 8, 2, pad_id=0)
     assert len(out) == 2
     return out
 
 
 def logits_at(ofa_model, width, batch):
     supernet.set_width(ofa_model, width)
-    with paddle.no_grad(), supernet.student_only(ofa_model):
+    with paddle.no_grad():
         return ofa_model(**supernet.ofa_inputs(batch)).numpy()
 
 
@@ -53,19 +53,37 @@ def block_permutation(new, old, blocks, axis):
 
 
 def test_importance_batches_shapes(windows):
-    out = supernet.importance_batches(windows, 8, 2)
+    out = supernet.importance_batches(windows, 8, 2, pad_id=0)
     assert [tuple(b["input_ids"].shape)[0] for b in out] == [8, 8]
     assert all(isinstance(v, paddle.Tensor) for b in out for v in b.values())
-    assert len(supernet.importance_batches(windows, 8, None)) == -(-len(windows) // 8)
+    assert len(supernet.importance_batches(windows, 8, None, pad_id=0)) == -(-len(windows) // 8)
+
+
+def test_importance_batches_sample_every_length_and_pad_with_the_given_id():
+    rng = np.random.RandomState(3)
+    lengths = rng.randint(3, 120, size=2000)
+    windows = [data.Window(i, 0, np.full(n, 7, dtype="int64"), np.zeros(n, dtype="int64"))
+               for i, n in enumerate(lengths)]
+    out = supernet.importance_batches(windows, 32, 8, pad_id=5, seed=1)
+    sampled = np.array([int((b["input_ids"].numpy() == 7).sum(1)[r]) for b in out for r in range(32)])
+    assert len(sampled) == 256
+    # the sample's length distribution is the dev set's (the shortest 256 would all be under 20)
+    for q in (25, 50, 75):
+        assert abs(np.percentile(sampled, q) - np.percentile(lengths, q)) < 12, q
+    assert all(set(np.unique(b["input_ids"].numpy())) <= {5, 7} for b in out)
+    again = supernet.importance_batches(windows, 32, 8, pad_id=5, seed=1)
+    assert all(np.array_equal(a["input_ids"].numpy(), b["input_ids"].numpy()) for a, b in zip(out, again))
 
 
 def test_reorder_by_importance_keeps_full_width_output(tiny_bert, batches):
-    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    ofa_model = distiller.ofa_model
     ofa_model.model.eval()
     before = [logits_at(ofa_model, 1.0, b) for b in batches]
     layers = ofa_model.model.bert.encoder.layers
     q_before = [layer.self_attn.q_proj.fn.weight.numpy().copy() for layer in layers]
     ffn_before = [layer.linear1.fn.weight.numpy().copy() for layer in layers]
+    teacher_q = distiller.teacher.bert.encoder.layers[0].self_attn.q_proj.weight.numpy().copy()
 
     head_imp, neuron_imp = supernet.reorder_by_importance(ofa_model.model, batches)
 
@@ -85,64 +103,83 @@ def test_reorder_by_importance_keeps_full_width_output(tiny_bert, batches):
         assert neurons == list(np.argsort(-np.asarray(neuron_imp[i]), kind="stable"))
         changed |= heads != sorted(heads) or neurons != sorted(neurons)
     assert changed, "importance was already sorted everywhere: the reordering did nothing visible"
-    # the teacher used for distillation is not reordered
-    np.testing.assert_array_equal(tiny_bert.bert.encoder.layers[0].self_attn.q_proj.weight.numpy(),
-                                  q_before[0])
+    # the teacher copy the distiller actually uses is not reordered
+    np.testing.assert_array_equal(distiller.teacher.bert.encoder.layers[0].self_attn.q_proj.weight.numpy(),
+                                  teacher_q)
+    assert not np.array_equal(layers[0].self_attn.q_proj.fn.weight.numpy(), teacher_q) or not changed
     # and no gradient is left behind
     assert all(p.grad is None or not np.any(p.grad.numpy()) for p in ofa_model.model.parameters())
 
 
+def watch_teacher(distiller):
+    """Record, at each forward of the distiller's teacher copy, whether it was in training mode."""
+    seen = []
+    distiller.teacher.register_forward_pre_hook(lambda layer, inputs: seen.append(layer.training))
+    return seen
+
+
+def test_distill_step_runs_the_teacher_once_in_eval_mode_without_gradients(tiny_bert, batches):
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    distiller.student.train()  # as train_loop leaves it: dropout on in the student only
+    seen = watch_teacher(distiller)
+    losses = distiller.step(batches[0], [1.0, 0.75, 0.5])
+    assert seen == [False]  # one teacher forward for three widths, dropout off
+    assert set(losses) == {f"w{w}_{k}" for w in (1.0, 0.75, 0.5) for k in ("logit", "hidden")}
+    grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
+    assert grads and any(np.any(g.numpy()) for g in grads)  # backward ran on the student
+    assert all(p.grad is None for p in distiller.teacher.parameters())  # not on the copy it distils from
+    assert all(p.grad is None for p in tiny_bert.parameters())
+
+
 def test_distill_step_hidden_loss(tiny_bert, batches):
-    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
-    ofa_model.model.eval()  # no dropout: at full width the student is the teacher
-    losses = supernet.distill_step(ofa_model, batches[0], [1.0, 0.5], lambda_logit=1.0)
-    assert set(losses) == {"w1.0_logit", "w1.0_hidden", "w0.5_logit", "w0.5_hidden"}
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    distiller.student.eval()  # no dropout: at full width the student is the teacher
+    losses = distiller.step(batches[0], [1.0, 0.5])
     assert losses["w1.0_hidden"] < 1e-8
     assert losses["w0.5_hidden"] > 0 and losses["w0.5_hidden"] > 100 * max(losses["w1.0_hidden"], 1e-12)
     assert np.isfinite([losses["w1.0_logit"], losses["w0.5_logit"]]).all() and losses["w0.5_logit"] > 0
-    grads = [p.grad for p in ofa_model.model.parameters() if p.grad is not None]
-    assert grads and any(np.any(g.numpy()) for g in grads)  # backward ran on the student
-    assert all(p.grad is None for p in tiny_bert.parameters())  # not on the teacher
+
+
+def test_distill_step_hidden_loss_ignores_special_and_padding_positions(tiny_bert, batches):
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    distiller.student.eval()
+    batch = batches[0]
+    reference = distiller.step(batch, [0.5])["w0.5_hidden"]
+    # the same batch with two more padding columns: a mask over real characters sees no change
+    def pad(tensor, fill):
+        return paddle.concat([tensor, paddle.full([tensor.shape[0], 2], fill, dtype=tensor.dtype)], axis=1)
+    padded = {"input_ids": pad(batch["input_ids"], 0), "token_type_ids": pad(batch["token_type_ids"], 0),
+              "labels": pad(batch["labels"], -100)}
+    assert distiller.step(padded, [0.5])["w0.5_hidden"] == pytest.approx(reference, rel=1e-4)
 
 
 def test_distill_step_logit_loss_is_mean_soft_cross_entropy(tiny_bert, batches):
-    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
-    ofa_model.model.eval()
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    distiller.student.eval()
     batch = batches[0]
-    supernet.set_width(ofa_model, 0.5)
+    student = logits_at(distiller.ofa_model, 0.5, batch)
     with paddle.no_grad():
-        student, teacher = ofa_model(**supernet.ofa_inputs(batch))
-    s, t, labels = student.numpy(), teacher.numpy(), batch["labels"].numpy()
-    p_t = np.exp(t - t.max(-1, keepdims=True))
+        teacher = tiny_bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).numpy()
+    labels = batch["labels"].numpy()
+    p_t = np.exp(teacher - teacher.max(-1, keepdims=True))
     p_t /= p_t.sum(-1, keepdims=True)
-    log_p_s = s - s.max(-1, keepdims=True)
+    log_p_s = student - student.max(-1, keepdims=True)
     log_p_s -= np.log(np.exp(log_p_s).sum(-1, keepdims=True))
     per_token = -(p_t * log_p_s).sum(-1)
     expected = per_token[labels != -100].mean()
-    losses = supernet.distill_step(ofa_model, batch, [0.5], lambda_logit=1.0)
+    losses = distiller.step(batch, [0.5])
     assert losses["w0.5_logit"] == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_distill_step_in_train_mode_has_positive_hidden_loss(tiny_bert, batches):
-    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
-    ofa_model.model.train()
-    losses = supernet.distill_step(ofa_model, batches[1], [0.5], lambda_logit=1.0)
+    distiller = supernet.WidthDistiller(tiny_bert, 0.1, 1.0)
+    distiller.student.train()
+    losses = distiller.step(batches[1], [0.5])
     assert losses["w0.5_hidden"] > 0
 
 
-def test_soft_cross_entropy_sum_ignores_special_positions():
-    student = paddle.to_tensor(np.random.RandomState(0).randn(1, 3, 4).astype("float32"))
-    teacher = paddle.to_tensor(np.random.RandomState(1).randn(1, 3, 4).astype("float32"))
-    labels = paddle.to_tensor([[-100, 2, -100]], dtype="int64")
-    loss = float(supernet.soft_cross_entropy_sum(student, teacher, labels))
-    s, t = student.numpy()[0, 1], teacher.numpy()[0, 1]
-    p_t = np.exp(t) / np.exp(t).sum()
-    log_p_s = s - np.log(np.exp(s).sum())
-    assert loss == pytest.approx(float(-(p_t * log_p_s).sum()), rel=1e-5)
-
-
 def _pruned_from_supernet(tiny_bert, batches, width):
-    ofa_model = supernet.build_ofa(tiny_bert, 0.1)
+    ofa_model = supernet.WidthDistiller(tiny_bert, 0.1, 1.0).ofa_model
     ofa_model.model.eval()
     supernet.reorder_by_importance(ofa_model.model, batches)
     config = copy.deepcopy(tiny_bert.config)
@@ -206,7 +243,7 @@ def test_pruned_model_save_and_reload(tiny_bert, batches, tmp_path, safe):
 def test_build_teacher_from_saved_directory(tiny_bert, batches, tmp_path):
     tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
     assert (tmp_path / modeling.SAFE_WEIGHTS).is_file()
-    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128, 0)
     teacher.eval()
     assert teacher.config.id2label == dict(enumerate(LABELS))
     for batch in batches:
@@ -219,9 +256,9 @@ def test_build_teacher_pickled_weights_need_allow_pickle(tiny_bert, batches, tmp
     tiny_bert.save_pretrained(str(tmp_path))  # model_state.pdparams (pickle)
     assert (tmp_path / modeling.PICKLED_WEIGHTS).is_file() and not (tmp_path / modeling.SAFE_WEIGHTS).exists()
     with pytest.raises(UserError, match="allow_pickle") as err:
-        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128, 0)
     assert str(tmp_path) in str(err.value)
-    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path), allow_pickle=True), LABELS, 21128)
+    teacher = modeling.build_teacher(Config(model_name_or_path=str(tmp_path), allow_pickle=True), LABELS, 21128, 0)
     teacher.eval()
     np.testing.assert_array_equal(_logits(teacher, batches[0]), _logits(tiny_bert, batches[0]))
 
@@ -230,7 +267,7 @@ def test_build_teacher_refuses_directory_without_weights(tmp_path):
     from ner_compress.errors import UserError
 
     with pytest.raises(UserError, match=str(tmp_path)):
-        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128)
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128, 0)
 
 
 def test_build_teacher_refuses_other_vocab_size(tiny_bert, tmp_path):
@@ -238,12 +275,12 @@ def test_build_teacher_refuses_other_vocab_size(tiny_bert, tmp_path):
 
     tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
     with pytest.raises(UserError, match="vocab size"):
-        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 30000)
+        modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 30000, 0)
 
 
 def test_build_teacher_fresh_from_config():
     cfg = Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    teacher = modeling.build_teacher(cfg, LABELS, 21128)
+    teacher = modeling.build_teacher(cfg, LABELS, 21128, 0)
     assert teacher.config.num_labels == 7 and teacher.config.hidden_size == 32
     assert len(teacher.bert.encoder.layers) == 2
     assert list(teacher.classifier.weight.shape) == [32, 7]
