@@ -174,6 +174,11 @@ def validate(cfg):
         raise UserError(
             f"--hidden_size {cfg.hidden_size} is not a multiple of --num_attention_heads {cfg.num_attention_heads}"
         )
+    if not cfg.model_name_or_path:  # a pretrained teacher's head count is checked once it is loaded
+        from .modeling import width_plan
+
+        for width in cfg.width_mult_list:
+            width_plan(cfg, width)
 
 
 def parse_config(description, names, argv=None, extra=None, inherit=None, default_config=None):

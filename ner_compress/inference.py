@@ -41,10 +41,15 @@ def window_log_probs(logits_fn, windows, batch_size, pad_id):
     return out
 
 
+def sentence_log_probs(logits_fn, sentences, windows, batch_size, pad_id):
+    """Log-probabilities [characters, labels] per sentence, stitched from its windows."""
+    scores = window_log_probs(logits_fn, windows, batch_size, pad_id)
+    return stitch_scores([len(s.chars) for s in sentences], windows, scores)
+
+
 def tag_sentences(logits_fn, sentences, windows, batch_size, pad_id, decoder):
     """BIO tags per sentence: window scores stitched per sentence, then decoded whole."""
-    scores = window_log_probs(logits_fn, windows, batch_size, pad_id)
-    return [decoder(s) for s in stitch_scores([len(s.chars) for s in sentences], windows, scores)]
+    return [decoder(s) for s in sentence_log_probs(logits_fn, sentences, windows, batch_size, pad_id)]
 
 
 class Tagger:

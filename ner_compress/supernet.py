@@ -29,7 +29,7 @@ from paddlenlp.transformers.ofa_utils import (
 from paddleslim.nas.ofa import OFA, utils
 from paddleslim.nas.ofa.convert_super import Convert, supernet
 
-from . import compat, parallel
+from . import compat, parallel, runtime
 from .artifacts import atomic_dir, write_manifest
 from .checkpoint import Checkpointer, resume_path, save_weights
 from .data import collate
@@ -230,7 +230,7 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
         teacher.config.save_pretrained(tmp)
         shutil.copyfile(data.vocab_file, os.path.join(tmp, "vocab.txt"))
         write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
-                       inputs={"teacher": teacher_manifest}, speed=metrics.get("speed", {}),
+                       inputs={"teacher": teacher_manifest}, speed=metrics.get("speed", {}), runtime=runtime.report(),
                        **plan_record(width_plan(teacher.config, width)))
 
 

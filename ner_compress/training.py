@@ -23,7 +23,7 @@ from .artifacts import atomic_dir, write_manifest
 from .checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
 from .data import IGNORE_INDEX, collate, train_batches
 from .decoding import Decoder
-from .inference import tag_sentences
+from .inference import sentence_log_probs
 from .errors import UserError
 from .metrics import entity_scores
 from .modeling import build_teacher, count_parameters, numpy_logits
@@ -115,9 +115,17 @@ def iterate_steps(windows, batch_size, seed, steps, pad_id, start=0):
 def evaluate(logits_fn, data, windows, batch_size, decoding="viterbi"):
     """Entity scores on dev, decoded exactly as ``predict.py`` decodes (same windows, pad id, decoder)."""
     sentences = data.splits.dev
-    pred_tags = tag_sentences(logits_fn, sentences, windows, batch_size, data.encoder.pad_id,
-                              Decoder(data.labels, decoding))
-    return entity_scores([s.tags for s in sentences], pred_tags)
+    scores = sentence_log_probs(logits_fn, sentences, windows, batch_size, data.encoder.pad_id)
+    decoder = Decoder(data.labels, decoding)
+    return {**entity_scores([s.tags for s in sentences], [decoder(s) for s in scores]),
+            "loss": gold_nll(scores, sentences, data.label_to_id)}
+
+
+def gold_nll(scores, sentences, label_to_id):
+    """Mean negative log-likelihood of the gold tags per character (the dev loss)."""
+    total = sum(-float(s[np.arange(len(sent.tags)), [label_to_id[t] for t in sent.tags]].sum())
+                for s, sent in zip(scores, sentences))
+    return total / max(sum(len(sent.tags) for sent in sentences), 1)
 
 
 def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer,

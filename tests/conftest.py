@@ -61,3 +61,22 @@ def random_bio_tags(rng, n, types=("PER", "LOC", "ORG")):
         tags.append(tag)
         prev = tag
     return tags
+
+
+def export_vs_supernet_diff(output_dir, width, n_sentences=200):
+    """Max log-prob difference between the exported static model at ``width`` and the trained
+    supernet at that width, on test sentences (export's own parity check used 16 dev windows)."""
+    from ner_compress import export, supernet
+    from ner_compress.backends import StaticTagger
+    from ner_compress.inference import window_log_probs
+    from ner_compress.data import prepare_data
+    from ner_compress.config import Config
+
+    static = StaticTagger(os.path.join(output_dir, "export", f"width_{width}", "static"))
+    ofa_model, _ = export.load_supernet_width(os.path.join(output_dir, "ofa", f"width_{width}"))
+    supernet.set_width(ofa_model, width)
+    cfg = Config(max_seq_length=static.max_seq_length, test_limit=n_sentences)
+    windows = static.windows(prepare_data(cfg).splits.test)
+    a = window_log_probs(static.logits, windows, 32, static.encoder.pad_id)
+    b = window_log_probs(supernet.ofa_logits(ofa_model), windows, 32, static.encoder.pad_id)
+    return len(windows), max(float(abs(x - y).max()) for x, y in zip(a, b) if len(x))

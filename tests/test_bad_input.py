@@ -178,7 +178,15 @@ def test_validate_rejects(overrides):
 
 def test_validate_accepts_defaults_and_edges():
     config.validate(Config())
-    config.validate(Config(width_mult_list=[1.0, 0.01], width_mult=1.0, hidden_size=32, num_attention_heads=4))
+    config.validate(Config(width_mult_list=[1.0, 0.125], width_mult=1.0, hidden_size=32, num_attention_heads=4))
+    config.validate(Config(width_mult_list=[1.0, 0.8333, 0.6667, 0.5]))  # the reference list on 12 heads
+
+
+@pytest.mark.parametrize("width", [0.01, 0.1])
+def test_validate_refuses_a_width_that_keeps_no_head(width):
+    with pytest.raises(UserError) as err:
+        config.validate(Config(width_mult_list=[1.0, width], hidden_size=32, num_attention_heads=4))
+    assert f"--width_mult {width}: keeps no attention head of 4" in str(err.value)
 
 
 def test_resolve_config_validates(write_file):

@@ -79,17 +79,30 @@ def test_encode_without_tags_gives_o_labels(encoder):
     assert window.labels.tolist() == [IGNORE_INDEX, 0, 0, IGNORE_INDEX]
 
 
-@pytest.mark.parametrize("length", [0, 1, 62, 63, 125, 200])
-def test_window_spans_cover_every_character_once(length):
+@pytest.mark.parametrize("length", [0, 1, 62, 63, 125, 200, 1000])
+def test_window_spans_cover_every_character_with_context(length):
     max_seq_length = 64
+    size = max_seq_length - 2
     spans = data.window_spans(length, max_seq_length)
-    covered = [i for start, end in spans for i in range(start, end)]
-    assert covered == list(range(length))  # no gap, no overlap, in order
-    assert all(end - start <= max_seq_length - 2 for start, end in spans)
-    if length:
-        assert all(end > start for start, end in spans)
-        assert len(spans) == -(-length // (max_seq_length - 2))  # ceil: no needless window
+    covered = sorted({i for start, end in spans for i in range(start, end)})
+    assert covered == list(range(length))  # no gap
+    assert all(end - start <= size for start, end in spans)
     assert spans[0][0] == 0 and spans[-1][1] == length
+    if length <= size:
+        assert spans == [(0, length)]  # no needless window
+        return
+    assert all(end - start == size for start, end in spans)
+    # half-overlapping: every character sits at least a quarter window from any cut edge in some window
+    best = np.full(length, -1)
+    for start, end in spans:
+        best[start:end] = np.maximum(best[start:end], data.edge_margin(start, end - start, length))
+    assert best.min() >= size // 4
+
+
+def one_hot(ids, n):
+    out = np.full((len(ids), n), -10.0, dtype="float32")
+    out[np.arange(len(ids)), ids] = 0.0
+    return out
 
 
 def test_long_sentence_splits_into_windows_and_stitches_back(encoder):
@@ -100,28 +113,29 @@ def test_long_sentence_splits_into_windows_and_stitches_back(encoder):
     short_sent = Sentence(list("张三"), ["B-PER", "I-PER"])
     sents = [long_sent, short_sent]
     windows = data.encode(sents, encoder, label_to_id, 64)
-    assert [w.sentence for w in windows] == [0, 0, 0, 1]
-    assert [w.start for w in windows[:3]] == [0, 62, 124]
+    assert [w.sentence for w in windows] == [0, 0, 0, 0, 1]
+    assert [w.start for w in windows[:4]] == [0, 31, 62, 88]
     assert all(len(w.input_ids) <= 64 for w in windows)
-    assert sum(len(w.input_ids) - 2 for w in windows[:3]) == 150
     for w in windows:
         assert w.input_ids[0] == encoder.cls_id and w.input_ids[-1] == encoder.sep_id
         assert w.labels[0] == IGNORE_INDEX and w.labels[-1] == IGNORE_INDEX
-    # gold label ids as "predictions": stitching must give back every original tag
-    stitched = data.stitch(sents, windows, [w.labels for w in windows], MSRA_LABELS)
-    assert stitched == [long_sent.tags, short_sent.tags]
-    # and the characters line up with the windows too
-    chars_back = [c for w in windows[:3] for c in w.input_ids[1:-1].tolist()]
-    assert chars_back == encoder.ids(long_sent.chars)
+        n = len(w.input_ids) - 2  # characters and labels line up with the sentence at the window's start
+        assert w.input_ids[1:-1].tolist() == encoder.ids(sents[w.sentence].chars[w.start: w.start + n])
+    # gold label ids as scores: stitching must give back every original tag, once per character
+    scores = [one_hot(w.labels[1:-1], len(MSRA_LABELS)) for w in windows]
+    stitched = data.stitch_scores([150, 2], windows, scores)
+    assert [len(s) for s in stitched] == [150, 2]
+    assert [[MSRA_LABELS[i] for i in s.argmax(-1)] for s in stitched] == [long_sent.tags, short_sent.tags]
 
 
-def test_stitch_places_predictions_at_their_window_offsets():
-    sents = [Sentence(list("abcde"), ["O"] * 5)]
-    windows = [data.Window(0, 0, np.zeros(5, "int64"), np.zeros(5, "int64")),  # chars 0..2
-               data.Window(0, 3, np.zeros(4, "int64"), np.zeros(4, "int64"))]  # chars 3..4
-    preds = [np.array([9, 1, 2, 1, 9]), np.array([9, 2, 0, 9])]
-    labels = ["O", "B-X", "I-X"]
-    assert data.stitch(sents, windows, preds, labels) == [["B-X", "I-X", "B-X", "I-X", "O"]]
+def test_stitch_takes_each_character_from_the_window_where_it_has_most_context():
+    # 10 characters, windows [0, 6) and [4, 10): characters 4 and 5 are in both
+    windows = [data.Window(0, 0, np.zeros(8, "int64"), np.zeros(8, "int64")),
+               data.Window(0, 4, np.zeros(8, "int64"), np.zeros(8, "int64"))]
+    first, second = np.full((6, 2), 1.0, "float32"), np.full((6, 2), 2.0, "float32")
+    stitched = data.stitch_scores([10], windows, [first, second])[0][:, 0]
+    # character 4: 1 from the first window's cut edge, 0 from the second's; character 5: 0 and 1
+    assert stitched.tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]
 
 
 def test_collate_pads_with_pad_id_and_ignore_index():
