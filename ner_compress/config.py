@@ -34,11 +34,13 @@ class Config:
     intermediate_size: int = 3072
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    normalize_before: bool = False  # pre-LN encoder (a fresh model only; pretrained BERT is post-LN)
 
     # teacher training
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     learning_rate: float = 2e-5
+    label_smoothing: float = 0.0  # teacher loss only
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     num_train_epochs: float = 3.0

@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 import paddle
 from paddle.static import InputSpec
-from paddlenlp.transformers import BertConfig, BertForTokenClassification, BertTokenizer
+from paddlenlp.transformers import BertConfig, BertTokenizer
 from paddleslim.nas.ofa import OFA
 
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
@@ -43,7 +43,7 @@ def trained_widths(parent, marker="manifest.json"):
 
 def load_supernet_width(source_dir):
     """The supernet as trained (OFA wrapper, no teacher) and its raw weights."""
-    model = BertForTokenClassification(BertConfig.from_pretrained(source_dir))
+    model = PrunedBertForTokenClassification(BertConfig.from_pretrained(source_dir))
     state = load_weights(os.path.join(source_dir, SUPERNET_WEIGHTS))
     ofa_model = OFA(to_supernet(model), elastic_order=["width"])
     ofa_model.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
@@ -135,7 +135,7 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
 def export_teacher(cfg, data, teacher_dir, out_dir):
     manifest = read_manifest(teacher_dir, "teacher")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
-    teacher = load_pretrained(BertForTokenClassification, teacher_dir, flag="teacher")
+    teacher = load_pretrained(PrunedBertForTokenClassification, teacher_dir, flag="teacher")
     teacher.eval()
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     model = build_sub_model(teacher_dir, 1.0, state)

@@ -33,6 +33,7 @@ def teacher_config(cfg, labels, vocab_size, pad_id):
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
+        normalize_before=cfg.normalize_before,
     )
 
 
@@ -63,8 +64,8 @@ def build_teacher(cfg, labels, vocab_size, pad_id):
 
     ``pad_id`` is the vocabulary's [PAD]: the attention mask is built from it."""
     if not cfg.model_name_or_path:
-        return BertForTokenClassification(teacher_config(cfg, labels, vocab_size, pad_id))
-    model = load_pretrained(BertForTokenClassification, cfg.model_name_or_path, cfg.allow_pickle,
+        return PrunedBertForTokenClassification(teacher_config(cfg, labels, vocab_size, pad_id))
+    model = load_pretrained(PrunedBertForTokenClassification, cfg.model_name_or_path, cfg.allow_pickle,
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={label: i for i, label in enumerate(labels)})
     if model.config.vocab_size != vocab_size:
@@ -129,11 +130,25 @@ def shrink_encoder(model, width_mult):
     return model
 
 
+def use_pre_layer_norm(model):
+    """Pre-LN encoder: each layer normalises its input, and one LayerNorm closes the encoder.
+    PaddleNLP's BERT is post-LN only; pre-LN trains stably at higher learning rates."""
+    first = model.bert.encoder.layers[0].norm1
+    for layer in model.bert.encoder.layers:
+        layer.normalize_before = True
+    model.bert.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=first._epsilon)
+    return model
+
+
 class PrunedBertForTokenClassification(BertForTokenClassification):
-    """``BertForTokenClassification`` whose encoder is cut to ``config.width_mult``."""
+    """``BertForTokenClassification`` with the encoder options our configs record:
+    ``width_mult`` (heads and neurons cut by ``width_plan``) and ``normalize_before`` (pre-LN).
+    The teacher is this class at width 1.0, so every stage builds and reloads one class."""
 
     def __init__(self, config):
         super().__init__(config)
+        if getattr(config, "normalize_before", False):
+            use_pre_layer_norm(self)
         width_mult = float(getattr(config, "width_mult", 1.0))
         if width_mult < 1.0:
             shrink_encoder(self, width_mult)

@@ -64,6 +64,17 @@ def token_loss(logits, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
+def token_loss_sum(logits, labels, label_smoothing=0.0):
+    """Cross-entropy summed over real characters; with smoothing e the target puts 1 - e on the gold
+    label and e evenly on all (Paddle 2.6's own ``label_smoothing`` one-hots -100 and fails)."""
+    nll = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not label_smoothing:
+        return nll
+    mask = (labels != IGNORE_INDEX).astype(logits.dtype)
+    uniform = -(F.log_softmax(logits, axis=-1).mean(-1) * mask).sum()
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+
+
 def global_token_count(labels):
     """Real characters in this step's global batch (all ranks), so every rank's loss is a share
     of one global mean and summed gradients equal a single process with the whole batch."""
@@ -219,7 +230,7 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
 
     def step_fn(batch):
         logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        loss_sum = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = token_loss_sum(logits, batch["labels"], cfg.label_smoothing)
         tokens = global_token_count(batch["labels"])
         (loss_sum / tokens).backward()
         return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}

@@ -284,3 +284,46 @@ def test_build_teacher_fresh_from_config():
     assert teacher.config.num_labels == 7 and teacher.config.hidden_size == 32
     assert len(teacher.bert.encoder.layers) == 2
     assert list(teacher.classifier.weight.shape) == [32, 7]
+
+
+def test_pre_layer_norm_teacher_is_its_own_full_width_supernet_and_reloads(tmp_path):
+    cfg = Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 normalize_before=True)
+    paddle.seed(5)
+    teacher = modeling.build_teacher(cfg, LABELS, 21128, 0)
+    teacher.eval()
+    assert all(layer.normalize_before for layer in teacher.bert.encoder.layers)
+    assert teacher.bert.encoder.norm is not None
+    ofa_model = supernet.WidthDistiller(teacher, 0.1, 1.0).ofa_model
+    ofa_model.model.eval()
+    ids = paddle.to_tensor(np.random.RandomState(0).randint(106, 8000, size=(2, 11)), dtype="int64")
+    batch = {"input_ids": ids, "token_type_ids": paddle.zeros_like(ids)}
+    np.testing.assert_allclose(logits_at(ofa_model, 1.0, batch), _logits(teacher, batch), atol=1e-5)
+    teacher.save_pretrained(str(tmp_path), safe_serialization=True)
+    reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+    reloaded.eval()
+    np.testing.assert_array_equal(_logits(reloaded, batch), _logits(teacher, batch))
+    # pre-LN: the first LayerNorm runs before attention (post-LN: after it)
+    for model, expected in ((teacher, ["norm1", "self_attn"]), (modeling.build_teacher(
+            Config(**{**cfg.to_dict(), "normalize_before": False}), LABELS, 21128, 0), ["self_attn", "norm1"])):
+        calls, layer = [], model.bert.encoder.layers[0]
+        handles = [getattr(layer, n).register_forward_pre_hook(lambda *_, n=n: calls.append(n))
+                   for n in ("norm1", "self_attn")]
+        _logits(model, batch)
+        assert calls == expected
+        for h in handles:
+            h.remove()
+
+
+def test_label_smoothing_loss_equals_its_definition():
+    from ner_compress.training import token_loss_sum
+
+    rng = np.random.RandomState(4)
+    logits = paddle.to_tensor(rng.randn(2, 5, 7).astype("float32"))
+    labels = paddle.to_tensor([[-100, 1, 0, 6, -100], [-100, 2, -100, -100, -100]], dtype="int64")
+    log_p = logits.numpy() - np.log(np.exp(logits.numpy()).sum(-1, keepdims=True))
+    keep = labels.numpy() != -100
+    gold = np.take_along_axis(log_p, np.maximum(labels.numpy(), 0)[..., None], -1)[..., 0]
+    nll, uniform = -gold[keep].sum(), -log_p.mean(-1)[keep].sum()
+    assert float(token_loss_sum(logits, labels)) == pytest.approx(nll, rel=1e-5)
+    assert float(token_loss_sum(logits, labels, 0.1)) == pytest.approx(0.9 * nll + 0.1 * uniform, rel=1e-5)
