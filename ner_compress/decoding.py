@@ -61,5 +61,11 @@ class Decoder:
         self.allowed, self.start = bio_constraints(self.labels)
 
     def __call__(self, scores):
-        ids = viterbi(scores, self.allowed, self.start) if self.method == "viterbi" else np.asarray(scores).argmax(-1)
+        ids = np.asarray(scores).argmax(-1)
+        if self.method == "viterbi" and not self.valid(ids):
+            ids = viterbi(scores, self.allowed, self.start)
         return [self.labels[int(i)] for i in ids]
+
+    def valid(self, ids):
+        """A valid argmax path is also the best valid path: Viterbi is only needed otherwise."""
+        return len(ids) == 0 or bool(self.start[ids[0]] and self.allowed[ids[:-1], ids[1:]].all())

@@ -116,13 +116,31 @@ def run_all(cfg):
     rows = [benchmark.summary_row("teacher", export_dir(cfg), data.splits.test, cfg.cpu_threads, cfg.device)]
     rows += [benchmark.summary_row(f"width {width}", export_dir(cfg, width), data.splits.test, cfg.cpu_threads,
                                    cfg.device) for width in widths]
-    text = benchmark.summary_table(rows)
+    speeds = training_speeds(cfg)
+    text = benchmark.summary_table(rows) + "\n\n" + "\n".join(
+        f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
+        f"evaluation)" for stage, v in speeds.items())
     os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
-    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"), {"config": cfg.to_dict(), "rows": rows})
+    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"),
+               {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
     with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
     print(text)
     return rows
+
+
+def training_speeds(cfg):
+    """Sentences/s of each training stage, as its manifest recorded them (the last run of each)."""
+    speeds = {}
+    for stage, directory in (("teacher", teacher_dir(cfg)),
+                             ("ofa", supernet.width_dir(ofa_dir(cfg), max(cfg.width_mult_list)))):
+        path = os.path.join(directory, MANIFEST)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                speed = json.load(fh).get("speed") or {}
+            if speed:
+                speeds[stage] = speed
+    return speeds
 
 
 def run_all_cli(argv=None):
