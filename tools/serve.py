@@ -5,6 +5,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# before paddle loads OpenMP: idle math threads sleep at once instead of spinning for 200 ms, which on a
+# small machine took the cores the event loop needs between batches (a user's own setting wins)
+os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 from ner_compress.errors import run_cli  # noqa: E402
 from ner_compress.serving import ServeOptions, serve  # noqa: E402
