@@ -190,14 +190,14 @@ def targets(models):
                        (f"{m['model']}, 32 clients: 0 errors", str(top["errors"]), top["errors"] == 0)]
         if 1 in by_clients:
             gap = by_clients[1]["p50_ms"] - m["offline_b1_p50_ms"]
-            checks.append((f"{m['model']}, 1 client: p50 within 1.5 ms of offline batch-1 p50", f"+{gap:.2f} ms",
+            checks.append((f"{m['model']}, 1 client: p50 within 1.5 ms of offline batch-1 p50", f"{gap:+.2f} ms",
                            gap <= 1.5))
         if m.get("abuse"):
             growth = max(row["rss_mb"] for row in m["abuse"]) - m["abuse"][0]["rss_mb"]
             ok = all(row["as_expected"] for row in m["abuse"])
             checks += [(f"{m['model']}, abusive requests: each answered as expected, then a normal one",
                         "yes" if ok else "no", ok),
-                       (f"{m['model']}, abusive requests: RSS within 200 MB of idle", f"+{growth:.0f} MB",
+                       (f"{m['model']}, abusive requests: RSS within 200 MB of idle", f"{growth:+.0f} MB",
                         growth <= 200)]
     return [{"target": t, "measured": v, "met": bool(ok)} for t, v, ok in checks]
 

@@ -237,7 +237,7 @@ def in_process_client(load_tagger):
     import warnings
 
     with warnings.catch_warnings():  # starlette nags about its httpx-based client; it works as documented
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
     from ner_compress.http_api import create_app

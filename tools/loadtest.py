@@ -5,6 +5,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("KMP_BLOCKTIME", "0")  # as tools/serve.py sets it: offline and served run alike
 
 from ner_compress.errors import UserError, run_cli  # noqa: E402
 
