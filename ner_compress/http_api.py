@@ -191,7 +191,7 @@ def create_app(options, load_tagger):
             if not batcher.ready.is_set():
                 raise ApiError(503, "model: not ready yet (loading or warming up); poll GET /ready",
                                {"Retry-After": "1"})
-            results = await batcher.submit(texts)
+            results = await batcher.submit(texts) if texts else []
         except ApiError as err:
             return error_response(err.status, err.message, request_id, err.headers)
         except QueueFull as err:

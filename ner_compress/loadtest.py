@@ -193,7 +193,7 @@ def targets(models):
             checks.append((f"{m['model']}, 1 client: p50 within 1.5 ms of offline batch-1 p50", f"{gap:+.2f} ms",
                            gap <= 1.5))
         if m.get("abuse"):
-            growth = max(row["rss_mb"] for row in m["abuse"]) - m["abuse"][0]["rss_mb"]
+            growth = max(row["rss_mb"] for row in m["abuse"]) - m["idle_rss_mb"]
             ok = all(row["as_expected"] for row in m["abuse"])
             checks += [(f"{m['model']}, abusive requests: each answered as expected, then a normal one",
                         "yes" if ok else "no", ok),

@@ -78,6 +78,13 @@ def test_predict_equals_predict_tool_including_a_windowed_text(server, model_dir
     assert sum(len(r["entities"]) for r in expected) > 5
 
 
+def test_empty_list_is_answered_without_a_predictor_call(server):
+    calls = metric(server.metrics_text(), "ner_batch_texts_count")
+    answer = httpx.post(server.url + "/predict", json={"texts": []}, timeout=30)
+    assert answer.status_code == 200 and answer.json() == {"results": []}
+    assert metric(server.metrics_text(), "ner_batch_texts_count") == calls
+
+
 def stream_bytes(total, chunk=16_384):
     for start in range(0, total, chunk):
         yield b" " * min(chunk, total - start)
