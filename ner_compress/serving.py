@@ -1,0 +1,131 @@
+"""Run the HTTP service: check the flags, then uvicorn with a graceful SIGTERM.
+
+The app is built by ``app_from_environment`` from options passed in an environment variable,
+so ``--workers N`` (N uvicorn processes, each loading its own model and batching on its own)
+and a single process start it the same way. On SIGTERM or SIGINT the server stops accepting,
+finishes the requests in flight, drains the batcher and exits 0.
+"""
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .errors import UserError
+
+OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
+APP_FACTORY = "ner_compress.serving:app_from_environment"
+
+
+@dataclass
+class ServeOptions:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8189
+    workers: int = 1
+    backend: str = "paddle"
+    device: str = "cpu"
+    cpu_threads: Optional[int] = None
+    decoding: str = "viterbi"
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 2048
+    max_body_bytes: int = 4 << 20
+    max_texts: int = 1024
+    max_chars: int = 100_000
+    warmup_batches: int = 20
+    log_level: str = "info"
+
+
+def check_options(opts):
+    """Every flag sane and the model directory an exported static model, before anything starts."""
+    from .backends import BACKENDS
+    from .decoding import DECODINGS
+    from .inference import read_meta
+
+    positive = ("port", "workers", "max_batch_size", "max_queue", "max_body_bytes", "max_texts", "max_chars")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name} {getattr(opts, name)}: must be at least 1")
+    if opts.max_wait_ms < 0 or opts.warmup_batches < 0:
+        raise UserError("--max_wait_ms and --warmup_batches: must not be negative")
+    if opts.port > 65535:
+        raise UserError(f"--port {opts.port}: must be at most 65535")
+    if opts.max_texts > opts.max_queue:
+        raise UserError(f"--max_texts {opts.max_texts} is over --max_queue {opts.max_queue}: such a request "
+                        "could never be queued; raise --max_queue or lower --max_texts")
+    if opts.backend not in BACKENDS:
+        raise UserError(f"--backend {opts.backend}: unknown; use one of {', '.join(BACKENDS)}")
+    if opts.decoding not in DECODINGS:
+        raise UserError(f"--decoding {opts.decoding}: use one of {', '.join(DECODINGS)}")
+    if not os.path.isdir(opts.model_dir):
+        raise UserError(f"--model_dir {opts.model_dir}: no such directory; give DIR/export/width_W/static")
+    read_meta(opts.model_dir)
+
+
+def setup_logging(level):
+    """Our lines (progress, access log, errors with tracebacks) on stderr, one format."""
+    log = logging.getLogger("ner_compress")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def app_from_environment():
+    """uvicorn's app factory, in each worker process."""
+    from .backends import load_tagger
+    from .http_api import create_app
+
+    opts = ServeOptions(**json.loads(os.environ[OPTIONS_VARIABLE]))
+    setup_logging(opts.log_level)
+
+    def tagger():
+        return load_tagger(opts.model_dir, opts.backend, opts.device, opts.cpu_threads, opts.max_batch_size,
+                           opts.decoding)
+
+    return create_app(opts, tagger)
+
+
+def graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's Server, minus re-raising the caught signal at exit: a SIGTERM that drained
+        cleanly ends with status 0, not 143."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def serve(opts):
+    import uvicorn
+
+    check_options(opts)
+    setup_logging(opts.log_level)
+    os.environ[OPTIONS_VARIABLE] = json.dumps(asdict(opts))
+    settings = dict(host=opts.host, port=opts.port, factory=True, access_log=False, log_level=opts.log_level,
+                    timeout_graceful_shutdown=None)
+    if opts.workers > 1:  # uvicorn's supervisor: SIGTERM ends each worker gracefully, then itself
+        uvicorn.run(APP_FACTORY, workers=opts.workers, **settings)
+        return
+    server = graceful_server_class()(uvicorn.Config(APP_FACTORY, **settings))
+    server.run()
+    if not server.started:
+        raise UserError(f"--host {opts.host} --port {opts.port}: the server could not start (see above)")
