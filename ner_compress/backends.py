@@ -84,10 +84,11 @@ class DynamicTagger(Tagger):
     """The exported dynamic-graph model, for the static-vs-dynamic comparison."""
 
     def __init__(self, export_dir, batch_size=32, decoding="viterbi"):
-        from .modeling import PrunedBertForTokenClassification
+        from .architectures import model_class_for
 
         super().__init__(os.path.join(export_dir, "static"), batch_size, decoding)
-        self.model = PrunedBertForTokenClassification.from_pretrained(os.path.join(export_dir, "dynamic"))
+        dynamic = os.path.join(export_dir, "dynamic")
+        self.model = model_class_for(dynamic).from_pretrained(dynamic)
         self.model.eval()
 
     def logits(self, input_ids, token_type_ids):

@@ -26,8 +26,10 @@ class Config:
     strict_tags: bool = False  # refuse I-X after O instead of repairing it to B-X
     max_seq_length: int = 128
 
-    # teacher model (model_name_or_path None: a BERT built from the fields below)
+    # teacher model (model_name_or_path None: a model of model_type built from the fields below)
     model_name_or_path: Optional[str] = None
+    model_type: str = "bert"  # bert, ernie, roberta or electra (a local model directory says its own)
+    embedding_size: Optional[int] = None  # ELECTRA only: None means the hidden size
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -168,6 +170,9 @@ def validate(cfg):
         raise UserError(f"--width_mult_list {cfg.width_mult_list}: each width must be in (0, 1]")
     if not 0 < cfg.width_mult <= 1:
         raise UserError(f"--width_mult {cfg.width_mult}: must be in (0, 1]")
+    from .architectures import family
+
+    family(cfg.model_type)
     if cfg.decoding not in ("viterbi", "argmax"):
         raise UserError(f"--decoding {cfg.decoding}: use viterbi or argmax")
     if cfg.device not in ("cpu", "gpu"):

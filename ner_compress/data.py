@@ -289,8 +289,16 @@ class NerData:
         return encode(getattr(self.splits, split), self.encoder, self.label_to_id, self.max_seq_length)
 
 
+def model_vocab(cfg):
+    """The vocabulary of a local ``--model_name_or_path`` directory, if it has one: a pretrained
+    model's ids only mean something with its own vocabulary (ERNIE's differs from BERT's)."""
+    if cfg.model_name_or_path and os.path.isfile(os.path.join(cfg.model_name_or_path, "vocab.txt")):
+        return os.path.join(cfg.model_name_or_path, "vocab.txt")
+    return None
+
+
 def prepare_data(cfg):
-    vocab_file = resources.vocab_path(cfg.vocab_file, cfg.cache_dir)
+    vocab_file = resources.vocab_path(cfg.vocab_file or model_vocab(cfg), cfg.cache_dir)
     vocab = load_vocab(vocab_file)
     for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
         if token not in vocab:

@@ -14,7 +14,6 @@ from functools import partial
 import numpy as np
 import paddle
 from paddle.static import InputSpec
-from paddlenlp.transformers import BertConfig, BertTokenizer
 from paddleslim.nas.ofa import OFA
 
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
@@ -23,7 +22,8 @@ from .errors import UserError
 from .backends import StaticTagger
 from .inference import INFERENCE_META, MODEL_PREFIX
 from .checkpoint import load_weights
-from .modeling import (PrunedBertForTokenClassification, count_parameters, load_pretrained, numpy_logits,
+from .architectures import load_config, model_class_for, save_tokenizer
+from .modeling import (count_parameters, load_pretrained, numpy_logits,
                        sub_model_state)
 from .supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
 
@@ -43,7 +43,7 @@ def trained_widths(parent, marker="manifest.json"):
 
 def load_supernet_width(source_dir):
     """The supernet as trained (OFA wrapper, no teacher) and its raw weights."""
-    model = PrunedBertForTokenClassification(BertConfig.from_pretrained(source_dir))
+    model = model_class_for(source_dir, "ofa")(load_config(source_dir, "ofa"))
     state = load_weights(os.path.join(source_dir, SUPERNET_WEIGHTS))
     ofa_model = OFA(to_supernet(model), elastic_order=["width"])
     ofa_model.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
@@ -52,17 +52,31 @@ def load_supernet_width(source_dir):
 
 
 def build_sub_model(source_dir, width, state):
-    config = BertConfig.from_pretrained(source_dir)
+    config = load_config(source_dir, "export")
     config.width_mult = width
-    model = PrunedBertForTokenClassification(config)
+    model = model_class_for(source_dir, "export")(config)
     model.set_state_dict(sub_model_state(state, model))
     model.eval()
     return model
 
 
+class TokenLogits(paddle.nn.Layer):
+    """Encoder then classifier, ids in and logits out: the one graph every family exports. The
+    token classifiers' own forwards branch on ``return_dict`` and labels in ways dy2static
+    cannot always trace (RoBERTa's), and in eval mode their dropout is the identity."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids):
+        out = self.model.base_model(input_ids, token_type_ids=token_type_ids)
+        return self.model.classifier(out[0] if isinstance(out, (tuple, list)) else out)
+
+
 def save_static(model, static_dir, labels, max_seq_length, vocab_file):
     os.makedirs(static_dir, exist_ok=True)
-    static = paddle.jit.to_static(model, input_spec=INPUT_SPEC)
+    static = paddle.jit.to_static(TokenLogits(model), input_spec=INPUT_SPEC)
     paddle.jit.save(static, os.path.join(static_dir, MODEL_PREFIX))
     shutil.copyfile(vocab_file, os.path.join(static_dir, "vocab.txt"))
     write_json(os.path.join(static_dir, INFERENCE_META),
@@ -96,9 +110,9 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
     with atomic_dir(out_dir) as tmp:
         dynamic_dir, static_dir = os.path.join(tmp, "dynamic"), os.path.join(tmp, "static")
         model.save_pretrained(dynamic_dir, safe_serialization=True)
-        BertTokenizer(data.vocab_file).save_pretrained(dynamic_dir)
+        save_tokenizer(model, data.vocab_file, dynamic_dir)
         save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
-        reloaded = PrunedBertForTokenClassification.from_pretrained(dynamic_dir)
+        reloaded = model_class_for(dynamic_dir).from_pretrained(dynamic_dir)
         reloaded.eval()
         static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
             input_ids, token_type_ids)
@@ -111,7 +125,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
             write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
                            {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
                            inputs={source_manifest["stage"]: source_manifest}, width_mult=width,
-                           parameters=count_parameters(model))
+                           parameters=count_parameters(model), architecture=model.config.model_type)
     return diffs
 
 
@@ -135,7 +149,7 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
 def export_teacher(cfg, data, teacher_dir, out_dir):
     manifest = read_manifest(teacher_dir, "teacher")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
-    teacher = load_pretrained(PrunedBertForTokenClassification, teacher_dir, flag="teacher")
+    teacher = load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher")
     teacher.eval()
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     model = build_sub_model(teacher_dir, 1.0, state)

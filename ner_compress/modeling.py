@@ -1,9 +1,9 @@
-"""The teacher (``BertForTokenClassification``) and its width-pruned sub-model.
+"""Building the teacher, and what a width keeps of it.
 
 A width-``w`` sub-model keeps the hidden size and the head size; it keeps ``w`` of the
-heads (snapped to whole heads) and the same share of the feed-forward neurons (``width_plan``). ``BertConfig`` cannot say that, so the config
-carries ``width_mult`` and ``PrunedBertForTokenClassification`` shrinks its layers to
-match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
+heads (snapped to whole heads) and the same share of the feed-forward neurons (``width_plan``).
+The config carries ``width_mult`` and the family's NER class (``architectures``) shrinks its
+layers to match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
 """
 import math
 import os
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import paddle
 from paddle import nn
-from paddlenlp.transformers import BertConfig, BertForTokenClassification
-
+from .architectures import (FAMILIES, PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
+                            load_config, model_class_for)
 from .errors import UserError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -20,7 +20,14 @@ PICKLED_WEIGHTS = "model_state.pdparams"
 
 
 def teacher_config(cfg, labels, vocab_size, pad_id):
-    return BertConfig(
+    """A fresh model's config in the family ``cfg.model_type`` (ELECTRA: ``embedding_size`` may differ
+    from the hidden size; ERNIE 3.0 style task-type embeddings with ``use_task_id``)."""
+    config_class = family(cfg.model_type)[0]
+    extra = {"embedding_size": cfg.embedding_size or cfg.hidden_size} if cfg.model_type == "electra" else {}
+    if cfg.model_type == "ernie":
+        extra = {"use_task_id": True, "task_type_vocab_size": 3}
+    return config_class(
+        **extra,
         vocab_size=vocab_size,
         pad_token_id=pad_id,
         hidden_size=cfg.hidden_size,
@@ -59,20 +66,35 @@ def load_pretrained(cls, name_or_dir, allow_pickle=False, flag="--model_name_or_
         raise UserError(f"{flag} {name_or_dir}: cannot load ({err})")
 
 
+def check_checkpoint_labels(directory, labels):
+    """A token-classification checkpoint trained on other labels is refused; a bare encoder (no
+    labels, or PaddleNLP's placeholder LABEL_i) gets a fresh classifier for ours."""
+    config = load_config(directory)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    if names and not all(str(n).startswith("LABEL_") for n in names) and names != list(labels):
+        raise UserError(f"--model_name_or_path {directory}: its labels {names} differ from the data's {list(labels)}; "
+                        f"fine-tune from its encoder instead (a checkpoint without id2label)")
+
+
 def build_teacher(cfg, labels, vocab_size, pad_id):
     """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory.
 
     ``pad_id`` is the vocabulary's [PAD]: the attention mask is built from it."""
     if not cfg.model_name_or_path:
-        return PrunedBertForTokenClassification(teacher_config(cfg, labels, vocab_size, pad_id))
-    model = load_pretrained(PrunedBertForTokenClassification, cfg.model_name_or_path, cfg.allow_pickle,
+        return family(cfg.model_type)[1](teacher_config(cfg, labels, vocab_size, pad_id))
+    local = os.path.isdir(cfg.model_name_or_path)
+    if local:
+        check_checkpoint_labels(cfg.model_name_or_path, labels)
+    cls = model_class_for(cfg.model_name_or_path) if local else family(cfg.model_type)[1]
+    model = load_pretrained(cls, cfg.model_name_or_path, cfg.allow_pickle,
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
-                            label2id={label: i for i, label in enumerate(labels)})
+                            label2id={label: i for i, label in enumerate(labels)},
+                            ignore_mismatched_sizes=True)  # a placeholder classifier; real labels were checked
     if model.config.vocab_size != vocab_size:
         raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: vocab size {model.config.vocab_size} "
                         f"differs from --vocab_file ({vocab_size}); use the model's own vocabulary")
     model.config.pad_token_id = pad_id
-    model.bert.pad_token_id = pad_id
+    model.base_model.pad_token_id = pad_id
     return model
 
 
@@ -118,7 +140,7 @@ def shrink_encoder(model, width_mult):
     """Cut heads and feed-forward neurons of every encoder layer as ``width_plan`` says."""
     plan = width_plan(model.config, width_mult)
     hidden = model.config.hidden_size
-    for layer in model.bert.encoder.layers:
+    for layer in encoder_layers(model):
         attn = layer.self_attn
         attn.num_heads = plan.heads
         attn.q_proj = _linear(hidden, plan.attention_width)
@@ -133,25 +155,11 @@ def shrink_encoder(model, width_mult):
 def use_pre_layer_norm(model):
     """Pre-LN encoder: each layer normalises its input, and one LayerNorm closes the encoder.
     PaddleNLP's BERT is post-LN only; pre-LN trains stably at higher learning rates."""
-    first = model.bert.encoder.layers[0].norm1
-    for layer in model.bert.encoder.layers:
+    layers = encoder_layers(model)
+    for layer in layers:
         layer.normalize_before = True
-    model.bert.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=first._epsilon)
+    model.base_model.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=layers[0].norm1._epsilon)
     return model
-
-
-class PrunedBertForTokenClassification(BertForTokenClassification):
-    """``BertForTokenClassification`` with the encoder options our configs record:
-    ``width_mult`` (heads and neurons cut by ``width_plan``) and ``normalize_before`` (pre-LN).
-    The teacher is this class at width 1.0, so every stage builds and reloads one class."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        if getattr(config, "normalize_before", False):
-            use_pre_layer_norm(self)
-        width_mult = float(getattr(config, "width_mult", 1.0))
-        if width_mult < 1.0:
-            shrink_encoder(self, width_mult)
 
 
 def sub_model_state(supernet_state, sub_model):

@@ -12,7 +12,8 @@ from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
 from .errors import UserError
-from .modeling import PrunedBertForTokenClassification, load_pretrained
+from .architectures import model_class_for
+from .modeling import load_pretrained
 
 log = logging.getLogger("ner_compress")
 
@@ -23,7 +24,7 @@ RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weigh
              "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
              "allow_pickle", "cpu_threads"]
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
-    "model_name_or_path", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "model_name_or_path", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "label_smoothing", "learning_rate",
     "num_train_epochs", "max_steps", "eval_steps"]
 OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
@@ -82,7 +83,7 @@ def run_ofa(cfg, data=None):
     teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
     data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
-    teacher = load_pretrained(PrunedBertForTokenClassification, teacher_dir(cfg), flag="teacher")
+    teacher = load_pretrained(model_class_for(teacher_dir(cfg), "teacher"), teacher_dir(cfg), flag="teacher")
     training.set_seed(cfg.seed)
     best, history = supernet.distill(cfg, data, teacher, teacher_manifest, ofa_dir(cfg), checkpoint_dir(cfg, "ofa"))
     if not parallel.is_writer():

@@ -18,7 +18,6 @@ import numpy as np
 import paddle
 from paddle import nn
 from paddlenlp.trainer.trainer_compress import auto_model_dynabert_forward
-from paddlenlp.transformers import BertModel
 from paddlenlp.transformers.ofa_utils import (
     compute_neuron_head_importance,
     encoder_layer_ofa_forward,
@@ -63,18 +62,31 @@ _OFA_FORWARDS = (
     (nn.MultiHeadAttention, {"forward": mha_ofa_forward, "_prepare_qkv": prepare_qkv_whole_heads}),
     (nn.TransformerEncoderLayer, {"forward": encoder_layer_ofa_forward}),
     (nn.TransformerEncoder, {"forward": encoder_ofa_forward}),
-    (BertModel, {"forward": auto_model_dynabert_forward}),
 )
 
 
 def bind_ofa_forwards(model):
-    """Give every matching sublayer of ``model`` the OFA forward, on that instance only."""
+    """Give every matching sublayer of ``model`` the OFA forward, on that instance only; the encoder
+    model of any family (BERT, ERNIE, RoBERTa, ELECTRA) gets PaddleNLP's generic DynaBERT forward."""
     for layer in model.sublayers(include_self=True):
         for cls, methods in _OFA_FORWARDS:
             if isinstance(layer, cls):
                 for name, fn in methods.items():
                     object.__setattr__(layer, name, types.MethodType(fn, layer))
+    base = model.base_model
+    forward = auto_model_dynabert_forward
+    if getattr(base, "pooler", None) is None:  # ELECTRA; RoBERTa built for tokens has pooler = None
+        if hasattr(base, "pooler"):
+            base.pooler = nn.Identity()  # the generic forward calls it; parameter-free, so no weight changes
+        forward = sequence_only_dynabert_forward
+    object.__setattr__(base, "forward", types.MethodType(forward, base))
     return model
+
+
+def sequence_only_dynabert_forward(self, *args, **kwargs):
+    """For encoders without a pooler: the generic forward returns (sequence, pooled); ELECTRA's and
+    RoBERTa's token classifiers take a 1-tuple, but would pass a pooled output on as a second output."""
+    return auto_model_dynabert_forward(self, *args, **kwargs)[:1]
 
 
 def unbind_ofa_forwards(model):
@@ -231,6 +243,7 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
         shutil.copyfile(data.vocab_file, os.path.join(tmp, "vocab.txt"))
         write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
                        inputs={"teacher": teacher_manifest}, speed=metrics.get("speed", {}), runtime=runtime.report(),
+                       architecture=teacher.config.model_type,
                        **plan_record(width_plan(teacher.config, width)))
 
 

@@ -15,10 +15,11 @@ from functools import partial
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from paddlenlp.transformers import BertTokenizer, LinearDecayWithWarmup
+from paddlenlp.transformers import LinearDecayWithWarmup
 from tqdm import tqdm
 
 from . import parallel, runtime
+from .architectures import save_tokenizer
 from .artifacts import atomic_dir, write_manifest
 from .checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
 from .data import IGNORE_INDEX, collate, train_batches
@@ -210,9 +211,10 @@ def save_teacher(model, data, cfg, metrics, out_dir, speed=None):
         return
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        BertTokenizer(data.vocab_file).save_pretrained(tmp)
+        save_tokenizer(model, data.vocab_file, tmp)
         write_manifest(tmp, "teacher", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
                        data_sources=data.splits.sources, parameters=count_parameters(model),
+                       architecture=model.config.model_type,
                        runtime=runtime.report(), speed=speed or {})
 
 

@@ -1,0 +1,117 @@
+"""Every stage for each supported family: a tiny random model the test saves, then the whole chain."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import TINY_LABELS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+MSRA_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+FAMILY_SHAPES = {"bert": {}, "ernie": {"use_task_id": True, "task_type_vocab_size": 3},
+                 "roberta": {}, "electra": {"embedding_size": 16}}
+
+
+def tool(name, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def save_tiny(model_type, directory, vocab_file, **overrides):
+    """A random model of ``model_type`` saved as safetensors with its vocabulary."""
+    from ner_compress.architectures import FAMILIES
+
+    config_class, model_class, _ = FAMILIES[model_type]
+    paddle.seed(21)
+    shape = dict(vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=512, **FAMILY_SHAPES[model_type])
+    shape.update(overrides)
+    model = model_class(config_class(**shape))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    shutil.copyfile(vocab_file, os.path.join(directory, "vocab.txt"))
+    return directory
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_SHAPES))
+def family_run(request, tmp_path_factory, vocab_file):
+    model_type = request.param
+    base = tmp_path_factory.mktemp(model_type)
+    source = save_tiny(model_type, base / "pretrained", vocab_file)
+    out = base / "out"
+    tool("train_teacher.py", "--config", TINY, "--model_name_or_path", source, "--max_steps", 3, "--eval_steps", 3,
+         "--output_dir", out)
+    tool("ofa_compress.py", "--ofa_max_steps", 2, "--ofa_eval_steps", 2, "--output_dir", out)
+    tool("export.py", "--width_mult", 0.5, "--output_dir", out)
+    return model_type, out
+
+
+def test_every_artifact_records_the_architecture(family_run):
+    model_type, out = family_run
+    for path in ("teacher", "ofa/width_0.5", "export/width_0.5/static", "export/width_0.5/dynamic"):
+        assert json.load(open(out / path / "manifest.json"))["architecture"] == model_type, path
+
+
+def test_supernet_at_full_width_equals_the_teacher(family_run):
+    from ner_compress import supernet
+    from ner_compress.architectures import model_class_for
+
+    _, out = family_run
+    teacher = model_class_for(str(out / "teacher")).from_pretrained(str(out / "teacher"))
+    teacher.eval()
+    ofa_model = supernet.WidthDistiller(teacher, 0.1, 1.0).ofa_model
+    ofa_model.model.eval()
+    ids = paddle.to_tensor(np.random.RandomState(0).randint(106, 8000, size=(3, 13)), dtype="int64")
+    supernet.set_width(ofa_model, 1.0)
+    with paddle.no_grad():
+        ref = teacher(input_ids=ids, token_type_ids=paddle.zeros_like(ids))
+        out_ = ofa_model(input_ids=ids, token_type_ids=paddle.zeros_like(ids), attention_mask=[None, None])
+    assert float(ref.abs().max()) > 1e-3
+    assert float((out_ - ref).abs().max()) < 1e-5
+
+
+def test_exported_half_width_reloads_and_predicts(family_run):
+    from ner_compress.architectures import FAMILIES, model_class_for
+
+    model_type, out = family_run
+    dynamic = str(out / "export" / "width_0.5" / "dynamic")
+    model = model_class_for(dynamic).from_pretrained(dynamic)
+    assert type(model) is FAMILIES[model_type][1]
+    layer = model.base_model.encoder.layers[0]
+    assert layer.self_attn.num_heads == 2 and list(layer.linear1.weight.shape) == [32, 32]
+    if model_type == "electra":  # the embedding projection is kept whole
+        assert list(model.base_model.embeddings_project.weight.shape) == [16, 32]
+    text = "中国人民银行在北京开会" * 8  # longer than max length 64: windows
+    result = tool("predict.py", "--model_dir", out / "export" / "width_0.5" / "static", "--text", text)
+    record = json.loads(result.stdout)
+    assert record["text"] == text and all(text[e["start"]:e["end"]] == e["text"] for e in record["entities"])
+
+
+def test_unsupported_architecture_is_refused_with_the_flag(tmp_path, vocab_file):
+    source = save_tiny("bert", tmp_path / "model", vocab_file)
+    config = json.load(open(source / "config.json"))
+    config["model_type"] = "gpt"
+    json.dump(config, open(source / "config.json", "w"))
+    result = tool("train_teacher.py", "--config", TINY, "--model_name_or_path", source, "--output_dir",
+                  tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert f"--model_name_or_path {source}: architecture 'gpt' is not supported" in result.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_with_other_labels_is_refused_with_the_flag(tmp_path, vocab_file):
+    labels = ["O", "B-X", "I-X"]
+    source = save_tiny("ernie", tmp_path / "model", vocab_file, num_labels=3, id2label=dict(enumerate(labels)),
+                       label2id={v: k for k, v in enumerate(labels)})
+    result = tool("train_teacher.py", "--config", TINY, "--model_name_or_path", source, "--output_dir",
+                  tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert f"--model_name_or_path {source}: its labels" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "teacher").exists()
