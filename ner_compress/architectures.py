@@ -8,6 +8,7 @@ stage rebuilds the same class and never assumes BERT.
 """
 import json
 import os
+import types
 
 from paddlenlp.transformers import (BertConfig, BertForTokenClassification, BertTokenizer, ElectraConfig,
                                     ElectraForTokenClassification, ElectraTokenizer, ErnieConfig,
@@ -33,28 +34,20 @@ def configure_encoder(model, config):
         shrink_encoder(model, width_mult)
 
 
-class PrunedBertForTokenClassification(BertForTokenClassification):
-    def __init__(self, config):
-        super().__init__(config)
-        configure_encoder(self, config)
+def _ner_class(base):
+    """``Pruned<Base>``: ``base`` whose ``__init__`` then applies ``configure_encoder``."""
+    def body(namespace):
+        def __init__(self, config):
+            base.__init__(self, config)
+            configure_encoder(self, config)
+        namespace.update({"__init__": __init__, "__module__": __name__})
+    return types.new_class(f"Pruned{base.__name__}", (base,), exec_body=body)
 
 
-class PrunedErnieForTokenClassification(ErnieForTokenClassification):
-    def __init__(self, config):
-        super().__init__(config)
-        configure_encoder(self, config)
-
-
-class PrunedRobertaForTokenClassification(RobertaForTokenClassification):
-    def __init__(self, config):
-        super().__init__(config)
-        configure_encoder(self, config)
-
-
-class PrunedElectraForTokenClassification(ElectraForTokenClassification):
-    def __init__(self, config):
-        super().__init__(config)
-        configure_encoder(self, config)
+PrunedBertForTokenClassification = _ner_class(BertForTokenClassification)
+PrunedErnieForTokenClassification = _ner_class(ErnieForTokenClassification)
+PrunedRobertaForTokenClassification = _ner_class(RobertaForTokenClassification)
+PrunedElectraForTokenClassification = _ner_class(ElectraForTokenClassification)
 
 
 # model_type -> (config class, NER class, tokenizer class saved beside the weights)
