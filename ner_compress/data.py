@@ -292,9 +292,22 @@ class NerData:
 def model_vocab(cfg):
     """The vocabulary of a local ``--model_name_or_path`` directory, if it has one: a pretrained
     model's ids only mean something with its own vocabulary (ERNIE's differs from BERT's)."""
-    if cfg.model_name_or_path and os.path.isfile(os.path.join(cfg.model_name_or_path, "vocab.txt")):
-        return os.path.join(cfg.model_name_or_path, "vocab.txt")
-    return None
+    if not cfg.model_name_or_path:
+        return None
+    if os.path.isdir(cfg.model_name_or_path):
+        path = os.path.join(cfg.model_name_or_path, "vocab.txt")
+        return path if os.path.isfile(path) else None
+    if cfg.model_type == "bert":
+        return None  # bert-base-chinese's vocabulary is the default one
+    return _hub_vocab(cfg)
+
+
+def _hub_vocab(cfg):  # pragma: no cover - needs internet (the GPU recipes)
+    from paddlenlp.transformers import AutoTokenizer
+
+    directory = os.path.join(resources.cache_dir(cfg.cache_dir), "tokenizers", cfg.model_name_or_path)
+    AutoTokenizer.from_pretrained(cfg.model_name_or_path).save_pretrained(directory)
+    return os.path.join(directory, "vocab.txt")
 
 
 def prepare_data(cfg):

@@ -115,3 +115,23 @@ def test_checkpoint_with_other_labels_is_refused_with_the_flag(tmp_path, vocab_f
     assert result.returncode == 2
     assert f"--model_name_or_path {source}: its labels" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "teacher").exists()
+
+
+def test_a_model_directory_brings_its_own_vocabulary_one_id_per_character(tmp_path, vocab_file):
+    """A vocabulary without 京 (ERNIE's and BERT's differ in such characters): every family maps
+    each character to exactly one id, an unknown one to [UNK], so labels stay aligned."""
+    from ner_compress.config import Config
+    from ner_compress.data import CharEncoder, load_vocab, prepare_data
+
+    lines = open(vocab_file, encoding="utf-8").read().split("\n")
+    lines[lines.index("京")] = "[unused_jing]"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(lines), encoding="utf-8")
+    data = prepare_data(Config(model_name_or_path=str(model_dir), test_limit=5, dev_limit=5, train_limit=5))
+    assert data.vocab_file == str(model_dir / "vocab.txt")
+    text = list("北京 A\u3000😀")
+    own, bert = data.encoder.ids(text), CharEncoder(load_vocab(vocab_file)).ids(text)
+    assert len(own) == len(bert) == len(text)
+    assert own[1] == data.encoder.unk_id and bert[1] != CharEncoder(load_vocab(vocab_file)).unk_id
+    assert own[3] == data.encoder.vocab["a"]  # Latin letters are looked up in lower case
