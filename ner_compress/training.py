@@ -186,15 +186,16 @@ def parameters_digest(model):
     return digest.hexdigest()
 
 
-def save_teacher(model, data, cfg, metrics, out_dir, speed=None):
+def save_teacher(model, data, cfg, metrics, out_dir, speed=None, stage="teacher", inputs=None, **extra):
+    """A loadable model directory; the student stage writes the same format (``stage="student"``)."""
     if not parallel.is_writer():
         return
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         BertTokenizer(data.vocab_file).save_pretrained(tmp)
-        write_manifest(tmp, "teacher", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
+        write_manifest(tmp, stage, cfg.to_dict(), data.labels, data.vocab_sha256, metrics, inputs=inputs,
                        data_sources=data.splits.sources, parameters=count_parameters(model),
-                       runtime=runtime.report(), speed=speed or {})
+                       runtime=runtime.report(), speed=speed or {}, **extra)
 
 
 def train_teacher(cfg, data, out_dir, checkpoint_root):
