@@ -9,8 +9,6 @@ is exact) but never saved with the student.
 """
 import copy
 import logging
-from functools import partial
-
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
@@ -22,8 +20,8 @@ from .data import IGNORE_INDEX
 from .distill_losses import FEATURE_LOSSES, attention_loss, real_token_mask, soft_cross_entropy_sum
 from .errors import UserError
 from .matches import features, layer_map, parse_matches
-from .modeling import count_parameters, numpy_logits
-from .training import (count_batches, evaluate, global_token_count, make_optimizer, save_teacher, set_seed,
+from .modeling import count_parameters
+from .training import (best_model_eval, count_batches, global_token_count, make_optimizer, save_teacher, set_seed,
                        total_steps, train_loop)
 
 log = logging.getLogger("ner_compress")
@@ -135,13 +133,14 @@ class StudentDistiller:
         with paddle.no_grad():
             teacher_out = self._run(self.teacher, batch)
         student_out = self._run(self.model.student, batch)
-        parts = {m.name: (m.weight, self.match_loss(m, student_out, teacher_out, mask, tokens)) for m in self.matches}
         # T^2 keeps the soft term's gradient scale independent of the temperature (Hinton et al.)
         soft = soft_cross_entropy_sum(student_out.logits, teacher_out.logits, labels, self.temperature) / tokens
-        parts["logit"] = (self.lambda_logit * self.temperature ** 2, soft)
+        parts = {"logit": (self.lambda_logit * self.temperature ** 2, soft)}
         if self.hard_weight:
             hard = F.cross_entropy(student_out.logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / tokens
             parts["hard"] = (self.hard_weight, hard)
+        for m in self.matches:
+            parts[m.name] = (m.weight, self.match_loss(m, student_out, teacher_out, mask, tokens))
         total = paddle.add_n([weight * loss for weight, loss in parts.values()])
         total.backward()
         losses = {"loss": parallel.all_reduce_sum(float(total))}
@@ -168,16 +167,9 @@ def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root
              config.intermediate_size, count_parameters(student), count_parameters(teacher),
              len(model.projections), [m.name for m in matches])
     record = {"init_teacher_layers": layers, "matches": [vars(m) for m in matches]}
-
-    def eval_fn(step, state):
-        scores = evaluate(partial(numpy_logits, student), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
-        log.info("student step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
-                 scores["f1"])
-        if scores["f1"] > state["best"].get("dev_f1", -1.0):
-            state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-            save_teacher(student, data, cfg, state["best"], out_dir, state.get("speed"), stage="student",
-                         inputs={"teacher": teacher_manifest}, **record)
-
+    eval_fn = best_model_eval("student", student, data, dev_w, cfg, lambda state: save_teacher(
+        student, data, cfg, state["best"], out_dir, state.get("speed"), stage="student",
+        inputs={"teacher": teacher_manifest}, **record))
     checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     state = train_loop("student", cfg, model, optimizer, scheduler, train_w, steps, cfg.student_eval_steps,
                        distiller.step, eval_fn, checkpointer, data.encoder.pad_id)
