@@ -22,6 +22,7 @@ WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdiparams", ".pdmodel")
 MAKERS = {
     "teacher": "python tools/train_teacher.py",
     "ofa": "python tools/ofa_compress.py",
+    "student": "python tools/distill.py",
     "export": "python tools/export.py",
 }
 

@@ -21,13 +21,16 @@ from .metrics import entity_scores
 from .export import max_abs_diff, trained_widths
 
 def export_dirs(output_dir):
-    """[(name, export dir)]: the teacher first, then widths from widest to narrowest."""
+    """[(name, export dir)]: the teacher first, then widths from widest to narrowest; then the same
+    for the student (``student``, ``student width W``)."""
     root = os.path.join(output_dir, "export")
     found = []
-    if os.path.isdir(os.path.join(root, "teacher", "static")):
-        found.append(("teacher", os.path.join(root, "teacher")))
-    widths = sorted(trained_widths(root, "static"), reverse=True)
-    return found + [(f"width {w}", os.path.join(root, f"width_{w}")) for w in widths]
+    for model, prefix in (("teacher", ""), ("student", "student_")):
+        if os.path.isdir(os.path.join(root, model, "static")):
+            found.append((model, os.path.join(root, model)))
+        widths = sorted(trained_widths(root, "static", f"{prefix}width_"), reverse=True)
+        found += [(f"{prefix.replace('_', ' ')}width {w}", os.path.join(root, f"{prefix}width_{w}")) for w in widths]
+    return found
 
 
 # --- backends --------------------------------------------------------------------------------
@@ -235,7 +238,9 @@ def slug(name):
 
 
 def export_dir_width(name):
-    return 1.0 if name == "teacher" else float(name.split()[-1])
+    """1.0 for "teacher" and "student", W for "width W" and "student width W"."""
+    last = name.split()[-1]
+    return float(last) if last[0].isdigit() else 1.0
 
 
 def find(rows, model, kind):
@@ -261,6 +266,23 @@ def targets(rows):
         ratio = teacher["sentences_per_s"] / teacher["dynamic_sentences_per_s"]
         checks.append(("static predictor: >= 3x dynamic throughput at batch 32 (teacher)", f"{ratio:.2f}x",
                        ratio >= 3))
+    return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in checks]
+
+
+def student_targets(rows):
+    """Issue 9's targets for the half-depth student and its width 0.5 (FP32, vs the FP32 teacher)."""
+    teacher = find(rows, "teacher", "fp32")
+    checks = []
+    for model, speed, latency, share in (("student", 1.8, 1.6, 0.98), ("student width 0.5", 3.0, 2.0, 0.97)):
+        row = find(rows, model, "fp32")
+        if not (teacher and row):
+            continue
+        ratios = (row["sentences_per_s"] / teacher["sentences_per_s"],
+                  teacher["latency_ms_p50"] / row["latency_ms_p50"], row["f1"] / teacher["f1"] if teacher["f1"] else 0)
+        checks.append((f"{model} FP32: >= {speed}x teacher throughput at batch 32", f"{ratios[0]:.2f}x",
+                       ratios[0] >= speed))
+        checks.append((f"{model} FP32: >= {latency}x lower batch-1 p50", f"{ratios[1]:.2f}x", ratios[1] >= latency))
+        checks.append((f"{model} FP32: >= {share:.0%} of teacher F1", f"{ratios[2]:.2%}", ratios[2] >= share))
     return [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in checks]
 
 

@@ -1,6 +1,7 @@
 """One flat configuration for all stages: dataclass defaults < YAML file < command-line flags."""
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
@@ -67,6 +68,22 @@ class Config:
     lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
     importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
 
+    # depth/hidden distillation into a student (ner_compress/student.py); None: the teacher's size
+    student_num_layers: Optional[int] = None
+    student_hidden_size: Optional[int] = None
+    student_num_attention_heads: Optional[int] = None
+    student_intermediate_size: Optional[int] = None
+    # [{student_layer, teacher_layer, feature: hidden|attention, loss: mse|cosine, weight}]; see matches.py
+    intermediate_matches: Optional[List[dict]] = None
+    student_temperature: float = 1.0
+    student_lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
+    student_hard_label_weight: float = 0.0  # cross-entropy to the gold labels
+    student_learning_rate: float = 1e-4
+    student_num_train_epochs: float = 3.0
+    student_max_steps: int = -1
+    student_eval_steps: int = 500
+    run_student: bool = False  # run_pipeline.py: also the student, its widths and their exports
+
     # export and inference
     decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
     width_mult: float = 0.5
@@ -84,6 +101,8 @@ def _field_kind(f):
     text = str(f.type)
     if "List[float]" in text:
         return "floats"
+    if "List[dict]" in text:
+        return "json"
     for name, kind in (("bool", bool), ("int", int), ("float", float)):
         if f.type is kind or text in (f"typing.Optional[{name}]",):
             return kind
@@ -97,6 +116,8 @@ def _coerce(name, value, source):
     try:
         if kind == "floats":
             return [float(v) for v in (value if isinstance(value, list) else [value])]
+        if kind == "json":  # YAML gives the list already; its entries are checked by the stage that uses it
+            return json.loads(value) if isinstance(value, str) else value
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -139,6 +160,9 @@ def add_config_flags(parser, names):
             parser.add_argument(f"--{name}", action="store_true", default=None)
         elif kind == "floats":
             parser.add_argument(f"--{name}", type=float, nargs="+")
+        elif kind == "json":  # a UserError from the parse passes through argparse: one line, exit 2
+            parser.add_argument(f"--{name}", type=lambda v, n=name: _coerce(n, v, f"--{n}"),
+                                help="JSON list, as in the YAML presets")
         else:
             parser.add_argument(f"--{name}", type=kind)
     return parser

@@ -46,9 +46,10 @@ def _count(mask, count):
     return paddle.clip(mask.sum(), min=1.0) if count is None else count
 
 
-def masked_mse(student, teacher, mask, count=None):
-    """Mean squared error over real characters and hidden units."""
-    return ((student - teacher) ** 2 * mask).sum() / (_count(mask, count) * student.shape[-1])
+def masked_mse(student, teacher, mask, count=None, units=None):
+    """Mean squared error over real characters and ``units`` (default: the last axis)."""
+    units = student.shape[-1] if units is None else units
+    return ((student - teacher) ** 2 * mask).sum() / (_count(mask, count) * units)
 
 
 def masked_cosine(student, teacher, mask, count=None):
@@ -58,6 +59,26 @@ def masked_cosine(student, teacher, mask, count=None):
 
 
 FEATURE_LOSSES = {"mse": masked_mse, "cosine": masked_cosine}
+
+
+def _query_rows(probs):
+    """[batch, heads, query, key] -> [batch, query, heads * key]: one row per character."""
+    return probs.transpose([0, 2, 1, 3]).reshape([0, 0, -1])
+
+
+def attention_loss(loss, student, teacher, mask, count=None):
+    """``loss`` (mse or cosine) between attention probabilities [batch, heads, query, key] over real
+    query characters; head by head when the head counts agree, else between the means over heads.
+
+    MSE sums over keys (each row is a distribution) and averages over heads, so the padded
+    length of a batch, which differs between one process and several, does not change it.
+    """
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    rows_s, rows_t = _query_rows(student), _query_rows(teacher)
+    if loss == "mse":
+        return masked_mse(rows_s, rows_t, mask, count, units=student.shape[1])
+    return FEATURE_LOSSES[loss](rows_s, rows_t, mask, count)
 
 
 def soft_cross_entropy_sum(student_logits, teacher_logits, labels, temperature=1.0):

@@ -33,12 +33,12 @@ INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
               InputSpec([None, None], "int64", name="token_type_ids")]
 
 
-def trained_widths(parent, marker="manifest.json"):
-    """Widths W with a finished ``parent/width_W/<marker>`` (ofa/ by default, export/ with "static")."""
+def trained_widths(parent, marker="manifest.json", prefix="width_"):
+    """Widths W with a finished ``parent/<prefix>W/<marker>`` (ofa/ by default, export/ with "static")."""
     if not os.path.isdir(parent):
         return []
-    return sorted(float(name[len("width_"):]) for name in os.listdir(parent)
-                  if name.startswith("width_") and os.path.exists(os.path.join(parent, name, marker)))
+    return sorted(float(name[len(prefix):]) for name in os.listdir(parent)
+                  if name.startswith(prefix) and os.path.exists(os.path.join(parent, name, marker)))
 
 
 def load_supernet_width(source_dir):
@@ -146,12 +146,13 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
                         width)
 
 
-def export_teacher(cfg, data, teacher_dir, out_dir):
-    manifest = read_manifest(teacher_dir, "teacher")
+def export_teacher(cfg, data, teacher_dir, out_dir, stage="teacher"):
+    """The teacher, or a student (same format, ``stage="student"``), at full width."""
+    manifest = read_manifest(teacher_dir, stage)
     check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
-    teacher = load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher")
+    teacher = load_pretrained(model_class_for(teacher_dir, stage), teacher_dir, flag=stage)
     teacher.eval()
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     model = build_sub_model(teacher_dir, 1.0, state)
-    return write_export(out_dir, model, data, cfg, manifest, "teacher",
+    return write_export(out_dir, model, data, cfg, manifest, stage,
                         partial(numpy_logits, teacher), 1.0)

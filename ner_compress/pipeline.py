@@ -1,18 +1,19 @@
 """The stages as functions of a Config, and the command lines that call them.
 
-``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``.
+``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``;
+``DIR/teacher`` -> ``DIR/student`` -> ``DIR/student_ofa/width_W`` -> ``DIR/export/{student,student_width_W}``.
 """
 import json
 import logging
 import os
 import sys
 
-from . import benchmark, export, parallel, runtime, supernet, training
+from . import benchmark, export, parallel, runtime, student, supernet, training
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
 from .errors import UserError
-from .architectures import model_class_for
+from .architectures import load_config, model_class_for
 from .modeling import load_pretrained
 
 log = logging.getLogger("ner_compress")
@@ -33,18 +34,29 @@ OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
 # how the previous stage was run, not what it was run on
 NOT_INHERITED = {"resume", "resume_from", "output_dir"}
 EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir"]
+STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "student_num_layers", "student_hidden_size", "student_num_attention_heads", "student_intermediate_size",
+    "intermediate_matches", "student_temperature", "student_lambda_logit", "student_hard_label_weight",
+    "student_learning_rate", "student_num_train_epochs", "student_max_steps", "student_eval_steps",
+    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+SOURCES = ("teacher", "student")  # what a width supernet can be made of (--from)
 
 
 def teacher_dir(cfg):
     return os.path.join(cfg.output_dir, "teacher")
 
 
-def ofa_dir(cfg):
-    return os.path.join(cfg.output_dir, "ofa")
+def student_dir(cfg):
+    return os.path.join(cfg.output_dir, "student")
 
 
-def export_dir(cfg, width=None):
-    name = "teacher" if width is None else f"width_{round(width, 4)}"
+def ofa_dir(cfg, source="teacher"):
+    return os.path.join(cfg.output_dir, "ofa" if source == "teacher" else f"{source}_ofa")
+
+
+def export_dir(cfg, width=None, source="teacher"):
+    prefix = "" if source == "teacher" else f"{source}_"
+    name = source if width is None else f"{prefix}width_{round(width, 4)}"
     return os.path.join(cfg.output_dir, "export", name)
 
 
@@ -79,29 +91,46 @@ def run_teacher(cfg, data=None):
     return training.train_teacher(cfg, data, teacher_dir(cfg), checkpoint_dir(cfg, "teacher"))
 
 
-def run_ofa(cfg, data=None):
+def run_student(cfg, data=None):
+    """Distil DIR/teacher into the configured student (DIR/student/)."""
     teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
+    student.plan(cfg, load_config(teacher_dir(cfg), "teacher"))  # a bad shape or match fails before data
     data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
     teacher = load_pretrained(model_class_for(teacher_dir(cfg), "teacher"), teacher_dir(cfg), flag="teacher")
+    return student.train_student(cfg, data, teacher, teacher_manifest, student_dir(cfg),
+                                 checkpoint_dir(cfg, "student"))
+
+
+def run_ofa(cfg, data=None, source="teacher"):
+    """The width supernet of ``source`` (teacher or student), distilled from ``source`` itself:
+    its hidden states are matched layer by layer, so they must have the supernet's depth and size."""
+    source_dir = os.path.join(cfg.output_dir, source)
+    teacher_manifest = read_manifest(source_dir, source)
+    data = data or _start(cfg)
+    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, source_dir)
+    teacher = load_pretrained(model_class_for(source_dir, source), source_dir, flag=source)
     training.set_seed(cfg.seed)
-    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, ofa_dir(cfg), checkpoint_dir(cfg, "ofa"))
+    out_dir = ofa_dir(cfg, source)
+    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, out_dir,
+                                     checkpoint_dir(cfg, os.path.basename(out_dir)))
     if not parallel.is_writer():
         return best, history
     summary = {"stage": "ofa-summary", "widths": sorted(best), "best": best,
                "loss_history": history, "teacher": teacher_manifest.get("metrics", {})}
-    write_json(os.path.join(ofa_dir(cfg), "summary.json"), summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     for width, result in sorted(best.items(), reverse=True):
         log.info("ofa: width %s best dev F1 %.4f (step %s)", width, result["dev_f1"], result.get("step"))
     return best, history
 
 
-def run_export(cfg, width=None, data=None):
-    """Export one width (or the teacher when ``width`` is None)."""
+def run_export(cfg, width=None, data=None, source="teacher"):
+    """Export one width of ``source``'s supernet (or ``source`` itself when ``width`` is None)."""
     data = data or _start(cfg)
     if width is None:
-        return export.export_teacher(cfg, data, teacher_dir(cfg), export_dir(cfg))
-    return export.export_width(cfg, data, ofa_dir(cfg), export_dir(cfg, width), width)
+        return export.export_teacher(cfg, data, os.path.join(cfg.output_dir, source), export_dir(cfg, None, source),
+                                     stage=source)
+    return export.export_width(cfg, data, ofa_dir(cfg, source), export_dir(cfg, width, source), width)
 
 
 def run_all(cfg):
@@ -113,10 +142,17 @@ def run_all(cfg):
     run_export(cfg, None, data)
     for width in widths:
         run_export(cfg, width, data)
+    models = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths]
+    if cfg.run_student:
+        run_student(cfg, data)
+        run_ofa(cfg, data, "student")
+        for width in [None, *widths]:
+            run_export(cfg, width, data, "student")
+        models += [("student", export_dir(cfg, None, "student"))]
+        models += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths]
     log.info("measuring %d test sentences per model", len(data.splits.test))
-    rows = [benchmark.summary_row("teacher", export_dir(cfg), data.splits.test, cfg.cpu_threads, cfg.device)]
-    rows += [benchmark.summary_row(f"width {width}", export_dir(cfg, width), data.splits.test, cfg.cpu_threads,
-                                   cfg.device) for width in widths]
+    rows = [benchmark.summary_row(name, directory, data.splits.test, cfg.cpu_threads, cfg.device)
+            for name, directory in models]
     speeds = training_speeds(cfg)
     text = benchmark.summary_table(rows) + "\n\n" + "\n".join(
         f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
@@ -146,7 +182,8 @@ def training_speeds(cfg):
 
 def run_all_cli(argv=None):
     cfg, _ = parse_config("Run every stage on one config and print the test-set table.",
-                          sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS) - {"width_mult"}), argv,
+                          sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + ["run_student"])
+                                 - {"width_mult"}), argv,
                           default_config=DEMO_CONFIG)
     run_all(cfg)
 
@@ -162,6 +199,10 @@ def run_benchmark(cfg, opts, command):
         for width in export.trained_widths(ofa_dir(cfg)):
             if not os.path.isdir(os.path.join(export_dir(cfg, width), "static")):
                 run_export(cfg, width, data)
+        if os.path.isfile(os.path.join(student_dir(cfg), MANIFEST)):
+            for width in [None, *export.trained_widths(ofa_dir(cfg, "student"))]:
+                if not os.path.isdir(os.path.join(export_dir(cfg, width, "student"), "static")):
+                    run_export(cfg, width, data, "student")
     models = benchmark.export_dirs(cfg.output_dir)
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
@@ -182,7 +223,7 @@ def run_benchmark(cfg, opts, command):
                "matmul_gflops": ceiling, "batch_size": opts["batch_size"],
                "repeats": opts["repeats"], "test_sentences": len(sentences),
                "speed_sentences": min(len(sentences), opts["speed_sentences"]), "rows": rows,
-               "targets": benchmark.targets(rows)}
+               "targets": benchmark.targets(rows) + benchmark.student_targets(rows)}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(benchmark.markdown(results))
@@ -213,16 +254,35 @@ def train_teacher_cli(argv=None):
     run_teacher(cfg)
 
 
+def distill_cli(argv=None):
+    cfg, _ = parse_config("Distil the teacher into a shallower or narrower student; best dev F1 goes to "
+                          "DIR/student/.", STUDENT_FLAGS, argv, inherit=recorded_config("teacher"))
+    run_student(cfg)
+
+
+def add_source_flag(parser):
+    parser.add_argument("--from", dest="source", choices=SOURCES, default="teacher",
+                        help="the model whose width supernet to use (student: DIR/student_ofa/)")
+
+
 def ofa_compress_cli(argv=None):
-    cfg, _ = parse_config("Distil the teacher into an OFA width supernet; best per width goes to DIR/ofa/.",
-                          OFA_FLAGS, argv, inherit=recorded_config("teacher"))
-    run_ofa(cfg)
+    cfg, args = parse_config("Distil the teacher (or --from student) into an OFA width supernet; best per width "
+                             "goes to DIR/ofa/ (DIR/student_ofa/).", OFA_FLAGS, argv, extra=add_source_flag,
+                             inherit=recorded_config("teacher"))
+    run_ofa(cfg, source=args.source)
 
 
 def export_cli(argv=None):
     def extra(parser):
         parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
+        parser.add_argument("--student", action="store_true", help="export the student instead of a width")
+        add_source_flag(parser)
     cfg, args = parse_config("Cut a width out of the supernet; save dynamic and static graph under DIR/export/.",
                              EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
-    run_export(cfg, None if args.teacher else cfg.width_mult)
+    if args.teacher and args.student:
+        raise UserError("--teacher and --student: export one model at a time")
+    if args.teacher or args.student:
+        run_export(cfg, None, source="student" if args.student else "teacher")
+    else:
+        run_export(cfg, cfg.width_mult, source=args.source)
 

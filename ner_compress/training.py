@@ -206,16 +206,30 @@ def parameters_digest(model):
     return digest.hexdigest()
 
 
-def save_teacher(model, data, cfg, metrics, out_dir, speed=None):
+def save_teacher(model, data, cfg, metrics, out_dir, speed=None, stage="teacher", inputs=None, **extra):
+    """A loadable model directory; the student stage writes the same format (``stage="student"``)."""
     if not parallel.is_writer():
         return
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(model, data.vocab_file, tmp)
-        write_manifest(tmp, "teacher", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
+        write_manifest(tmp, stage, cfg.to_dict(), data.labels, data.vocab_sha256, metrics, inputs=inputs,
                        data_sources=data.splits.sources, parameters=count_parameters(model),
-                       architecture=model.config.model_type,
-                       runtime=runtime.report(), speed=speed or {})
+                       architecture=model.config.model_type, runtime=runtime.report(), speed=speed or {}, **extra)
+
+
+def best_model_eval(name, model, data, dev_windows, cfg, save):
+    """``eval_fn`` for ``train_loop`` with one model: dev F1, and ``save(state)`` at each new best."""
+    def eval_fn(step, state):
+        # every rank scores the whole dev set with identical weights: one F1, one decision
+        scores = evaluate(partial(numpy_logits, model), data, dev_windows, cfg.per_device_eval_batch_size,
+                          cfg.decoding)
+        log.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
+                 scores["f1"])
+        if scores["f1"] > state["best"].get("dev_f1", -1.0):
+            state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
+            save(state)
+    return eval_fn
 
 
 def train_teacher(cfg, data, out_dir, checkpoint_root):
@@ -237,15 +251,8 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
         (loss_sum / tokens).backward()
         return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}
 
-    def eval_fn(step, state):
-        # every rank scores the whole dev set with identical weights: one F1, one decision
-        scores = evaluate(partial(numpy_logits, model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
-        log.info("teacher step %d dev P %.4f R %.4f F1 %.4f", step, scores["precision"], scores["recall"],
-                 scores["f1"])
-        if scores["f1"] > state["best"].get("dev_f1", -1.0):
-            state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-            save_teacher(model, data, cfg, state["best"], out_dir, state.get("speed"))
-
+    eval_fn = best_model_eval("teacher", model, data, dev_w, cfg,
+                              lambda state: save_teacher(model, data, cfg, state["best"], out_dir, state.get("speed")))
     checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     state = train_loop("teacher", cfg, model, optimizer, scheduler, train_w, steps, cfg.eval_steps, step_fn,
                        eval_fn, checkpointer, data.encoder.pad_id)

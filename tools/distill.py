@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Stage 1b: distil DIR/teacher/ into a shallower or narrower student; the best dev-F1 model goes to DIR/student/."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ner_compress import pipeline  # noqa: E402
+from ner_compress.errors import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    run_cli(pipeline.distill_cli)
