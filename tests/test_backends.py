@@ -2,30 +2,19 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, train_near_random_teacher
+from conftest import run_tool as tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-
-
-def tool(name, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("backends")
-    # near-random weights tag many (wrong) entities, so equal entities are not 0 == 0
-    tool("train_teacher.py", "--config", TINY, "--output_dir", out, "--max_steps", 2, "--eval_steps", 1,
-         "--learning_rate", 1e-7)
+    train_near_random_teacher(out)
     tool("export.py", "--teacher", "--output_dir", out)
     return out / "export" / "teacher"
 
