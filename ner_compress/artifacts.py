@@ -16,7 +16,7 @@ from .errors import UserError
 from .resources import file_digest
 
 MANIFEST = "manifest.json"
-WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdiparams", ".pdmodel")
+WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdiparams", ".pdmodel", ".onnx")
 
 # which command makes each stage's directory, for "missing input" messages
 MAKERS = {

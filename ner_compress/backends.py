@@ -1,21 +1,31 @@
 """Inference backends behind one ``Tagger`` interface: Paddle Inference, ONNX Runtime, dynamic graph.
 
 Each backend only implements ``logits(input_ids, token_type_ids) -> numpy``; windowing,
-decoding and entity extraction live in ``inference.Tagger``. ``load_tagger`` picks one by name.
+bucketed padding, decoding and entity extraction live in ``inference.Tagger``. ``load_tagger``
+picks one by name; ``DEFAULT_BACKEND`` is the faster one on CPU as measured (README, "Backends").
 """
+import json
 import os
 
 import numpy as np
 import paddle.inference as paddle_infer
 
 from .errors import UserError
-from .inference import MODEL_PREFIX, Tagger
+from .inference import MODEL_PREFIX, Tagger, read_meta
 from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
+DEFAULT_BACKEND = "onnxruntime"
+ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"
+# oneDNN only from this hidden size up. Demo shapes (hidden 128), batch 1, length 48, 1 thread,
+# median run(): width 0.5 1.4 ms native vs 5.0-6.0 ms oneDNN, teacher 4.7 vs 5.2 ms; oneDNN also
+# rebuilds its primitives per new shape. Bert-base (768) was not measured: its larger matmuls
+# are where oneDNN's kernels can pay for their per-op overhead, so it keeps oneDNN.
+MKLDNN_MIN_HIDDEN = 512
 
 
-def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
+def predictor_config(model_dir, device="cpu", threads=None, mkldnn=None):
+    """Paddle Inference settings; ``mkldnn=None`` decides from the model's hidden size."""
     config = paddle_infer.Config(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel"),
                                  os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"))
     if device == "gpu":
@@ -23,20 +33,40 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+        if mkldnn is None:
+            mkldnn = hidden_size(model_dir) >= MKLDNN_MIN_HIDDEN
         if mkldnn:
             config.enable_mkldnn()
-            config.set_mkldnn_cache_capacity(16)  # shapes vary per batch; bound oneDNN's cache
+            # one primitive set per input shape: bucketed padding keeps the shapes to
+            # max_seq_length / 16 lengths per batch size, which this capacity holds
+            config.set_mkldnn_cache_capacity(64)
+        else:
+            config.disable_mkldnn()  # Paddle 2.6.2's Config turns oneDNN on for CPU by default
     config.switch_ir_optim(True)
+    config.enable_memory_optim()
+    # zero-copy handles: inputs are copied straight into the predictor's tensors, no feed/fetch ops
+    config.switch_use_feed_fetch_ops(False)
     config.disable_glog_info()
     return config
+
+
+def hidden_size(model_dir):
+    """The hidden size from the export's ``dynamic/config.json`` beside ``static/`` (0 if absent)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "dynamic", "config.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as fh:
+        return int(json.load(fh).get("hidden_size", 0))
 
 
 class StaticTagger(Tagger):
     """Tags texts with an exported static model through Paddle Inference."""
 
-    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32, int8=False,
-                 decoding="viterbi"):
-        super().__init__(model_dir, batch_size, decoding)
+    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=None, batch_size=32, int8=False,
+                 decoding="viterbi", bucket=True):
+        super().__init__(model_dir, batch_size, decoding, bucket)
+        if int8:
+            mkldnn = True  # the INT8 kernels are oneDNN's
         config = predictor_config(model_dir, device, threads, mkldnn)
         if int8 and device == "cpu":
             # INT8 kernels for the linear layers only: letting oneDNN also quantize the attention
@@ -44,16 +74,17 @@ class StaticTagger(Tagger):
             # fake-quant simulation of the same calibration kept 0.298 (measured, Paddle 2.6.2)
             config.enable_mkldnn_int8({"fc"})
         self.predictor = paddle_infer.create_predictor(config)
-        self.input_names = self.predictor.get_input_names()
+        # handles looked up once: each lookup crosses into C++ and allocates a wrapper
+        self.inputs = [(name, self.predictor.get_input_handle(name)) for name in self.predictor.get_input_names()]
+        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
     def logits(self, input_ids, token_type_ids):
         feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
-        for name in self.input_names:
-            handle = self.predictor.get_input_handle(name)
+        for name, handle in self.inputs:
             handle.reshape(feeds[name].shape)
             handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
         self.predictor.run()
-        return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
+        return self.output.copy_to_cpu()
 
 
 def export_onnx(static_dir, onnx_path):
@@ -65,16 +96,33 @@ def export_onnx(static_dir, onnx_path):
     return onnx_path
 
 
+def onnx_path_for(static_dir):
+    """``<export>/onnx/model.onnx`` beside ``<export>/static``."""
+    return os.path.join(os.path.dirname(os.path.abspath(static_dir)), ONNX_DIR, ONNX_FILE)
+
+
+def ort_session_options(threads=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of ops: no inter-op pool
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    return options
+
+
 class OnnxTagger(Tagger):
     """The same static model converted by paddle2onnx, run by ONNX Runtime."""
 
-    def __init__(self, static_dir, onnx_path, threads=None, batch_size=32, decoding="viterbi"):
+    def __init__(self, static_dir, onnx_path=None, threads=None, batch_size=32, decoding="viterbi", bucket=True,
+                 options=None):
         import onnxruntime as ort
 
-        super().__init__(static_dir, batch_size, decoding)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        super().__init__(static_dir, batch_size, decoding, bucket)
+        self.session = ort.InferenceSession(onnx_path or onnx_path_for(static_dir),
+                                            options or ort_session_options(threads),
+                                            providers=["CPUExecutionProvider"])
 
     def logits(self, input_ids, token_type_ids):
         return self.session.run(None, {"input_ids": input_ids, "token_type_ids": token_type_ids})[0]
@@ -95,13 +143,23 @@ class DynamicTagger(Tagger):
         return numpy_logits(self.model, input_ids, token_type_ids)
 
 
-def load_tagger(model_dir, backend="paddle", device="cpu", threads=None, batch_size=32, decoding="viterbi"):
-    """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``)."""
+def check_backend(backend, model_dir):
+    """Refuse an unknown backend, or ONNX Runtime without its exported file, in one line."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown; use one of {', '.join(BACKENDS)}")
+    read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
+    if backend == "onnxruntime" and not os.path.isfile(onnx_path_for(model_dir)):
+        raise UserError(f"--backend onnxruntime: no {onnx_path_for(model_dir)}; re-export with "
+                        f"`python tools/export.py` (it writes onnx/ beside static/) or use --backend paddle")
+
+
+def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi"):
+    """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``);
+    ``backend=None``: ONNX Runtime on CPU, Paddle Inference on GPU."""
+    backend = backend or (DEFAULT_BACKEND if device == "cpu" else "paddle")
+    check_backend(backend, model_dir)
+    if backend == "onnxruntime" and device != "cpu":
+        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")
     if backend == "paddle":
         return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding)
-    onnx_path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "onnx", "model.onnx")
-    if not os.path.isfile(onnx_path):
-        raise UserError(f"--backend onnxruntime: no {onnx_path}; re-run `python tools/export.py` to write it")
-    return OnnxTagger(model_dir, onnx_path, threads=threads, batch_size=batch_size, decoding=decoding)
+    return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding)

@@ -3,8 +3,9 @@
 ``DIR/export/width_W/dynamic``: ``PrunedBertForTokenClassification.from_pretrained`` loads it
 (config with ``width_mult``, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
 with int64 ``input_ids`` and ``token_type_ids`` of shape [None, None], plus what
-``inference.StaticTagger`` needs. Before the directory is swapped in, the supernet at that
-width, the reloaded dynamic model and the static predictor must agree on the logits.
+``inference.StaticTagger`` needs. ``DIR/export/width_W/onnx/model.onnx``: the static graph
+converted by paddle2onnx for ONNX Runtime. Before the directory is swapped in, the supernet at
+that width, the reloaded dynamic model, the static predictor and ONNX Runtime must agree on the logits.
 """
 import logging
 import os
@@ -19,7 +20,7 @@ from paddleslim.nas.ofa import OFA
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
 from .data import collate
 from .errors import UserError
-from .backends import StaticTagger
+from .backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from .inference import INFERENCE_META, MODEL_PREFIX
 from .checkpoint import load_weights
 from .architectures import load_config, model_class_for, save_tokenizer
@@ -104,11 +105,11 @@ def sample_inputs(data, n=16):
 
 
 def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, width):
-    """Save dynamic + static into a scratch dir, check parity against ``reference_fn``, swap in."""
+    """Save dynamic, static and ONNX into a scratch dir, check parity against ``reference_fn``, swap in."""
     input_ids, token_type_ids = sample_inputs(data)
     reference = reference_fn(input_ids, token_type_ids)
     with atomic_dir(out_dir) as tmp:
-        dynamic_dir, static_dir = os.path.join(tmp, "dynamic"), os.path.join(tmp, "static")
+        dynamic_dir, static_dir, onnx_dir = (os.path.join(tmp, sub) for sub in ("dynamic", "static", ONNX_DIR))
         model.save_pretrained(dynamic_dir, safe_serialization=True)
         save_tokenizer(model, data.vocab_file, dynamic_dir)
         save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
@@ -116,12 +117,16 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
         reloaded.eval()
         static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
             input_ids, token_type_ids)
+        os.makedirs(onnx_dir)
+        onnx_path = export_onnx(static_dir, os.path.join(onnx_dir, ONNX_FILE))
+        onnx_logits = OnnxTagger(static_dir, onnx_path, threads=cfg.cpu_threads).logits(input_ids, token_type_ids)
         diffs = check_parity(reference_name, reference, {
             "reloaded dynamic model": numpy_logits(reloaded, input_ids, token_type_ids),
             "static predictor": static_logits,
+            "onnx runtime": onnx_logits,
         })
         log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
-        for sub in (dynamic_dir, static_dir):
+        for sub in (dynamic_dir, static_dir, onnx_dir):
             write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
                            {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
                            inputs={source_manifest["stage"]: source_manifest}, width_mult=width,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import paddle
 from paddle import nn
-from .architectures import (FAMILIES, PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
+from .architectures import (PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
                             load_config, model_class_for)
 from .errors import UserError
 

@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from . import benchmark, export, parallel, runtime, student, supernet, training
+from . import benchmark, export, parallel, report, runtime, student, supernet, training
+from .backends import BACKENDS, check_backend
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
 from .data import prepare_data
@@ -154,7 +155,7 @@ def run_all(cfg):
     rows = [benchmark.summary_row(name, directory, data.splits.test, cfg.cpu_threads, cfg.device)
             for name, directory in models]
     speeds = training_speeds(cfg)
-    text = benchmark.summary_table(rows) + "\n\n" + "\n".join(
+    text = report.summary_table(rows) + "\n\n" + "\n".join(
         f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
         f"evaluation)" for stage, v in speeds.items())
     os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
@@ -207,6 +208,9 @@ def run_benchmark(cfg, opts, command):
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
                         f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
+    for backend in opts["backends"]:
+        for _, directory in models:
+            check_backend(backend, os.path.join(directory, "static"))
     report_dir = os.path.join(cfg.output_dir, "report")
     work_dir = os.path.join(report_dir, "models")
     os.makedirs(work_dir, exist_ok=True)
@@ -222,13 +226,14 @@ def run_benchmark(cfg, opts, command):
     results = {"command": command, "machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
                "matmul_gflops": ceiling, "batch_size": opts["batch_size"],
                "repeats": opts["repeats"], "test_sentences": len(sentences),
-               "speed_sentences": min(len(sentences), opts["speed_sentences"]), "rows": rows,
-               "targets": benchmark.targets(rows) + benchmark.student_targets(rows)}
+               "speed_sentences": min(len(sentences), opts["speed_sentences"]),
+               "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows,
+               "targets": report.targets(rows) + report.student_targets(rows)}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(benchmark.markdown(results))
-    benchmark.plot_pareto(rows, os.path.join(report_dir, "pareto.png"))
-    print(benchmark.markdown(results))
+        fh.write(report.markdown(results))
+    report.plot_pareto(rows, os.path.join(report_dir, "pareto.png"))
+    print(report.markdown(results))
     return results
 
 
@@ -241,11 +246,14 @@ def benchmark_cli(argv=None):
         parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
         parser.add_argument("--calibration_sentences", type=int, default=320, help="dev sentences for INT8")
         parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
+        parser.add_argument("--backend", default=None,
+                            help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime; default: both")
     cfg, args = parse_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
                              ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
                              inherit=recorded_config("teacher"))
     opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
                                           "latency_sentences", "calibration_sentences", "export_missing")}
+    opts["backends"] = [args.backend] if args.backend else list(BACKENDS)
     run_benchmark(cfg, opts, "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 

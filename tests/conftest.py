@@ -80,3 +80,21 @@ def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     a = window_log_probs(static.logits, windows, 32, static.encoder.pad_id)
     b = window_log_probs(supernet.ofa_logits(ofa_model), windows, 32, static.encoder.pad_id)
     return len(windows), max(float(abs(x - y).max()) for x, y in zip(a, b) if len(x))
+
+
+def run_tool(name, *args, check=True):
+    """``tools/<name>`` in a subprocess from the repository root; fails the test on a non-zero exit when ``check``."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def train_near_random_teacher(out):
+    """A tiny teacher trained 2 steps at a negligible rate: near-random weights tag many (wrong)
+    entities, so comparing two backends' predictions is not 0 == 0."""
+    run_tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--output_dir", out,
+             "--max_steps", 2, "--eval_steps", 1, "--learning_rate", 1e-7)

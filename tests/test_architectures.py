@@ -9,7 +9,6 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import TINY_LABELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -1,28 +1,19 @@
 """tools/benchmark.py on tiny artifacts: report structure, accuracy = predict.py's, ONNX = Paddle."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_tool as run
+from conftest import train_near_random_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-def run(tool, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    # near-random weights tag many (wrong) entities, so comparing predictions is not 0 == 0
-    run("train_teacher.py", "--config", TINY, "--output_dir", out, "--max_steps", 2, "--eval_steps", 1,
-        "--learning_rate", 1e-7)
+    train_near_random_teacher(out)
     run("ofa_compress.py", "--output_dir", out, "--width_mult_list", 1.0, 0.5, "--ofa_max_steps", 2,
         "--ofa_eval_steps", 1, "--ofa_learning_rate", 1e-7)
     run("benchmark.py", "--output_dir", out, "--export_missing", "--repeats", 1, "--speed_sentences", 32,

@@ -1,21 +1,12 @@
 """The four tools as a user runs them, on configs/tiny.yaml, into a temporary directory."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import TINY_LABELS, export_vs_supernet_diff
+from conftest import run_tool as tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tool(name, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
 
 
 def last_line(text):

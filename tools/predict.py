@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tag texts with an exported static model through Paddle Inference; one JSON object per text."""
+"""Tag texts with an exported model (ONNX Runtime or Paddle Inference); one JSON object per text."""
 import argparse
 import json
 import os
@@ -17,7 +17,8 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to tag (repeatable)")
     source.add_argument("--input_file", help="UTF-8 file, one text per line; '-' for stdin")
-    parser.add_argument("--backend", default="paddle", help="paddle (Paddle Inference) or onnxruntime")
+    parser.add_argument("--backend", default=None,
+                        help="onnxruntime (default on CPU: the export's onnx/model.onnx) or paddle (Paddle Inference)")
     parser.add_argument("--decoding", default="viterbi", help="viterbi (BIO-constrained, default) or argmax")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--cpu_threads", type=int, default=None, help="default: all cores")
