@@ -71,6 +71,7 @@ class ContextTagger(inference.Tagger):
         self.max_seq_length = max_seq_length
         self.encoder = data.CharEncoder(vocab)
         self.batch_size = 4
+        self.bucket = inference.BUCKET
         self.decoder = Decoder(self.labels, "argmax")
         self.bei, self.jing = vocab["北"], vocab["京"]
 
