@@ -77,6 +77,7 @@ def rigged_static_model(directory, vocab_file, favourite):
     from paddlenlp.transformers import BertConfig
 
     from ner_compress import export
+    from ner_compress.backends import export_onnx, onnx_path_for
     from ner_compress.modeling import PrunedBertForTokenClassification
 
     model = PrunedBertForTokenClassification(BertConfig(
@@ -87,18 +88,22 @@ def rigged_static_model(directory, vocab_file, favourite):
     bias[TINY_LABELS.index(favourite)] = 10.0
     model.classifier.bias.set_value(paddle.to_tensor(bias, dtype="float32"))
     model.eval()
-    export.save_static(model, str(directory), TINY_LABELS, 16, vocab_file)
-    return directory
+    static_dir = os.path.join(directory, "static")
+    export.save_static(model, static_dir, TINY_LABELS, 16, vocab_file)
+    os.makedirs(os.path.dirname(onnx_path_for(static_dir)))
+    export_onnx(static_dir, onnx_path_for(static_dir))
+    return static_dir
 
 
-@pytest.mark.parametrize("decoding", ["viterbi", "argmax"])
-def test_predict_spans_equal_known_entities(tmp_path, vocab_file, decoding):
+@pytest.mark.parametrize("decoding,backend", [("viterbi", "onnxruntime"), ("argmax", "onnxruntime"),
+                                              ("viterbi", "paddle")])
+def test_predict_spans_equal_known_entities(tmp_path, vocab_file, decoding, backend):
     """Every character tagged B-PER: each one is its own PER entity, across window edges too
     (max length 16 against a 40-character text)."""
     model_dir = rigged_static_model(tmp_path / "b_per", vocab_file, "B-PER")
     texts = ["中国人民银行在北京开会", "北京" * 20]
-    result = tool("predict.py", "--model_dir", model_dir, "--decoding", decoding, "--text", texts[0],
-                  "--text", texts[1])
+    result = tool("predict.py", "--model_dir", model_dir, "--decoding", decoding, "--backend", backend,
+                  "--text", texts[0], "--text", texts[1])
     records = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [r["text"] for r in records] == texts
     for record, text in zip(records, texts):
