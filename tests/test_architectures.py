@@ -1,13 +1,13 @@
 """Every stage for each supported family: a tiny random model the test saves, then the whole chain."""
 import json
 import os
+from functools import partial
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import paddle
 import pytest
+from conftest import run_tool
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +17,7 @@ FAMILY_SHAPES = {"bert": {}, "ernie": {"use_task_id": True, "task_type_vocab_siz
                  "roberta": {}, "electra": {"embedding_size": 16}}
 
 
-def tool(name, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+tool = partial(run_tool, timeout=600)
 
 
 def save_tiny(model_type, directory, vocab_file, **overrides):

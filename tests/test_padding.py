@@ -1,21 +1,17 @@
 """One padding id, the vocabulary's [PAD], in training, dev evaluation, export and prediction."""
 import json
 import os
-import subprocess
-import sys
+from functools import partial
 
 import pytest
+from conftest import run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 PAD_LINE = 100
 
 
-def tool(name, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+tool = partial(run_tool, timeout=600)
 
 
 @pytest.fixture(scope="module")
