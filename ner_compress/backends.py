@@ -11,21 +11,22 @@ import numpy as np
 import paddle.inference as paddle_infer
 
 from .errors import UserError
-from .inference import MODEL_PREFIX, Tagger, read_meta
+from .inference import MODEL_PREFIX, Tagger, bucket_length, read_meta
 from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
 DEFAULT_BACKEND = "onnxruntime"
 ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"
-# oneDNN only from this hidden size up. Demo shapes (hidden 128), batch 1, length 48, 1 thread,
-# median run(): width 0.5 1.4 ms native vs 5.0-6.0 ms oneDNN, teacher 4.7 vs 5.2 ms; oneDNN also
-# rebuilds its primitives per new shape. Bert-base (768) was not measured: its larger matmuls
-# are where oneDNN's kernels can pay for their per-op overhead, so it keeps oneDNN.
-MKLDNN_MIN_HIDDEN = 512
+# oneDNN stays on for CPU FP32 (Paddle 2.6.2's default). Measured on the demo exports, 2 threads,
+# quiet machine, median ms per call after each shape was seen once, native -> oneDNN: teacher
+# batch 1 2.81 -> 2.40, batch 32 44.2 -> 20.0, varied bucket lengths batch 1 5.12 -> 3.66, batch 32
+# 70.8 -> 29.2; width 0.5 batch 1 2.56 -> 2.64 (a tie), batch 32 25.0 -> 12.0. What oneDNN costs is
+# the first call of each new shape (primitive creation), hence ``warm_shapes``.
+MKLDNN_CACHE_SHAPES = 64
 
 
-def predictor_config(model_dir, device="cpu", threads=None, mkldnn=None):
-    """Paddle Inference settings; ``mkldnn=None`` decides from the model's hidden size."""
+def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
+    """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
     config = paddle_infer.Config(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel"),
                                  os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"))
     if device == "gpu":
@@ -33,15 +34,13 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=None):
     else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
-        if mkldnn is None:
-            mkldnn = hidden_size(model_dir) >= MKLDNN_MIN_HIDDEN
         if mkldnn:
             config.enable_mkldnn()
             # one primitive set per input shape: bucketed padding keeps the shapes to
             # max_seq_length / 16 lengths per batch size, which this capacity holds
-            config.set_mkldnn_cache_capacity(64)
+            config.set_mkldnn_cache_capacity(MKLDNN_CACHE_SHAPES)
         else:
-            config.disable_mkldnn()  # Paddle 2.6.2's Config turns oneDNN on for CPU by default
+            config.disable_mkldnn()
     config.switch_ir_optim(True)
     config.enable_memory_optim()
     # zero-copy handles: inputs are copied straight into the predictor's tensors, no feed/fetch ops
@@ -50,19 +49,10 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=None):
     return config
 
 
-def hidden_size(model_dir):
-    """The hidden size from the export's ``dynamic/config.json`` beside ``static/`` (0 if absent)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "dynamic", "config.json")
-    if not os.path.isfile(path):
-        return 0
-    with open(path, encoding="utf-8") as fh:
-        return int(json.load(fh).get("hidden_size", 0))
-
-
 class StaticTagger(Tagger):
     """Tags texts with an exported static model through Paddle Inference."""
 
-    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=None, batch_size=32, int8=False,
+    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32, int8=False,
                  decoding="viterbi", bucket=True):
         super().__init__(model_dir, batch_size, decoding, bucket)
         if int8:
@@ -77,6 +67,18 @@ class StaticTagger(Tagger):
         # handles looked up once: each lookup crosses into C++ and allocates a wrapper
         self.inputs = [(name, self.predictor.get_input_handle(name)) for name in self.predictor.get_input_names()]
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        if device == "cpu" and (mkldnn or int8):
+            self.warm_shapes()
+
+    def warm_shapes(self):
+        """One call per bucket length at batch 1 and at ``batch_size``, so that oneDNN creates its
+        primitives now rather than on a user's first sentence of each length."""
+        if not self.bucket:
+            return
+        for rows in sorted({1, self.batch_size}):
+            for length in range(self.bucket, bucket_length(self.max_seq_length, self.bucket) + 1, self.bucket):
+                ids = np.full((rows, length), self.encoder.pad_id, dtype="int64")
+                self.logits(ids, np.zeros_like(ids))
 
     def logits(self, input_ids, token_type_ids):
         feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
