@@ -148,7 +148,7 @@ def run(opts):
     os.makedirs(report_dir, exist_ok=True)
     sentences = msra_test_sentences(opts["sentences"])
     results = {"command": opts["command"], "clients": opts["clients"], "seconds": opts["seconds"],
-               "sentences": len(sentences), "cores": os.cpu_count(), "load_average": os.getloadavg(), "models": []}
+               "sentences": len(sentences), "backend": opts["backend"], "cores": os.cpu_count(), "load_average": os.getloadavg(), "models": []}
     with tempfile.TemporaryDirectory() as work_dir:
         sentences_file = os.path.join(work_dir, "sentences.json")
         with open(sentences_file, "w", encoding="utf-8") as fh:
@@ -205,8 +205,8 @@ def targets(models):
 def markdown(results):
     lines = ["# Load test: tools/serve.py under Locust", "",
              f"Command: `{results['command']}`  ",
-             f"{results['cores']} cores; load average at the start {results['load_average'][0]:.1f} (other work "
-             f"shared the machine); {results['sentences']} MSRA test sentences, one per request, closed-loop clients, "
+             f"{results['cores']} cores; load average at the start {results['load_average'][0]:.1f}; backend "
+             f"{results.get('backend', '?')}; {results['sentences']} MSRA test sentences, one per request, closed-loop clients, "
              f"{results['seconds']} s per level. Offline = `Tagger.predict` in the load-test process, same sentences.",
              "", "| model | clients | requests | req/s | sent/s | p50 ms | p95 ms | p99 ms | errors | server RSS MB "
              "(peak) | offline sent/s (b=32) | served / offline | offline p50 ms (b=1) |",

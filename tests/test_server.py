@@ -283,3 +283,17 @@ def test_model_that_fails_to_load_keeps_ready_503_with_the_reason(captured_log):
         assert ready.status_code == 503 and "truncated" in ready.json()["error"]
         assert client.get("/health").status_code == 200
         assert client.post("/predict", json={"texts": ["a"]}).status_code == 503
+
+
+def test_load_test_tool_drives_the_server_with_locust(model_dir, tmp_path):
+    """tools/loadtest.py end to end, short: Locust's clients reach the server, every request counts."""
+    tool("loadtest.py", "--model_dir", model_dir, "--clients", 2, "--seconds", 2, "--sentences", 40,
+         "--no_abuse", "--output_dir", tmp_path)
+    with open(tmp_path / "report" / "loadtest.json", encoding="utf-8") as fh:
+        results = json.load(fh)
+    (model,) = results["models"]
+    (level,) = model["levels"]
+    assert results["backend"] == "onnxruntime"  # the server's CPU default
+    assert level["clients"] == 2 and level["requests"] > 0 and level["errors"] == 0
+    assert level["p50_ms"] <= level["p99_ms"] and level["sentences_per_s"] > 0
+    assert (tmp_path / "report" / "loadtest.md").read_text(encoding="utf-8").count("| teacher | 2 |") == 1

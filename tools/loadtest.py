@@ -15,7 +15,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="output", help="reads DIR/export/*, writes DIR/report/loadtest.*")
     parser.add_argument("--model_dir", action="append",
                         help="a static model dir (repeatable); default: teacher and width 0.5 under --output_dir")
-    parser.add_argument("--backend", default="paddle", help="paddle (Paddle Inference) or onnxruntime")
+    parser.add_argument("--backend", default=None,
+                        help="onnxruntime or paddle (default: the server's, ONNX Runtime on CPU)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients per level")
     parser.add_argument("--seconds", type=int, default=20, help="length of each level")
     parser.add_argument("--max_requests", type=int, default=50_000, help="requests per level at most")
@@ -29,12 +30,14 @@ def main(argv=None):
     args = parse_args(argv)
     if min(args.clients) < 1 or args.seconds < 1 or args.max_requests < 1 or args.sentences < 1:
         raise UserError("--clients, --seconds, --max_requests and --sentences: must be at least 1")
+    from ner_compress.backends import DEFAULT_BACKEND
     from ner_compress.loadtest import models_to_test, run
     from ner_compress.serving import setup_logging
 
     setup_logging("info")
     results = run({"output_dir": args.output_dir, "models": models_to_test(args.output_dir, args.model_dir),
-                   "clients": args.clients, "seconds": args.seconds, "max_requests": args.max_requests, "sentences": args.sentences, "backend": args.backend,
+                   "clients": args.clients, "seconds": args.seconds, "max_requests": args.max_requests, "sentences": args.sentences,
+                   "backend": args.backend or DEFAULT_BACKEND,
                    "locust_python": args.locust_python, "abuse": not args.no_abuse,
                    "command": "python tools/loadtest.py " + " ".join(argv if argv is not None else sys.argv[1:])})
     print(results["markdown"])
