@@ -67,18 +67,17 @@ class StaticTagger(Tagger):
         # handles looked up once: each lookup crosses into C++ and allocates a wrapper
         self.inputs = [(name, self.predictor.get_input_handle(name)) for name in self.predictor.get_input_names()]
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
-        if device == "cpu" and (mkldnn or int8):
+        if device == "cpu" and mkldnn:
             self.warm_shapes()
 
     def warm_shapes(self):
-        """One call per bucket length at batch 1 and at ``batch_size``, so that oneDNN creates its
-        primitives now rather than on a user's first sentence of each length."""
+        """One batch-1 call per bucket length, so that oneDNN creates its primitives now rather than
+        on a user's first sentence of each length (larger batches warm up on first use)."""
         if not self.bucket:
             return
-        for rows in sorted({1, self.batch_size}):
-            for length in range(self.bucket, bucket_length(self.max_seq_length, self.bucket) + 1, self.bucket):
-                ids = np.full((rows, length), self.encoder.pad_id, dtype="int64")
-                self.logits(ids, np.zeros_like(ids))
+        for length in range(self.bucket, bucket_length(self.max_seq_length, self.bucket) + 1, self.bucket):
+            ids = np.full((1, length), self.encoder.pad_id, dtype="int64")
+            self.logits(ids, np.zeros_like(ids))
 
     def logits(self, input_ids, token_type_ids):
         feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
