@@ -74,6 +74,28 @@ def student_targets(rows, backend=DEFAULT_BACKEND):
     return checks
 
 
+def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
+    """The model with the fewest parameters that keeps ``share`` of the teacher's F1 on ``backend``,
+    as one check with its size and speed-ups (issue 9's chart summary); [] without a teacher row."""
+    kind = KIND[backend] if find(rows, "teacher", KIND[backend]) else "fp32"
+    teacher = find(rows, "teacher", kind)
+    if not teacher or not teacher["f1"]:
+        return []
+    keep = [r for r in rows if r["precision_kind"] == kind and r["model"] != "teacher"
+            and r.get("parameters") and r["f1"] >= share * teacher["f1"]]
+    checks = []
+    if not keep:
+        check(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})", "none", False)
+        return checks
+    best = min(keep, key=lambda r: (r["parameters"], -r["sentences_per_s"]))
+    check(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})",
+          f"{best['model']}: {best['parameters']:,} parameters ({teacher['parameters'] / best['parameters']:.2f}x "
+          f"fewer), F1 {best['f1'] / teacher['f1']:.2%}, batch-32 "
+          f"{best['sentences_per_s'] / teacher['sentences_per_s']:.2f}x, batch-1 p50 "
+          f"{teacher['latency_ms_p50'] / best['latency_ms_p50']:.2f}x", True)
+    return checks
+
+
 def cell(row, key, fmt):
     return fmt.format(row[key]) if row.get(key) is not None else "-"
 
