@@ -228,7 +228,7 @@ def run_benchmark(cfg, opts, command):
                "repeats": opts["repeats"], "test_sentences": len(sentences),
                "speed_sentences": min(len(sentences), opts["speed_sentences"]),
                "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows,
-               "targets": report.targets(rows) + report.student_targets(rows) 
+               "targets": report.targets(rows) + report.student_targets(rows)
                + report.smallest_within(rows)}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
