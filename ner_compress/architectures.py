@@ -3,8 +3,9 @@
 RoBERTa-wwm-ext and MacBERT ship as BERT-shaped checkpoints and load as ``bert``. Each family
 gets one NER class: PaddleNLP's ``XForTokenClassification`` plus the encoder options our configs
 record (``width_mult``: heads and neurons cut by ``modeling.width_plan``; ``normalize_before``:
-pre-LN). The family is the config's ``model_type``, recorded in every manifest, so a later
-stage rebuilds the same class and never assumes BERT.
+pre-LN; ``local_conv_kernel``: a convolution after the embeddings). The family is the config's
+``model_type``, recorded in every manifest, so a later stage rebuilds the same class and never
+assumes BERT.
 """
 import json
 import os
@@ -25,8 +26,10 @@ def encoder_layers(model):
 
 def configure_encoder(model, config):
     """Apply the options our configs record; called by every family's class after building it."""
-    from .modeling import shrink_encoder, use_pre_layer_norm
+    from .modeling import shrink_encoder, use_local_context, use_pre_layer_norm
 
+    if getattr(config, "local_conv_kernel", 0):
+        use_local_context(model, int(config.local_conv_kernel))
     if getattr(config, "normalize_before", False):
         use_pre_layer_norm(model)
     width_mult = float(getattr(config, "width_mult", 1.0))

@@ -38,6 +38,7 @@ class Config:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     normalize_before: bool = False  # pre-LN encoder (a fresh model only; pretrained BERT is post-LN)
+    local_conv_kernel: int = 0  # odd: a residual convolution over that many characters after the embeddings (0: none)
 
     # teacher training
     per_device_train_batch_size: int = 32
@@ -199,6 +200,9 @@ def validate(cfg):
     family(cfg.model_type)
     if cfg.decoding not in ("viterbi", "argmax"):
         raise UserError(f"--decoding {cfg.decoding}: use viterbi or argmax")
+    if cfg.local_conv_kernel < 0 or cfg.local_conv_kernel % 2 == 0 and cfg.local_conv_kernel:
+        raise UserError(f"--local_conv_kernel {cfg.local_conv_kernel}: use an odd number of characters (3, 5), "
+                        f"or 0 for none")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

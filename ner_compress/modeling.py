@@ -7,6 +7,7 @@ layers to match: ``save_pretrained`` / ``from_pretrained`` round-trip the export
 """
 import math
 import os
+import types
 from dataclasses import dataclass
 
 import paddle
@@ -41,6 +42,7 @@ def teacher_config(cfg, labels, vocab_size, pad_id):
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         normalize_before=cfg.normalize_before,
+        local_conv_kernel=cfg.local_conv_kernel,
     )
 
 
@@ -160,6 +162,28 @@ def use_pre_layer_norm(model):
         layer.normalize_before = True
     model.base_model.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=layers[0].norm1._epsilon)
     return model
+
+
+def use_local_context(model, kernel):
+    """A residual 1-D convolution over ``kernel`` neighbouring characters after the embeddings.
+
+    A transformer from random weights has no notion of locality and learns character n-grams
+    slowly; the convolution gives it them from the first step. Padding is zeroed before it, so a
+    sentence's scores do not depend on how far its batch was padded."""
+    embeddings = model.base_model.embeddings
+    channels = embeddings.layer_norm.weight.shape[0]  # ELECTRA: the embedding size
+    embeddings.local_conv = nn.Conv1D(channels, channels, kernel, padding=kernel // 2)
+    embeddings.local_pad_id = int(model.config.pad_token_id)
+    embeddings.forward = types.MethodType(_local_context_forward, embeddings)
+    return model
+
+
+def _local_context_forward(self, input_ids=None, *args, **kwargs):
+    hidden = type(self).forward(self, input_ids, *args, **kwargs)
+    keep = (input_ids != self.local_pad_id).astype(hidden.dtype).unsqueeze(-1)
+    # channels first: Paddle Inference's oneDNN conv mislays NLC outputs (2.6.2: LayerNorm shape error)
+    context = self.local_conv((hidden * keep).transpose([0, 2, 1])).transpose([0, 2, 1])
+    return hidden + context
 
 
 def sub_model_state(supernet_state, sub_model):

@@ -27,7 +27,7 @@ RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weigh
              "allow_pickle", "cpu_threads"]
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "model_name_or_path", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "label_smoothing", "learning_rate",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "local_conv_kernel", "label_smoothing", "learning_rate",
     "num_train_epochs", "max_steps", "eval_steps"]
 OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",

@@ -169,7 +169,8 @@ def test_parse_config_flags_override_yaml(write_file):
 @pytest.mark.parametrize("overrides", [{"width_mult_list": [1.0, 0.0]}, {"width_mult_list": [1.5]},
                                        {"width_mult_list": []}, {"width_mult": 0.0}, {"width_mult": 1.5},
                                        {"hidden_size": 30, "num_attention_heads": 4},
-                                       {"max_seq_length": 2}, {"device": "tpu"}])
+                                       {"max_seq_length": 2}, {"device": "tpu"},
+                                       {"local_conv_kernel": 4}, {"local_conv_kernel": -1}])
 def test_validate_rejects(overrides):
     with pytest.raises(UserError) as err:
         config.validate(Config(**overrides))
@@ -180,6 +181,7 @@ def test_validate_accepts_defaults_and_edges():
     config.validate(Config())
     config.validate(Config(width_mult_list=[1.0, 0.125], width_mult=1.0, hidden_size=32, num_attention_heads=4))
     config.validate(Config(width_mult_list=[1.0, 0.8333, 0.6667, 0.5]))  # the reference list on 12 heads
+    config.validate(Config(local_conv_kernel=3))
 
 
 @pytest.mark.parametrize("width", [0.01, 0.1])

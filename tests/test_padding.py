@@ -23,8 +23,9 @@ def moved_pad_run(tmp_path_factory, vocab_file):
     lines[0], lines[PAD_LINE] = lines[PAD_LINE], lines[0]
     vocab = out / "vocab_pad_moved.txt"
     vocab.write_text("\n".join(lines), encoding="utf-8")
+    # with the local convolution, which must also see only real characters
     tool("train_teacher.py", "--config", TINY, "--vocab_file", vocab, "--max_steps", 6, "--eval_steps", 6,
-         "--output_dir", out)
+         "--local_conv_kernel", 3, "--output_dir", out)
     tool("export.py", "--teacher", "--output_dir", out)
     return out
 
@@ -32,6 +33,7 @@ def moved_pad_run(tmp_path_factory, vocab_file):
 def test_the_model_masks_the_vocabularys_pad(moved_pad_run):
     config = json.load(open(moved_pad_run / "teacher" / "config.json"))
     assert config["pad_token_id"] == PAD_LINE
+    assert config["local_conv_kernel"] == 3
 
 
 def test_dev_evaluation_and_the_exported_predictor_agree(moved_pad_run):
@@ -57,7 +59,8 @@ def test_padding_does_not_change_a_sentences_prediction(moved_pad_run):
     tagger = StaticTagger(str(moved_pad_run / "export" / "teacher" / "static"))
     short, long = Sentence(list("我在北京"), []), Sentence(list("中国人民银行在上海召开会议" * 3), [])
     windows = tagger.windows([short, long])
-    alone = tagger.logits(*[collate(windows[:1], tagger.encoder.pad_id)[k] for k in ("input_ids", "token_type_ids")])
+    exact = np.array([windows[0].input_ids], dtype="int64")  # no padding at all
+    alone = tagger.logits(exact, np.zeros_like(exact))
     batch = collate(windows, tagger.encoder.pad_id)
     assert (batch["input_ids"][0, len(windows[0].input_ids):] == PAD_LINE).all()
     together = tagger.logits(batch["input_ids"], batch["token_type_ids"])

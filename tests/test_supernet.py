@@ -315,6 +315,31 @@ def test_pre_layer_norm_teacher_is_its_own_full_width_supernet_and_reloads(tmp_p
             h.remove()
 
 
+def test_local_context_teacher_is_its_own_full_width_supernet_and_ignores_padding(tmp_path):
+    cfg = Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 local_conv_kernel=3)
+    paddle.seed(6)
+    teacher = modeling.build_teacher(cfg, LABELS, 21128, 0)
+    teacher.eval()
+    assert isinstance(teacher.bert.embeddings.local_conv, paddle.nn.Conv1D)
+    ids = paddle.to_tensor(np.random.RandomState(1).randint(106, 8000, size=(2, 11)), dtype="int64")
+    batch = {"input_ids": ids, "token_type_ids": paddle.zeros_like(ids)}
+    without = modeling.build_teacher(Config(**{**cfg.to_dict(), "local_conv_kernel": 0}), LABELS, 21128, 0)
+    without.set_state_dict(teacher.state_dict())
+    without.eval()
+    assert np.abs(_logits(without, batch) - _logits(teacher, batch)).max() > 1e-3  # the convolution is used
+    ofa_model = supernet.WidthDistiller(teacher, 0.1, 1.0).ofa_model
+    ofa_model.model.eval()
+    np.testing.assert_allclose(logits_at(ofa_model, 1.0, batch), _logits(teacher, batch), atol=1e-5)
+    padded = paddle.concat([ids, paddle.zeros([2, 5], dtype="int64")], axis=1)
+    np.testing.assert_allclose(_logits(teacher, {"input_ids": padded, "token_type_ids": paddle.zeros_like(padded)})
+                               [:, :11], _logits(teacher, batch), atol=1e-5)
+    teacher.save_pretrained(str(tmp_path), safe_serialization=True)
+    reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+    reloaded.eval()
+    np.testing.assert_array_equal(_logits(reloaded, batch), _logits(teacher, batch))
+
+
 def test_label_smoothing_loss_equals_its_definition():
     from ner_compress.training import token_loss_sum
 
