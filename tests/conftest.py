@@ -82,12 +82,13 @@ def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     return len(windows), max(float(abs(x - y).max()) for x, y in zip(a, b) if len(x))
 
 
-def run_tool(name, *args, check=True, timeout=None):
-    """``tools/<name>`` in a subprocess from the repository root; fails the test on a non-zero exit when ``check``."""
+def run_tool(name, *args, check=True, timeout=None, env=None):
+    """``tools/<name>`` in a subprocess from the repository root; fails the test on a non-zero exit when
+    ``check``. ``env``: the child's whole environment (default: this process's)."""
     import subprocess
 
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+                            capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result

@@ -1,9 +1,8 @@
 """CPU settings are in force inside each training tool's process (read back from the runtime)."""
 import json
 import os
-import subprocess
-import sys
 
+import conftest
 import pytest
 
 from ner_compress import runtime
@@ -14,13 +13,11 @@ AMD = runtime.cpu_vendor() == "AuthenticAMD"
 
 
 def run_tool(name, out, *args, env_extra=None):
+    """The tool with none of the CPU settings inherited from this process, plus ``env_extra``."""
     env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "NER_COMPRESS_MKL_FIX",
                                                               "OMP_NUM_THREADS")}
     env.update(env_extra or {})
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), "--output_dir", str(out),
-                             *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return conftest.run_tool(name, "--output_dir", out, *args, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
