@@ -180,7 +180,10 @@ def use_local_context(model, kernel):
 
 def _local_context_forward(self, input_ids=None, *args, **kwargs):
     hidden = type(self).forward(self, input_ids, *args, **kwargs)
-    keep = (input_ids != self.local_pad_id).astype(hidden.dtype).unsqueeze(-1)
+    if input_ids is None:  # called with inputs_embeds: no ids to find padding by, every position counts
+        keep = paddle.ones_like(hidden[:, :, :1])
+    else:
+        keep = (input_ids != self.local_pad_id).astype(hidden.dtype).unsqueeze(-1)
     # channels first: Paddle Inference's oneDNN conv mislays NLC outputs (2.6.2: LayerNorm shape error)
     context = self.local_conv((hidden * keep).transpose([0, 2, 1])).transpose([0, 2, 1])
     return hidden + context

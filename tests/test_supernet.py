@@ -340,6 +340,18 @@ def test_local_context_teacher_is_its_own_full_width_supernet_and_ignores_paddin
     np.testing.assert_array_equal(_logits(reloaded, batch), _logits(teacher, batch))
 
 
+def test_local_context_takes_vectors_where_a_caller_gives_no_ids():
+    cfg = Config(model_type="ernie", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                 local_conv_kernel=3)
+    paddle.seed(8)
+    embeddings = modeling.build_teacher(cfg, LABELS, 21128, 0).base_model.embeddings
+    embeddings.eval()
+    ids = paddle.to_tensor(np.random.RandomState(2).randint(106, 8000, size=(2, 9)), dtype="int64")
+    by_ids = embeddings(input_ids=ids)
+    by_vectors = embeddings(inputs_embeds=embeddings.word_embeddings(ids))
+    np.testing.assert_allclose(by_vectors.numpy(), by_ids.numpy(), atol=1e-6)
+
+
 def test_label_smoothing_loss_equals_its_definition():
     from ner_compress.training import token_loss_sum
 
