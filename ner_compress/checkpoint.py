@@ -147,9 +147,9 @@ def resume_path(cfg, checkpointer):
 class StopRequested(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint was written at ``step``."""
 
-    def __init__(self, signum, step, path):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}; "
-                         f"continue with --resume")
+    def __init__(self, signum, step=None, path=None, detail=None):
+        detail = detail or f"at step {step}; checkpoint {path}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {detail}; continue with --resume")
         self.signum, self.step, self.path = signum, step, path
 
 

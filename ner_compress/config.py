@@ -84,6 +84,9 @@ class Config:
     student_max_steps: int = -1
     student_eval_steps: int = 500
     run_student: bool = False  # run_pipeline.py: also the student, its widths and their exports
+    # run_pipeline.py: 0 runs stages that need only the teacher side by side when the CPU cores allow
+    # (each process with its share of the cores); 1 runs them one after another
+    stage_processes: int = 0
 
     # export and inference
     decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
@@ -200,9 +203,12 @@ def validate(cfg):
     family(cfg.model_type)
     if cfg.decoding not in ("viterbi", "argmax"):
         raise UserError(f"--decoding {cfg.decoding}: use viterbi or argmax")
-    if cfg.local_conv_kernel < 0 or cfg.local_conv_kernel % 2 == 0 and cfg.local_conv_kernel:
+    if cfg.local_conv_kernel < 0 or (cfg.local_conv_kernel and cfg.local_conv_kernel % 2 == 0):
         raise UserError(f"--local_conv_kernel {cfg.local_conv_kernel}: use an odd number of characters (3, 5), "
                         f"or 0 for none")
+    if cfg.stage_processes < 0:
+        raise UserError(f"--stage_processes {cfg.stage_processes}: use 0 (side by side when the cores allow) "
+                        f"or a number of processes (1: one stage at a time)")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

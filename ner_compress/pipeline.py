@@ -1,4 +1,5 @@
-"""The stages as functions of a Config, and the command lines that call them.
+"""The stages as functions of a Config, and the command lines that call them (all of them in
+order: ``full_run``).
 
 ``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``;
 ``DIR/teacher`` -> ``DIR/student`` -> ``DIR/student_ofa/width_W`` -> ``DIR/export/{student,student_width_W}``.
@@ -121,7 +122,8 @@ def run_ofa(cfg, data=None, source="teacher"):
                "loss_history": history, "teacher": teacher_manifest.get("metrics", {})}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     for width, result in sorted(best.items(), reverse=True):
-        log.info("ofa: width %s best dev F1 %.4f (step %s)", width, result["dev_f1"], result.get("step"))
+        log.info("%s: width %s best dev F1 %.4f (step %s)", os.path.basename(out_dir), width, result["dev_f1"],
+                 result.get("step"))
     return best, history
 
 
@@ -132,61 +134,6 @@ def run_export(cfg, width=None, data=None, source="teacher"):
         return export.export_teacher(cfg, data, os.path.join(cfg.output_dir, source), export_dir(cfg, None, source),
                                      stage=source)
     return export.export_width(cfg, data, ofa_dir(cfg, source), export_dir(cfg, width, source), width)
-
-
-def run_all(cfg):
-    """Every stage on one config, then the test-set table of the teacher and each width."""
-    data = _start(cfg)
-    run_teacher(cfg, data)
-    run_ofa(cfg, data)
-    widths = sorted(cfg.width_mult_list, reverse=True)
-    run_export(cfg, None, data)
-    for width in widths:
-        run_export(cfg, width, data)
-    models = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths]
-    if cfg.run_student:
-        run_student(cfg, data)
-        run_ofa(cfg, data, "student")
-        for width in [None, *widths]:
-            run_export(cfg, width, data, "student")
-        models += [("student", export_dir(cfg, None, "student"))]
-        models += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths]
-    log.info("measuring %d test sentences per model", len(data.splits.test))
-    rows = [benchmark.summary_row(name, directory, data.splits.test, cfg.cpu_threads, cfg.device)
-            for name, directory in models]
-    speeds = training_speeds(cfg)
-    text = report.summary_table(rows) + "\n\n" + "\n".join(
-        f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
-        f"evaluation)" for stage, v in speeds.items())
-    os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
-    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"),
-               {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
-    with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-    print(text)
-    return rows
-
-
-def training_speeds(cfg):
-    """Sentences/s of each training stage, as its manifest recorded them (the last run of each)."""
-    speeds = {}
-    for stage, directory in (("teacher", teacher_dir(cfg)),
-                             ("ofa", supernet.width_dir(ofa_dir(cfg), max(cfg.width_mult_list)))):
-        path = os.path.join(directory, MANIFEST)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as fh:
-                speed = json.load(fh).get("speed") or {}
-            if speed:
-                speeds[stage] = speed
-    return speeds
-
-
-def run_all_cli(argv=None):
-    cfg, _ = parse_config("Run every stage on one config and print the test-set table.",
-                          sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + ["run_student"])
-                                 - {"width_mult"}), argv,
-                          default_config=DEMO_CONFIG)
-    run_all(cfg)
 
 
 def run_benchmark(cfg, opts, command):

@@ -250,6 +250,7 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
 def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
     teacher.eval()
+    name = os.path.basename(os.path.normpath(ofa_dir))  # ofa or student_ofa: which supernet a log line is of
     widths = sorted(cfg.width_mult_list, reverse=True)
     width_plans(teacher.config, widths)
     distiller = WidthDistiller(teacher, cfg.lambda_distill, cfg.lambda_logit)
@@ -258,7 +259,7 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     if resume_path(cfg, checkpointer) is None and parallel.is_writer():
         # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
-        log.info("ofa: computing head and neuron importance on dev")
+        log.info("%s: computing head and neuron importance on dev", name)
         reorder_by_importance(ofa_model.model, importance_batches(
             dev_w, cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id, cfg.seed))
     steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
@@ -270,13 +271,13 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
         for width in widths:
             set_width(ofa_model, width)
             scores = evaluate(ofa_logits(ofa_model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
-            log.info("ofa step %d width %s dev F1 %.4f", step, width, scores["f1"])
+            log.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
             key = str(width)
             if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
                 state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step,
                                       "speed": state.get("speed", {})}
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
-    state = train_loop("ofa", cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
+    state = train_loop(name, cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
                        lambda batch: distiller.step(batch, widths), eval_fn, checkpointer, data.encoder.pad_id)
     return {float(k): v for k, v in state["best"].items()}, state["history"]

@@ -30,6 +30,12 @@ from .metrics import entity_scores
 from .modeling import build_teacher, count_parameters, numpy_logits
 
 log = logging.getLogger("ner_compress")
+_PROGRESS = {"bars": True}
+
+
+def hide_progress_bars():
+    """This process logs progress lines only (stages running side by side share one terminal)."""
+    _PROGRESS["bars"] = False
 
 
 def setup_logging(level=logging.INFO):
@@ -153,7 +159,7 @@ def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_step
         state = checkpointer.load(resume, model, optimizer)
     parallel.broadcast_parameters(model)
     bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=2, dynamic_ncols=True,
-               disable=not parallel.is_writer())
+               disable=not (parallel.is_writer() and _PROGRESS["bars"]))
     model.train()
     timer = {"start": time.perf_counter(), "sentences": 0, "steps": 0}
     with stop_on_signals() as stop:
