@@ -157,12 +157,17 @@ class CharEncoder:
         self.cls_id = vocab["[CLS]"]
         self.sep_id = vocab["[SEP]"]
         self.pad_id = vocab["[PAD]"]
+        self._ids = {}  # character -> id, as resolved: one dict lookup per character afterwards
 
     def char_id(self, char):
-        return self.vocab.get(char, self.vocab.get(char.lower(), self.unk_id))
+        found = self._ids.get(char)
+        if found is None:
+            found = self._ids[char] = self.vocab.get(char, self.vocab.get(char.lower(), self.unk_id))
+        return found
 
     def ids(self, chars):
-        return [self.char_id(c) for c in chars]
+        known = self._ids
+        return [known[c] if c in known else self.char_id(c) for c in chars]
 
 
 def window_spans(length, max_seq_length):
@@ -254,6 +259,8 @@ def eval_batches(windows, batch_size):
 def stitch_scores(lengths, windows, window_scores):
     """Per-sentence score arrays [n, L] from per-window ones [window characters, L]: each
     character takes its row from the window where it sits farthest from a cut edge."""
+    if len(windows) == len(lengths):  # one window per sentence (the usual case): nothing to stitch
+        return list(window_scores)
     out, margin = [None] * len(lengths), [None] * len(lengths)
     for w, scores in zip(windows, window_scores):
         n = lengths[w.sentence]

@@ -64,7 +64,7 @@ class Decoder:
         ids = np.asarray(scores).argmax(-1)
         if self.method == "viterbi" and not self.valid(ids):
             ids = viterbi(scores, self.allowed, self.start)
-        return [self.labels[int(i)] for i in ids]
+        return list(map(self.labels.__getitem__, np.asarray(ids).tolist()))
 
     def valid(self, ids):
         """A valid argmax path is also the best valid path: Viterbi is only needed otherwise."""

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .data import CharEncoder, Sentence, collate, encode, eval_batches, load_vocab, stitch_scores
+from .data import CharEncoder, Sentence, encode, eval_batches, load_vocab, stitch_scores
 from .decoding import Decoder, log_softmax
 from .errors import UserError
 from .metrics import extract_entities
@@ -39,13 +39,14 @@ def bucket_length(length, multiple=BUCKET):
     return -(-length // multiple) * multiple if multiple else length
 
 
-def pad_batch(batch, pad_id, multiple=BUCKET):
-    """``collate``'s batch padded on the right with [PAD] up to ``bucket_length`` columns."""
-    extra = bucket_length(batch["input_ids"].shape[1], multiple) - batch["input_ids"].shape[1]
-    if extra <= 0:
-        return batch
-    input_ids = np.pad(batch["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
-    return {**batch, "input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids)}
+def model_inputs(windows, pad_id, multiple=BUCKET):
+    """What a backend is fed for ``windows``: ids padded on the right with ``pad_id`` up to the
+    ``bucket_length`` of the longest (no labels: this runs once per request)."""
+    width = bucket_length(max(len(w.input_ids) for w in windows), multiple)
+    input_ids = np.full((len(windows), width), pad_id, dtype="int64")
+    for row, w in enumerate(windows):
+        input_ids[row, : len(w.input_ids)] = w.input_ids
+    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids)}
 
 
 def window_log_probs(logits_fn, windows, batch_size, pad_id, bucket=BUCKET):
@@ -57,7 +58,7 @@ def window_log_probs(logits_fn, windows, batch_size, pad_id, bucket=BUCKET):
     """
     out = [None] * len(windows)
     for idx in eval_batches(windows, batch_size):
-        batch = pad_batch(collate([windows[i] for i in idx], pad_id), pad_id, bucket)
+        batch = model_inputs([windows[i] for i in idx], pad_id, bucket)
         scores = log_softmax(logits_fn(batch["input_ids"], batch["token_type_ids"]))
         for row, i in enumerate(idx):
             out[i] = scores[row, 1: len(windows[i].input_ids) - 1]
@@ -101,7 +102,7 @@ class Tagger:
 
     def batch(self, windows):
         """The model inputs of ``windows`` as this tagger pads them (bucketed)."""
-        return pad_batch(collate(windows, self.encoder.pad_id), self.encoder.pad_id, self.bucket)
+        return model_inputs(windows, self.encoder.pad_id, self.bucket)
 
     def predict(self, texts):
         """``[{text, entities}]`` for each text; empty texts give no entities."""

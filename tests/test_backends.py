@@ -56,8 +56,8 @@ def test_onnx_runtime_and_paddle_tag_the_same_entities(export_dir, varied_texts)
 @pytest.mark.parametrize("backend", ["paddle", "onnxruntime"])
 def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_texts, backend):
     from ner_compress.backends import load_tagger
-    from ner_compress.data import Sentence, collate
-    from ner_compress.inference import bucket_length, pad_batch
+    from ner_compress.data import Sentence
+    from ner_compress.inference import bucket_length, model_inputs
 
     tagger = load_tagger(str(export_dir / "static"), backend)
     pad = tagger.encoder.pad_id
@@ -65,8 +65,8 @@ def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_text
     lengths = sorted({len(w.input_ids) for w in windows})
     assert len(lengths) > 10 and any(bucket_length(n) != n for n in lengths)
     for window in windows[:40]:
-        plain = collate([window], pad)
-        padded = pad_batch(plain, pad)
+        plain = model_inputs([window], pad, 0)
+        padded = model_inputs([window], pad)
         n = len(window.input_ids)
         assert padded["input_ids"].shape[1] == bucket_length(n) and (padded["input_ids"][0, n:] == pad).all()
         unpadded = tagger.logits(plain["input_ids"], plain["token_type_ids"])[0]
@@ -74,8 +74,8 @@ def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_text
         np.testing.assert_allclose(bucketed, unpadded, atol=1e-5)
     # the comparison can fail: padding with a real character instead of [PAD] is not masked
     window = next(w for w in windows if bucket_length(len(w.input_ids)) > len(w.input_ids))
-    plain = collate([window], pad)
-    unmasked = pad_batch(plain, tagger.encoder.cls_id)
+    plain = model_inputs([window], pad, 0)
+    unmasked = model_inputs([window], tagger.encoder.cls_id)
     n = len(window.input_ids)
     assert np.abs(tagger.logits(unmasked["input_ids"], unmasked["token_type_ids"])[0, :n]
                   - tagger.logits(plain["input_ids"], plain["token_type_ids"])[0]).max() > 1e-3
