@@ -1,5 +1,5 @@
 """Report rendering from measured rows: which model is named the smallest that keeps 95% of F1."""
-from ner_compress.report import smallest_within
+from ner_compress.report import markdown, smallest_within
 
 KIND = "onnxruntime-fp32"
 
@@ -23,3 +23,13 @@ def test_no_model_within_95_percent_is_a_miss_and_no_teacher_no_check():
     assert smallest_within(rows) == [{"target": "smallest model keeping >= 95% of teacher F1 (onnxruntime-fp32)",
                                       "measured": "none", "met": False}]
     assert smallest_within(rows[1:]) == []
+
+
+def test_f1_share_is_against_the_teacher_of_the_only_backend_measured():
+    rows = [{**row(name, 1000, f1, 100, 1.0), "disk_bytes": 4e6, "precision": f1, "recall": f1, "chars_per_s": 1e4,
+             "test_seconds": 1.0} for name, f1 in (("teacher", 0.80), ("student", 0.78))]
+    results = {"command": "python tools/benchmark.py --backend onnxruntime", "threads": 2, "matmul_gflops": 1.0,
+               "machine": {"cpu": "cpu", "cores": 2, "versions": {}}, "test_sentences": 2, "latency_sentences": 2,
+               "speed_sentences": 2, "batch_size": 32, "repeats": 1, "rows": rows, "targets": []}
+    table = [line for line in markdown(results).splitlines() if line.startswith("| student |")]
+    assert table and " | 97.50% | " in table[0]
