@@ -216,14 +216,18 @@ def encode(sentences, encoder, label_to_id, max_seq_length):
     return windows
 
 
+def padded(rows, fill, width=0):
+    """int64 [len(rows), max(width, longest row)]: each row on the left, ``fill`` after it."""
+    out = np.full((len(rows), max(width, max(len(r) for r in rows))), fill, dtype="int64")
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
 def collate(windows, pad_id):
     """Pad to the longest window in the batch: numpy ``input_ids``, ``token_type_ids``, ``labels``."""
-    width = max(len(w.input_ids) for w in windows)
-    input_ids = np.full((len(windows), width), pad_id, dtype="int64")
-    labels = np.full((len(windows), width), IGNORE_INDEX, dtype="int64")
-    for row, w in enumerate(windows):
-        input_ids[row, : len(w.input_ids)] = w.input_ids
-        labels[row, : len(w.labels)] = w.labels
+    input_ids = padded([w.input_ids for w in windows], pad_id)
+    labels = padded([w.labels for w in windows], IGNORE_INDEX)
     return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "labels": labels}
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .data import CharEncoder, Sentence, encode, eval_batches, load_vocab, stitch_scores
+from .data import CharEncoder, Sentence, encode, eval_batches, load_vocab, padded, stitch_scores
 from .decoding import Decoder, log_softmax
 from .errors import UserError
 from .metrics import extract_entities
@@ -43,9 +43,7 @@ def model_inputs(windows, pad_id, multiple=BUCKET):
     """What a backend is fed for ``windows``: ids padded on the right with ``pad_id`` up to the
     ``bucket_length`` of the longest (no labels: this runs once per request)."""
     width = bucket_length(max(len(w.input_ids) for w in windows), multiple)
-    input_ids = np.full((len(windows), width), pad_id, dtype="int64")
-    for row, w in enumerate(windows):
-        input_ids[row, : len(w.input_ids)] = w.input_ids
+    input_ids = padded([w.input_ids for w in windows], pad_id, width)
     return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids)}
 
 
