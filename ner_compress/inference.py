@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .data import CharEncoder, Sentence, encode, eval_batches, load_vocab, padded, stitch_scores
+from .data import Sentence, encode, eval_batches, load_encoder, padded, stitch_scores
 from .decoding import Decoder, log_softmax
 from .errors import UserError
 from .metrics import extract_entities
@@ -81,7 +81,7 @@ class Tagger:
         self.meta = read_meta(model_dir)
         self.labels = self.meta["labels"]
         self.max_seq_length = int(self.meta["max_seq_length"])
-        self.encoder = CharEncoder(load_vocab(os.path.join(model_dir, "vocab.txt")))
+        self.encoder = load_encoder(os.path.join(model_dir, "vocab.txt"))  # with the directory's lookup rule
         self.batch_size = batch_size
         self.decoder = Decoder(self.labels, decoding)
         self.bucket = BUCKET if bucket else 0

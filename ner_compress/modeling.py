@@ -14,6 +14,7 @@ import paddle
 from paddle import nn
 from .architectures import (PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
                             load_config, model_class_for)
+from .e5_pretrained import resolve_model_path
 from .errors import UserError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -78,17 +79,27 @@ def check_checkpoint_labels(directory, labels):
                         f"fine-tune from its encoder instead (a checkpoint without id2label)")
 
 
+def check_pretrained_layers(cfg, directory):
+    layers = int(load_config(directory).num_hidden_layers)
+    if cfg.pretrained_layers and cfg.pretrained_layers > layers:
+        raise UserError(f"--pretrained_layers {cfg.pretrained_layers}: {directory} has only {layers} encoder layers; "
+                        f"keep at most {layers}")
+
+
 def build_teacher(cfg, labels, vocab_size, pad_id):
     """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory.
 
     ``pad_id`` is the vocabulary's [PAD]: the attention mask is built from it."""
     if not cfg.model_name_or_path:
         return family(cfg.model_type)[1](teacher_config(cfg, labels, vocab_size, pad_id))
-    local = os.path.isdir(cfg.model_name_or_path)
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
+    local = os.path.isdir(source)
     if local:
-        check_checkpoint_labels(cfg.model_name_or_path, labels)
-    cls = model_class_for(cfg.model_name_or_path) if local else family(cfg.model_type)[1]
-    model = load_pretrained(cls, cfg.model_name_or_path, cfg.allow_pickle,
+        check_checkpoint_labels(source, labels)
+        check_pretrained_layers(cfg, source)
+    cls = model_class_for(source) if local else family(cfg.model_type)[1]
+    kept = {"num_hidden_layers": cfg.pretrained_layers} if cfg.pretrained_layers else {}
+    model = load_pretrained(cls, source, cfg.allow_pickle, **kept,  # layers past the first N are left unread
                             num_labels=len(labels), id2label=dict(enumerate(labels)),
                             label2id={label: i for i, label in enumerate(labels)},
                             ignore_mismatched_sizes=True)  # a placeholder classifier; real labels were checked
