@@ -27,7 +27,7 @@ RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weigh
              "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
              "allow_pickle", "cpu_threads"]
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
-    "model_name_or_path", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "model_name_or_path", "pretrained_layers", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "local_conv_kernel", "label_smoothing", "learning_rate",
     "num_train_epochs", "max_steps", "eval_steps"]
 OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [

@@ -220,7 +220,8 @@ def save_teacher(model, data, cfg, metrics, out_dir, speed=None, stage="teacher"
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(model, data.vocab_file, tmp)
         write_manifest(tmp, stage, cfg.to_dict(), data.labels, data.vocab_sha256, metrics, inputs=inputs,
-                       data_sources=data.splits.sources, parameters=count_parameters(model),
+                       data_sources=data.splits.sources, unknown_characters=data.unknown_characters(),
+                       parameters=count_parameters(model),
                        architecture=model.config.model_type, runtime=runtime.report(), speed=speed or {}, **extra)
 
 
