@@ -16,7 +16,10 @@ from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
 DEFAULT_BACKEND = "onnxruntime"
-ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"
+ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"  # paddle2onnx's graph: standard ONNX ops, any runtime
+FUSED_FILE = "model.opt.onnx"  # the same graph after ONNX Runtime's transformer fusions (its contrib ops)
+INT8_FILE = "model.int8.onnx"  # ner_compress.onnx_quant's INT8 copy of the fused graph
+PRECISIONS = ("fp32", "int8")
 # oneDNN stays on for CPU FP32 (Paddle 2.6.2's default). Measured on the demo exports, 2 threads,
 # quiet machine, median ms per call after each shape was seen once, native -> oneDNN: teacher
 # batch 1 2.81 -> 2.40, batch 32 44.2 -> 20.0, varied bucket lengths batch 1 5.12 -> 3.66, batch 32
@@ -97,9 +100,14 @@ def export_onnx(static_dir, onnx_path):
     return onnx_path
 
 
-def onnx_path_for(static_dir):
-    """``<export>/onnx/model.onnx`` beside ``<export>/static``."""
-    return os.path.join(os.path.dirname(os.path.abspath(static_dir)), ONNX_DIR, ONNX_FILE)
+def onnx_path_for(static_dir, precision="fp32"):
+    """The graph ONNX Runtime runs, in ``<export>/onnx/`` beside ``<export>/static``: for fp32 the fused
+    graph when the export wrote one (else ``model.onnx``), for int8 ``model.int8.onnx``."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(static_dir)), ONNX_DIR)
+    if precision == "int8":
+        return os.path.join(directory, INT8_FILE)
+    fused = os.path.join(directory, FUSED_FILE)
+    return fused if os.path.isfile(fused) else os.path.join(directory, ONNX_FILE)
 
 
 def ort_session_options(threads=None):
@@ -117,11 +125,11 @@ class OnnxTagger(Tagger):
     """The same static model converted by paddle2onnx, run by ONNX Runtime."""
 
     def __init__(self, static_dir, onnx_path=None, threads=None, batch_size=32, decoding="viterbi", bucket=True,
-                 options=None):
+                 options=None, precision="fp32"):
         import onnxruntime as ort
 
         super().__init__(static_dir, batch_size, decoding, bucket)
-        self.session = ort.InferenceSession(onnx_path or onnx_path_for(static_dir),
+        self.session = ort.InferenceSession(onnx_path or onnx_path_for(static_dir, precision),
                                             options or ort_session_options(threads),
                                             providers=["CPUExecutionProvider"])
 
@@ -144,23 +152,32 @@ class DynamicTagger(Tagger):
         return numpy_logits(self.model, input_ids, token_type_ids)
 
 
-def check_backend(backend, model_dir):
-    """Refuse an unknown backend, or ONNX Runtime without its exported file, in one line."""
+def check_backend(backend, model_dir, precision="fp32"):
+    """Refuse an unknown backend or precision, or ONNX Runtime without its exported file, in one line."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown; use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "onnxruntime":
+        raise UserError("--precision int8: ONNX Runtime's export only; use --backend onnxruntime "
+                        "(Paddle Inference INT8 is measured by tools/benchmark.py)")
     read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
-    if backend == "onnxruntime" and not os.path.isfile(onnx_path_for(model_dir)):
-        raise UserError(f"--backend onnxruntime: no {onnx_path_for(model_dir)}; re-export with "
-                        f"`python tools/export.py` (it writes onnx/ beside static/) or use --backend paddle")
+    path = onnx_path_for(model_dir, precision)
+    if backend == "onnxruntime" and not os.path.isfile(path):
+        how = "with onnx_int8 on (the export's manifest says why it was refused)" if precision == "int8" else \
+            "(it writes onnx/ beside static/) or use --backend paddle"
+        raise UserError(f"--backend onnxruntime: no {path}; re-export with `python tools/export.py` {how}")
 
 
-def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi"):
+def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi",
+                precision="fp32"):
     """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``);
-    ``backend=None``: ONNX Runtime on CPU, Paddle Inference on GPU."""
+    ``backend=None``: ONNX Runtime on CPU, Paddle Inference on GPU; ``precision`` int8: ONNX Runtime's
+    INT8 copy."""
     backend = backend or (DEFAULT_BACKEND if device == "cpu" else "paddle")
-    check_backend(backend, model_dir)
+    check_backend(backend, model_dir, precision)
     if backend == "onnxruntime" and device != "cpu":
         raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")
     if backend == "paddle":
         return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding)
-    return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding)
+    return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding, precision=precision)

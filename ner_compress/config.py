@@ -98,6 +98,11 @@ class Config:
     decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
     width_mult: float = 0.5
     cpu_threads: Optional[int] = None  # None: all cores
+    # ONNX Runtime INT8 copy beside model.onnx (CPU exports; ner_compress/onnx_quant.py): dynamic or static
+    # (QDQ calibrated on dev); refused when its dev F1 is more than int8_max_f1_drop points below FP32's
+    onnx_int8: bool = True
+    onnx_int8_method: str = "dynamic"
+    int8_max_f1_drop: float = 1.0
     output_dir: str = "output"
 
     def to_dict(self):
@@ -215,6 +220,8 @@ def validate(cfg):
     if cfg.stage_processes < 0:
         raise UserError(f"--stage_processes {cfg.stage_processes}: use 0 (side by side when the cores allow) "
                         f"or a number of processes (1: one stage at a time)")
+    if cfg.onnx_int8_method not in ("dynamic", "static"):
+        raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic or static")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -20,11 +20,12 @@ from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, wri
 from .data import collate, copy_vocab
 from .errors import UserError
 from .backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
+from .onnx_variants import write_variants
 from .inference import INFERENCE_META, MODEL_PREFIX
 from .checkpoint import load_weights
 from .architectures import load_config, model_class_for, save_tokenizer
 from .modeling import (count_parameters, load_pretrained, numpy_logits,
-                       sub_model_state)
+                       sub_model_state, width_plan)
 from .supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
 
 log = logging.getLogger("ner_compress")
@@ -125,11 +126,17 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
             "onnx runtime": onnx_logits,
         })
         log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
+        onnx_meta = write_variants(cfg, data, static_dir, onnx_path, width_plan(model.config, width),
+                                   model.config.num_hidden_layers,
+                                   partial(check_parity, reference_name, reference), (input_ids, token_type_ids))
         for sub in (dynamic_dir, static_dir, onnx_dir):
             write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
                            {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
                            inputs={source_manifest["stage"]: source_manifest}, width_mult=width,
-                           parameters=count_parameters(model), architecture=model.config.model_type)
+                           parameters=count_parameters(model), architecture=model.config.model_type,
+                           **({"onnx": onnx_meta} if sub == onnx_dir else {}))
+    if onnx_meta["int8"] and onnx_meta["int8"]["refused"]:  # the FP32 export is in place; INT8 is not
+        raise UserError(onnx_meta["int8"]["refused"])
     return diffs
 
 

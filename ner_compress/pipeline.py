@@ -35,7 +35,8 @@ OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "lambda_distill", "lambda_logit", "importance_batches"]
 # how the previous stage was run, not what it was run on
 NOT_INHERITED = {"resume", "resume_from", "output_dir"}
-EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir"]
+EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir", "onnx_int8", "onnx_int8_method",
+                "int8_max_f1_drop"]
 STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "student_num_layers", "student_hidden_size", "student_num_attention_heads", "student_intermediate_size",
     "intermediate_matches", "student_temperature", "student_lambda_logit", "student_hard_label_weight",
