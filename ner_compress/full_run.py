@@ -14,7 +14,8 @@ from .artifacts import MANIFEST, write_json
 from .config import parse_config
 from .modeling import teacher_config
 from .pipeline import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start, export_dir,
-                       ofa_dir, run_export, run_ofa, run_student, run_teacher, student_dir, teacher_dir)
+                       ofa_dir, pruned_teacher_config, run_export, run_ofa, run_student, run_teacher, student_dir,
+                       teacher_dir)
 
 log = logging.getLogger("ner_compress")
 
@@ -44,7 +45,7 @@ def models(cfg):
     """(table name, export directory) of every model the run makes."""
     rows = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths(cfg)]
     if cfg.run_student:
-        rows += [("student", export_dir(cfg, None, "student"))]
+        rows += [("student", export_dir(cfg))]  # P18BREAK
         rows += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths(cfg)]
     return rows
 
@@ -61,6 +62,7 @@ def check_student_plan(cfg, data):
 
 
 def run_all(cfg):
+    cfg = pruned_teacher_config(cfg)  # every stage after it reads the pruned model's vocabulary
     data = _start(cfg)
     if cfg.run_student:
         check_student_plan(cfg, data)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from . import benchmark, export, parallel, report, runtime, student, supernet, training
+from . import benchmark, export, parallel, report, runtime, student, supernet, training, vocab_pruning
 from .backends import BACKENDS, check_backend
 from .artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from .config import parse_config
@@ -29,7 +29,7 @@ RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weigh
 TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "model_name_or_path", "pretrained_layers", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "local_conv_kernel", "label_smoothing", "learning_rate",
-    "num_train_epochs", "max_steps", "eval_steps"]
+    "num_train_epochs", "max_steps", "eval_steps", "prune_vocab", "keep_chars_file"]
 OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",
     "lambda_distill", "lambda_logit", "importance_batches"]
@@ -87,6 +87,15 @@ def _start(cfg):
         runtime.set_cpu_threads(cfg.cpu_threads)
         runtime.log_once()
     return prepare_data(cfg)
+
+
+def pruned_teacher_config(cfg):
+    """With ``--prune_vocab``: the config that fine-tunes from DIR/pruned_model (pruned, or reused)."""
+    if not cfg.prune_vocab:
+        return cfg
+    parallel.init()
+    training.setup_logging()
+    return vocab_pruning.pruned_config(cfg, os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR))
 
 
 def run_teacher(cfg, data=None):
@@ -208,7 +217,18 @@ def benchmark_cli(argv=None):
 
 def train_teacher_cli(argv=None):
     cfg, _ = parse_config("Fine-tune the BERT teacher; best dev F1 goes to DIR/teacher/.", TEACHER_FLAGS, argv)
-    run_teacher(cfg)
+    run_teacher(pruned_teacher_config(cfg))
+
+
+def prune_vocab_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--out", help="the pruned model directory to write (default: DIR/pruned_model)")
+    cfg, args = parse_config("Cut a local model directory's vocabulary to the characters of the training corpus "
+                             "(plus --keep_chars_file and the special tokens).",
+                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file"], argv, extra=extra)
+    training.setup_logging()
+    out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
+    print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
 
 
 def distill_cli(argv=None):

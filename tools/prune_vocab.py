@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Vocabulary pruning: a local model directory cut to the characters of the training corpus (DIR/pruned_model/)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ner_compress import pipeline  # noqa: E402
+from ner_compress.errors import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    run_cli(pipeline.prune_vocab_cli)
