@@ -45,7 +45,7 @@ def models(cfg):
     """(table name, export directory) of every model the run makes."""
     rows = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths(cfg)]
     if cfg.run_student:
-        rows += [("student", export_dir(cfg))]  # P18BREAK
+        rows += [("student", export_dir(cfg, None, "student"))]
         rows += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths(cfg)]
     return rows
 
