@@ -3,10 +3,14 @@
 Every refusal is a JSON ``{"error": ..., "request_id": ...}`` naming the field or flag at fault.
 The body of ``/predict`` is read here, not by FastAPI, so its size is checked before (declared
 ``Content-Length``) and while (streamed bytes) it arrives, and never held beyond
-``--max_body_bytes``. An access-log line and the metrics are written by one ASGI middleware.
+``--max_body_bytes``; a body not complete within ``--body_timeout_s`` is answered 408 and its
+connection closed, so a client that stops mid-body does not hold it. An access-log line and the
+metrics are written by one ASGI middleware.
 """
+import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -60,15 +64,26 @@ class ErrorBody(BaseModel):
     request_id: str
 
 
-ERRORS = {400: "invalid JSON or wrong shape", 413: "body, text count or text length over a limit",
+ERRORS = {400: "invalid JSON or wrong shape", 408: "body not complete within --body_timeout_s",
+          413: "body, text count or text length over a limit",
           499: "client left", 500: "internal error (logged with its traceback)",
           503: "model not ready or queue full (see Retry-After)"}
 
 
 # --- reading and checking a request ------------------------------------------------------------
 
-async def read_body(request, max_bytes):
-    """The raw body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+async def read_body(request, max_bytes, timeout_s):
+    """The raw body, refused with 413 as soon as it is known to exceed ``max_bytes``, and with 408 if it
+    is not complete within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_limited_body(request, max_bytes)
+    except TimeoutError:
+        raise ApiError(408, f"body: not complete within --body_timeout_s {timeout_s:g} s; send the whole body "
+                            "at once", {"Connection": "close"}) from None
+
+
+async def read_limited_body(request, max_bytes):
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -185,7 +200,7 @@ def create_app(options, load_tagger):
         """Tag texts: ``{"texts": [...]}`` -> ``{"results": [{"text", "entities"}]}``."""
         request_id = request.state.request_id
         try:
-            body = await read_body(request, options.max_body_bytes)
+            body = await read_body(request, options.max_body_bytes, options.body_timeout_s)
             texts = parse_texts(body, options.max_texts, options.max_chars)
             request.state.texts = len(texts)
             if not batcher.ready.is_set():
@@ -203,10 +218,12 @@ def create_app(options, load_tagger):
             return error_response(500, "internal error; quote the request_id when reporting it", request_id)
         return JSONResponse({"results": results})
 
+    served = {"backend": options.backend, "device": options.device, "model_dir": os.path.abspath(options.model_dir)}
+
     @app.get("/health")
     async def health():
-        """The process is up and answering (the model may still be loading)."""
-        return {"status": "ok"}
+        """The process is up and answering (the model may still be loading); which model, on what."""
+        return {"status": "ok", **served}
 
     @app.get("/ready", responses={503: {"description": "model still loading or warming up, or failed to load"}})
     async def ready():

@@ -26,6 +26,7 @@ from .server_probes import abuse_checks
 log = logging.getLogger("ner_compress")
 LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfile.py")
 MB = 1024 * 1024
+BODY_TIMEOUT_S = 3  # the served --body_timeout_s: the abuse checks' stalled client waits that long
 
 
 def models_to_test(output_dir, model_dirs=None):
@@ -156,7 +157,8 @@ def run(opts):
         for name, model_dir in opts["models"]:
             log.info("%s: offline reference", name)
             model = {"model": name, "model_dir": model_dir, **offline_figures(model_dir, opts["backend"], sentences)}
-            server = ServerProcess(model_dir, "--backend", opts["backend"], log_path=os.path.join(work_dir, "srv.log"))
+            server = ServerProcess(model_dir, "--backend", opts["backend"], "--body_timeout_s", BODY_TIMEOUT_S,
+                                   log_path=os.path.join(work_dir, "srv.log"))
             with server:
                 model["idle_rss_mb"] = server.rss_bytes() / MB
                 model["levels"] = []
@@ -166,7 +168,7 @@ def run(opts):
                                                         sentences_file, work_dir, locust_python))
                 if opts["abuse"] and name == opts["models"][-1][0]:
                     log.info("%s: abusive requests", name)
-                    model["abuse"] = abuse_checks(server)
+                    model["abuse"] = abuse_checks(server, BODY_TIMEOUT_S)
             results["models"].append(model)
     results["targets"] = targets(results["models"])
     results["markdown"] = markdown(results)

@@ -14,10 +14,14 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .backends import DEFAULT_BACKEND, check_backend
 from .errors import UserError
 
 OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
 APP_FACTORY = "ner_compress.serving:app_from_environment"
+# descriptors the process needs besides client sockets (model files, logs, the listening socket)
+RESERVED_DESCRIPTORS = 64
+log = logging.getLogger("ner_compress")
 
 
 @dataclass
@@ -26,7 +30,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8189
     workers: int = 1
-    backend: str = "paddle"
+    backend: Optional[str] = None  # None: backends.DEFAULT_BACKEND on CPU, Paddle Inference on GPU
     device: str = "cpu"
     cpu_threads: Optional[int] = None
     decoding: str = "viterbi"
@@ -36,39 +40,56 @@ class ServeOptions:
     max_body_bytes: int = 4 << 20
     max_texts: int = 1024
     max_chars: int = 100_000
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
     warmup_batches: int = 20
     log_level: str = "info"
+
+    def __post_init__(self):
+        if self.backend is None:  # ONNX Runtime runs on CPU only here
+            self.backend = DEFAULT_BACKEND if self.device == "cpu" else "paddle"
 
 
 def check_options(opts):
     """Every flag sane and the model directory an exported static model, before anything starts."""
-    from .backends import BACKENDS
     from .decoding import DECODINGS
-    from .inference import read_meta
 
-    positive = ("port", "workers", "max_batch_size", "max_queue", "max_body_bytes", "max_texts", "max_chars")
+    positive = ("port", "workers", "max_batch_size", "max_queue", "max_body_bytes", "max_texts", "max_chars",
+                "max_connections")
     for name in positive:
         if getattr(opts, name) < 1:
             raise UserError(f"--{name} {getattr(opts, name)}: must be at least 1")
     if opts.max_wait_ms < 0 or opts.warmup_batches < 0:
         raise UserError("--max_wait_ms and --warmup_batches: must not be negative")
+    if not opts.body_timeout_s > 0:  # also refuses nan
+        raise UserError(f"--body_timeout_s {opts.body_timeout_s:g}: must be more than 0 seconds")
+    check_descriptors(opts.max_connections)
     if opts.port > 65535:
         raise UserError(f"--port {opts.port}: must be at most 65535")
     if opts.max_texts > opts.max_queue:
         raise UserError(f"--max_texts {opts.max_texts} is over --max_queue {opts.max_queue}: such a request "
                         "could never be queued; raise --max_queue or lower --max_texts")
-    if opts.backend not in BACKENDS:
-        raise UserError(f"--backend {opts.backend}: unknown; use one of {', '.join(BACKENDS)}")
     if opts.decoding not in DECODINGS:
         raise UserError(f"--decoding {opts.decoding}: use one of {', '.join(DECODINGS)}")
+    if opts.backend == "onnxruntime" and opts.device != "cpu":
+        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {opts.device}")
     if not os.path.isdir(opts.model_dir):
         raise UserError(f"--model_dir {opts.model_dir}: no such directory; give DIR/export/width_W/static")
-    read_meta(opts.model_dir)
+    check_backend(opts.backend, opts.model_dir)  # also reads the model's meta
+
+
+def check_descriptors(max_connections):
+    """Refuse a connection cap this process could not open sockets for (``ulimit -n``)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections + RESERVED_DESCRIPTORS > soft:
+        raise UserError(f"--max_connections {max_connections}: over this process's open-file limit {soft} less "
+                        f"{RESERVED_DESCRIPTORS} reserved; lower it or raise `ulimit -n`")
 
 
 def setup_logging(level):
     """Our lines (progress, access log, errors with tracebacks) on stderr, one format."""
-    log = logging.getLogger("ner_compress")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -119,9 +140,13 @@ def serve(opts):
 
     check_options(opts)
     setup_logging(opts.log_level)
+    log.info("serving %s through %s (%s) on http://%s:%d", os.path.abspath(opts.model_dir), opts.backend,
+             opts.device, opts.host, opts.port)
     os.environ[OPTIONS_VARIABLE] = json.dumps(asdict(opts))
+    # uvicorn answers 503 (and closes) a request arriving while limit_concurrency connections are open,
+    # its own included: + 1 so that --max_connections connections are served
     settings = dict(host=opts.host, port=opts.port, factory=True, access_log=False, log_level=opts.log_level,
-                    timeout_graceful_shutdown=None)
+                    timeout_graceful_shutdown=None, limit_concurrency=opts.max_connections + 1)
     if opts.workers > 1:  # uvicorn's supervisor: SIGTERM ends each worker gracefully, then itself
         uvicorn.run(APP_FACTORY, workers=opts.workers, **settings)
         return

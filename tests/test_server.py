@@ -2,34 +2,35 @@
 
 The model is the tiny config's teacher after two training steps, exported by the tools. Barely
 trained, it still emits entities under argmax decoding (a longer-trained tiny model predicts all
-"O"), so comparing the server with tools/predict.py compares real entity lists.
+"O"), so comparing the server with tools/predict.py compares real entity lists. The main server
+runs on the default backend (ONNX Runtime on CPU); the queue and shutdown server on Paddle Inference.
 """
+import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import ROOT
+from conftest import run_tool as tool
 
+from ner_compress.backends import DEFAULT_BACKEND, load_tagger
+from ner_compress.errors import UserError
+from ner_compress.server_probes import stall_mid_body
 from ner_compress.server_process import ServerProcess
+from ner_compress.serving import ServeOptions, check_options
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMITS = ("--max_body_bytes", 100_000, "--max_texts", 20, "--max_chars", 3_000)
+BODY_TIMEOUT_S, MAX_CONNECTIONS = 2, 30
+LIMITS = ("--max_body_bytes", 100_000, "--max_texts", 20, "--max_chars", 3_000,
+          "--body_timeout_s", BODY_TIMEOUT_S, "--max_connections", MAX_CONNECTIONS)
 TEXTS = ["中国人民银行在北京召开会议，李明出席了会议。", "", "上海浦东新区人民政府今天发布通知。",
          "新华社记者王小明报道：联合国秘书长访问中国。" * 12]  # the last: 264 characters, 5 windows of 64
-
-
-def tool(name, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,45 @@ def test_openapi_page_documents_predict(server):
     assert {"413", "503", "500"} <= set(spec["paths"]["/predict"]["post"]["responses"])
 
 
+def test_health_and_start_up_log_name_the_default_backend_and_the_model(server, model_dir):
+    assert ServeOptions(model_dir="x").backend == DEFAULT_BACKEND == "onnxruntime"
+    assert ServeOptions(model_dir="x", device="gpu").backend == "paddle"  # ONNX Runtime is CPU-only here
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    assert health == {"status": "ok", "backend": "onnxruntime", "device": "cpu",
+                      "model_dir": os.path.abspath(model_dir)}
+    assert f"serving {os.path.abspath(model_dir)} through onnxruntime (cpu)" in server.log_tail(1_000_000)
+
+
+def test_client_stopping_mid_body_gets_408_and_the_connection_closed(server):
+    status, received, closed = stall_mid_body(server.host, server.port, wait_s=BODY_TIMEOUT_S + 10)
+    assert status == 408, f"no 408 within {BODY_TIMEOUT_S + 10} s: {received!r}"
+    assert f"not complete within --body_timeout_s {BODY_TIMEOUT_S} s" in received
+    assert closed, "the server answered but kept the connection open"
+    assert httpx.post(server.url + "/predict", json={"texts": ["李明"]}, timeout=30).status_code == 200
+
+
+def poll_health_until(server, status, seconds=15):
+    """GET /health on a new connection until it answers ``status`` (open sockets close asynchronously)."""
+    deadline, seen = time.monotonic() + seconds, None
+    while seen != status:
+        assert time.monotonic() < deadline, f"/health kept answering {seen}, never {status}"
+        seen = httpx.get(server.url + "/health", timeout=10).status_code
+    return seen
+
+
+def test_connections_beyond_the_cap_get_503_and_serving_resumes_once_released(server):
+    idle = [socket.create_connection((server.host, server.port)) for _ in range(MAX_CONNECTIONS - 1)]
+    try:
+        poll_health_until(server, 200)  # the cap's last connection is served
+        idle.append(socket.create_connection((server.host, server.port)))
+        poll_health_until(server, 503)  # one more is not
+    finally:
+        for sock in idle:
+            sock.close()
+    poll_health_until(server, 200)
+    assert httpx.post(server.url + "/predict", json={"texts": ["李明"]}, timeout=30).status_code == 200
+
+
 # --- queue and shutdown: a server of their own, one slow request in flight ----------------------
 
 SLOW_TEXTS = ["中国人民银行在北京召开会议" * 600] * 10  # about a second of tagging on an idle machine
@@ -171,11 +211,18 @@ SLOW_TEXTS = ["中国人民银行在北京召开会议" * 600] * 10  # about a s
 
 @pytest.fixture(scope="module")
 def small_queue_server(model_dir, tmp_path_factory):
-    """Shared by the queue test and then the SIGTERM test, which ends it."""
+    """On Paddle Inference; shared by the backend test, the queue test and then the SIGTERM test, which ends it."""
     log = tmp_path_factory.mktemp("small_queue") / "server.log"
-    with ServerProcess(model_dir, "--max_queue", 12, "--max_texts", 12, "--max_chars", 10_000,
+    with ServerProcess(model_dir, "--backend", "paddle", "--max_queue", 12, "--max_texts", 12, "--max_chars", 10_000,
                        "--warmup_batches", 2, log_path=log) as srv:
         yield srv
+
+
+def test_paddle_backend_serves_what_the_predict_tool_tags(small_queue_server, model_dir):
+    assert httpx.get(small_queue_server.url + "/health", timeout=10).json()["backend"] == "paddle"
+    expected = load_tagger(str(model_dir), "paddle").predict(TEXTS)  # what tools/predict.py --backend paddle runs
+    answer = httpx.post(small_queue_server.url + "/predict", json={"texts": TEXTS}, timeout=30)
+    assert answer.status_code == 200 and answer.json() == {"results": expected}
 
 
 def send_slow_request(server):
@@ -285,15 +332,60 @@ def test_model_that_fails_to_load_keeps_ready_503_with_the_reason(captured_log):
         assert client.post("/predict", json={"texts": ["a"]}).status_code == 503
 
 
+# --- flags refused before anything starts ---------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    *[({name: 0}, f"--{name} 0: must be at least 1") for name in (
+        "port", "workers", "max_batch_size", "max_queue", "max_body_bytes", "max_texts", "max_chars",
+        "max_connections")],
+    ({"port": 70_000}, "--port 70000: must be at most 65535"),
+    ({"max_wait_ms": -1}, "--max_wait_ms and --warmup_batches: must not be negative"),
+    ({"warmup_batches": -1}, "--max_wait_ms and --warmup_batches: must not be negative"),
+    ({"body_timeout_s": 0}, "--body_timeout_s 0: must be more than 0 seconds"),
+    ({"body_timeout_s": float("nan")}, "--body_timeout_s nan: must be more than 0 seconds"),
+    ({"max_connections": 10 ** 9}, "--max_connections 1000000000: over this process's open-file limit"),
+    ({"max_texts": 3000}, "--max_texts 3000 is over --max_queue 2048"),
+    ({"decoding": "beam"}, "--decoding beam: use one of"),
+    ({"backend": "tensorrt"}, "--backend tensorrt: unknown; use one of paddle, onnxruntime"),
+    ({"backend": "onnxruntime", "device": "gpu"}, "--backend onnxruntime: CPU only here; use --backend paddle"),
+    ({"model_dir": "/nonexistent/static"}, "--model_dir /nonexistent/static: no such directory"),
+    ({"model_dir": ROOT}, f"{ROOT}: not an exported static model"),
+])
+def test_each_refused_flag_is_one_line_naming_it(model_dir, changes, message):
+    opts = dataclasses.replace(ServeOptions(model_dir=str(model_dir)), **changes)
+    with pytest.raises(UserError) as refused:
+        check_options(opts)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_default_backend_without_its_onnx_file_is_refused_naming_the_way_out(model_dir, tmp_path):
+    static = shutil.copytree(model_dir, tmp_path / "export" / "teacher" / "static")  # no onnx/ beside it
+    check_options(ServeOptions(model_dir=str(model_dir)))  # the real export passes
+    with pytest.raises(UserError, match=r"--backend onnxruntime: no .*onnx/model\.onnx; re-export .* --backend paddle"):
+        check_options(ServeOptions(model_dir=str(static)))
+    refused = tool("serve.py", "--model_dir", static, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --backend onnxruntime: no ")
+
+
 def test_load_test_tool_drives_the_server_with_locust(model_dir, tmp_path):
-    """tools/loadtest.py end to end, short: Locust's clients reach the server, every request counts."""
+    """tools/loadtest.py end to end, short: Locust's clients reach the server, every request counts, and
+    each abusive request gets its status."""
     tool("loadtest.py", "--model_dir", model_dir, "--clients", 2, "--seconds", 2, "--sentences", 40,
-         "--no_abuse", "--output_dir", tmp_path)
+         "--output_dir", tmp_path)
     with open(tmp_path / "report" / "loadtest.json", encoding="utf-8") as fh:
         results = json.load(fh)
     (model,) = results["models"]
     (level,) = model["levels"]
-    assert results["backend"] == "onnxruntime"  # the server's CPU default
     assert level["clients"] == 2 and level["requests"] > 0 and level["errors"] == 0
+    statuses = [(row["case"].split(" (")[0], row["status"]) for row in model["abuse"]]
+    assert statuses == [("baseline: GET /health", 200), ("50 MB body, Content-Length declared", 413),
+                        ("50 MB body, chunked", 413), ("10,000 empty texts", 413), ("invalid UTF-8", 400),
+                        ("1,000,000-character text", 413), ("client leaves mid-body", "-"),
+                        ("client leaves mid-inference", "-"), ("client stops mid-body", 408),
+                        ("then a normal request", 200)], model["abuse"]
+    assert "connection closed" in model["abuse"][-2]["answer"]
+    (abuse_target,) = [t for t in results["targets"] if "each answered as expected" in t["target"]]
+    assert abuse_target["met"] is True
     assert level["p50_ms"] <= level["p99_ms"] and level["sentences_per_s"] > 0
     assert (tmp_path / "report" / "loadtest.md").read_text(encoding="utf-8").count("| teacher | 2 |") == 1

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=DEFAULTS.port)
     parser.add_argument("--workers", type=int, default=DEFAULTS.workers,
                         help="processes, each with its own model copy and batching (default 1)")
-    parser.add_argument("--backend", default=DEFAULTS.backend, help="paddle (Paddle Inference) or onnxruntime")
+    parser.add_argument("--backend", default=None, help="onnxruntime or paddle (Paddle Inference); default: "
+                        f"{DEFAULTS.backend} on CPU, paddle on GPU")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=DEFAULTS.device)
     parser.add_argument("--cpu_threads", type=int, default=None, help="predictor math threads; default: all cores")
     parser.add_argument("--decoding", default=DEFAULTS.decoding, help="viterbi (BIO-constrained, default) or argmax")
@@ -35,6 +36,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_body_bytes", type=int, default=DEFAULTS.max_body_bytes, help="larger bodies: 413")
     parser.add_argument("--max_texts", type=int, default=DEFAULTS.max_texts, help="texts per request; more: 413")
     parser.add_argument("--max_chars", type=int, default=DEFAULTS.max_chars, help="characters per text; more: 413")
+    parser.add_argument("--body_timeout_s", type=float, default=DEFAULTS.body_timeout_s,
+                        help="a body not complete this long after its headers: 408, connection closed")
+    parser.add_argument("--max_connections", type=int, default=DEFAULTS.max_connections,
+                        help="open connections served per worker; a request on one more: 503, connection closed")
     parser.add_argument("--warmup_batches", type=int, default=DEFAULTS.warmup_batches,
                         help="predictor calls before /ready says 200")
     parser.add_argument("--log_level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
