@@ -1,5 +1,5 @@
 """Report rendering from measured rows: which model is named the smallest that keeps 95% of F1."""
-from ner_compress.report import markdown, smallest_within
+from ner_compress.report import markdown, smallest_within, targets
 
 KIND = "onnxruntime-fp32"
 
@@ -33,3 +33,24 @@ def test_f1_share_is_against_the_teacher_of_the_only_backend_measured():
                "speed_sentences": 2, "batch_size": 32, "repeats": 1, "rows": rows, "targets": []}
     table = [line for line in markdown(results).splitlines() if line.startswith("| student |")]
     assert table and " | 97.50% | " in table[0]
+
+
+def test_each_target_is_met_or_missed_by_its_own_figure():
+    teacher = {**row("teacher", 1000, 0.80, 100, 3.0, kind="fp32"), "dynamic_sentences_per_s": 20}
+    half = {**row("width 0.5", 500, 0.795, 300, 1.6, kind="fp32"), "sentences_differing_from_paddle": 0}
+    int8 = {**row("width 0.5", 500, 0.78, 350, 1.0, kind="int8"), "sentences_differing_from_paddle": 9}
+    met = {t["target"]: t["met"] for t in targets([teacher, half, int8], backend="paddle")}
+    assert met == {
+        "width 0.5 paddle: batch-1 p50 <= 1.5 ms on real sentences": False,  # 1.6 ms
+        "width 0.5 paddle: batch-1 p50 >= 1.7x lower than the teacher's": True,  # 1.88x
+        "width 0.5 paddle: batch-32 throughput >= 1.8x the teacher's": True,  # 3x
+        "every FP32 backend: tags equal Paddle Inference's on the whole test set": True,  # INT8 is not counted
+        "width 0.5 FP32: >= 2.5x teacher static throughput at batch 32": True,
+        "width 0.5 FP32: >= 99% of teacher F1": True,  # 99.4%
+        "width 0.5 INT8: >= 4x FP32 teacher throughput": False,  # 3.5x
+        "width 0.5 INT8: F1 within 1 point of FP32 width 0.5": False,  # 1.5 points
+        "static predictor: >= 3x dynamic throughput at batch 32 (teacher)": True,  # 5x
+    }
+    half["sentences_differing_from_paddle"] = 1
+    met = {t["target"]: t["met"] for t in targets([teacher, half, int8], backend="paddle")}
+    assert not met["every FP32 backend: tags equal Paddle Inference's on the whole test set"]
