@@ -79,17 +79,21 @@ def prune(cfg, source, out_dir):
         old_ids = kept_ids(source, data.encoder, chars)
         cut = write_pruned(source, tmp, old_ids)
         check_lookup(chars, data.encoder, directory_encoder(cfg, tmp), old_ids, tmp)
-        record = {**identity, **sizes(source, tmp), "source_dir": os.path.abspath(source),
-                  "old_ids": old_ids, "cut_tensors": cut,
-                  "characters": {"corpus": len(corpus), "corpus_sources": data.splits.sources,
-                                 "keep_chars_file": cfg.keep_chars_file, "keep_chars": len(extra_chars),
-                                 "unknown": sum(data.encoder.char_id(c) == data.encoder.unk_id for c in chars)}}
         manifest = write_manifest(tmp, STAGE, cfg.to_dict(), [], file_digest(os.path.join(tmp, VOCAB)),
-                                  inputs={"source": source_manifest(source)}, **record)
+                                  inputs={"source": source_manifest(source)}, **identity, **sizes(source, tmp),
+                                  source_dir=os.path.abspath(source), old_ids=old_ids, cut_tensors=cut,
+                                  characters=character_counts(cfg, data, corpus, extra_chars))
     rows = manifest["rows"]
     log.info("vocabulary pruning: kept %d of %d rows (%d dropped) -> %s", rows["kept"], rows["before"],
              rows["dropped"], out_dir)
     return manifest
+
+
+def character_counts(cfg, data, corpus, extra_chars):
+    """Distinct characters kept for the corpus and for the user's list, and how many have no row at all."""
+    unknown = sum(data.encoder.char_id(c) == data.encoder.unk_id for c in corpus | extra_chars)
+    return {"corpus": len(corpus), "corpus_sources": data.splits.sources, "keep_chars_file": cfg.keep_chars_file,
+            "keep_chars": len(extra_chars), "unknown": unknown}
 
 
 def local_source(cfg, name_or_path):
