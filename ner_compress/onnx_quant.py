@@ -42,6 +42,16 @@ def feed_reader(feeds):
     return Feeds()
 
 
+def typed(onnx_path):
+    """The graph with every tensor typed by ONNX Runtime's symbolic shape inference, which knows its fused
+    ops: without it ``quantize_static`` finds no activation type after SkipLayerNorm/BiasGelu/Attention and
+    quantizes the weights only (measured: 37 DequantizeLinear, no QuantizeLinear, on 12 x 384)."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(onnx.load(onnx_path), auto_merge=True)
+
+
 def quantize(method, fp32_path, out_path, feeds=()):
     """Write the INT8 copy of ``fp32_path`` made by ``method`` (see the module docstring)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -49,7 +59,7 @@ def quantize(method, fp32_path, out_path, feeds=()):
     if method == "dynamic":
         quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, extra_options=UNTYPED_FUSED_OUTPUTS)
     elif method == "static":
-        quantize_static(fp32_path, out_path, feed_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(typed(fp32_path), out_path, feed_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], extra_options=UNTYPED_FUSED_OUTPUTS)
     else:

@@ -1,0 +1,101 @@
+"""ONNX Runtime INT8 beside the FP32 export: recorded parity, same entities, refusal, precision choice."""
+import json
+import os
+
+import onnx
+import pytest
+from conftest import train_near_random_teacher
+from conftest import run_tool as tool
+
+from ner_compress.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    train_near_random_teacher(out)
+    tool("export.py", "--teacher", "--output_dir", out)
+    return out
+
+
+def onnx_manifest(output_dir):
+    return json.load(open(output_dir / "export" / "teacher" / "onnx" / "manifest.json"))
+
+
+def op_types(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_export_writes_a_dynamic_int8_copy_of_the_fused_graph_with_its_dev_parity(output_dir):
+    onnx_dir = output_dir / "export" / "teacher" / "onnx"
+    manifest = onnx_manifest(output_dir)
+    int8 = manifest["onnx"]["int8"]
+    assert int8["file"] == "model.int8.onnx" and int8["source"] == "model.opt.onnx" and int8["refused"] is None
+    assert int8["f1_drop_points"] == pytest.approx(int8["dev_f1_fp32"] - int8["dev_f1_int8"])
+    # the near-random teacher tags many entities, so agreement is not 0 == 0
+    assert int8["fp32_entities"] > 500 and int8["entity_agreement_f1"] > 90
+    assert "model.int8.onnx" in manifest["weights_sha256"]
+    assert {"QAttention", "DynamicQuantizeMatMul"} & op_types(onnx_dir / "model.int8.onnx")
+    assert os.path.getsize(onnx_dir / "model.int8.onnx") < os.path.getsize(onnx_dir / "model.opt.onnx")
+    assert sorted(os.listdir(onnx_dir)) == ["manifest.json", "model.int8.onnx", "model.onnx", "model.opt.onnx"]
+
+
+def test_int8_tagger_finds_nearly_the_same_entities_as_fp32(output_dir):
+    from ner_compress.backends import load_tagger
+    from ner_compress.config import Config
+    from ner_compress.data import load_splits
+
+    static = str(output_dir / "export" / "teacher" / "static")
+    texts = ["".join(s.chars) for s in load_splits(Config(**onnx_manifest(output_dir)["config"])).test]
+    fp32 = load_tagger(static, "onnxruntime").predict(texts)
+    int8 = load_tagger(static, "onnxruntime", precision="int8").predict(texts)
+    pairs = [(e["start"], e["end"], e["type"]) for r in fp32 for e in r["entities"]]
+    same = sum(len({(e["start"], e["end"], e["type"]) for e in a["entities"]}
+                   & {(e["start"], e["end"], e["type"]) for e in b["entities"]}) for a, b in zip(fp32, int8))
+    assert len(pairs) > 100 and same / len(pairs) > 0.9
+    assert int8 != fp32 or same == len(pairs)  # INT8 really ran a different graph (or agreed everywhere)
+
+
+def test_unknown_or_unsupported_precision_is_refused_in_one_line(output_dir):
+    from ner_compress.backends import check_backend
+
+    static = str(output_dir / "export" / "teacher" / "static")
+    with pytest.raises(UserError, match=r"^--precision int4: unknown; use one of fp32, int8$"):
+        check_backend("onnxruntime", static, "int4")
+    with pytest.raises(UserError, match=r"^--precision int8: ONNX Runtime's export only"):
+        check_backend("paddle", static, "int8")
+
+
+def test_int8_that_loses_more_than_the_margin_is_refused_and_fp32_stays(output_dir, tmp_path):
+    import shutil
+
+    from ner_compress.artifacts import read_manifest
+    from ner_compress.backends import check_backend
+
+    out = tmp_path / "refused"
+    shutil.copytree(output_dir / "teacher", out / "teacher")
+    result = tool("export.py", "--teacher", "--output_dir", out, "--int8_max_f1_drop", -1, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --int8_max_f1_drop -1: dynamic INT8 drops dev F1 by ") and "points (" in last
+    onnx_dir = out / "export" / "teacher" / "onnx"
+    manifest = read_manifest(str(onnx_dir), "export")  # every FP32 file as hashed
+    assert {"model.onnx", "model.opt.onnx"} == set(manifest["weights_sha256"])
+    assert manifest["onnx"]["int8"]["refused"] == last[len("error: "):]
+    assert not (onnx_dir / "model.int8.onnx").exists()
+    static = str(out / "export" / "teacher" / "static")
+    check_backend("onnxruntime", static)  # FP32 still serves
+    with pytest.raises(UserError, match="model.int8.onnx; re-export"):
+        check_backend("onnxruntime", static, "int8")
+
+
+def test_static_qdq_int8_is_calibrated_and_checked_the_same_way(output_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "static"
+    shutil.copytree(output_dir / "teacher", out / "teacher")
+    tool("export.py", "--teacher", "--output_dir", out, "--onnx_int8_method", "static")
+    int8 = onnx_manifest(out)["onnx"]["int8"]
+    assert int8["method"] == "static" and int8["refused"] is None and int8["entity_agreement_f1"] > 90
+    ops = op_types(out / "export" / "teacher" / "onnx" / "model.int8.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear", "Attention"} <= ops  # activations too, not weights only
