@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import paddle
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .artifacts import atomic_dir, write_json
@@ -25,6 +26,7 @@ from .errors import UserError
 log = logging.getLogger("ner_compress")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", TRAINER_STATE)
 
 
 def to_numpy_state(state):
@@ -115,26 +117,43 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     def load(self, path, model, optimizer):
-        """Restore model and optimizer in place; return the trainer state."""
-        state_file = os.path.join(path, TRAINER_STATE)
-        if not os.path.isfile(state_file):
-            raise UserError(f"--resume_from {path}: not a complete checkpoint ({TRAINER_STATE} missing)")
+        """Restore model and optimizer in place; return the trainer state. A checkpoint that is
+        incomplete or unreadable is refused: resuming never falls back to a fresh start."""
+        check_complete(path)
+        try:
+            state = self._restore(path, model, optimizer)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            raise UserError(f"--resume_from {path}: unreadable checkpoint ({err}); resume from an earlier "
+                            f"step-NNNNNNNN directory")
+        self.protected = path
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state
+
+    @staticmethod
+    def _restore(path, model, optimizer):
         model.set_state_dict({k: paddle.to_tensor(v) for k, v in load_weights(
             os.path.join(path, "model.safetensors")).items()})
         with open(os.path.join(path, "optimizer.json"), encoding="utf-8") as fh:
             scalars = json.load(fh)
         optimizer.set_state_dict(join_optimizer_state(load_file(os.path.join(path, "optimizer.safetensors")),
                                                       scalars, list(model.named_parameters())))
-        with open(state_file, encoding="utf-8") as fh:
-            state = json.load(fh)
-        self.protected = path
-        log.info("resumed from %s (step %d)", path, state["step"])
-        return state
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
+            return json.load(fh)
+
+
+def check_complete(path):
+    """``path`` holds every file a checkpoint writes, or a one-line ``UserError`` naming the missing ones."""
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        what = "no such directory" if not os.path.isdir(path) else f"{', '.join(missing)} missing"
+        raise UserError(f"--resume_from {path}: not a complete checkpoint ({what}); give a step-NNNNNNNN "
+                        f"directory under checkpoints/, or --resume for the newest")
 
 
 def resume_path(cfg, checkpointer):
     """The checkpoint to continue from: ``--resume_from DIR``, or the newest with ``--resume``."""
     if cfg.resume_from:
+        check_complete(cfg.resume_from)
         return cfg.resume_from
     if cfg.resume:
         latest = checkpointer.latest()

@@ -1,5 +1,6 @@
 """Shared fixtures. ``ner_compress`` is imported before paddle: its compat module works around
 a zlib clash that otherwise breaks importing paddlenlp after paddle."""
+import json
 import os
 import sys
 
@@ -15,6 +16,15 @@ import pytest  # noqa: E402
 from ner_compress import resources  # noqa: E402
 
 TINY_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+NO_DROPOUT = ["--hidden_dropout_prob", 0, "--attention_probs_dropout_prob", 0]
+# 1 layer x 32 hidden, 2 heads under the tiny 2 x 64, 4-head teacher: projections, head-averaged attention
+STUDENT_MATCHES = json.dumps([
+    {"student_layer": 0, "teacher_layer": 0, "feature": "hidden", "weight": 0.1},
+    {"student_layer": 1, "teacher_layer": 2, "feature": "hidden", "loss": "cosine"},
+    {"student_layer": 1, "teacher_layer": 2, "feature": "attention", "loss": "mse"},
+    {"student_layer": 1, "teacher_layer": 1, "feature": "attention", "loss": "cosine"},
+])
 
 
 @pytest.fixture
@@ -82,16 +92,51 @@ def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     return len(windows), max(float(abs(x - y).max()) for x, y in zip(a, b) if len(x))
 
 
-def run_tool(name, *args, check=True, timeout=None, env=None):
+def tool_command(name, *args, launcher=()):
+    """``[python, *launcher, tools/<name>, *args]``; ``launcher``: e.g. ``-m paddle.distributed.launch ...``."""
+    return [sys.executable, *map(str, launcher), os.path.join(ROOT, "tools", name), *map(str, args)]
+
+
+def run_tool(name, *args, check=True, timeout=None, env=None, launcher=()):
     """``tools/<name>`` in a subprocess from the repository root; fails the test on a non-zero exit when
     ``check``. ``env``: the child's whole environment (default: this process's)."""
     import subprocess
 
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    result = subprocess.run(tool_command(name, *args, launcher=launcher), capture_output=True, text=True,
+                            cwd=ROOT, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def launch(nproc, tool, out, *args):
+    """``tools/<tool> --output_dir out`` under ``paddle.distributed.launch`` on ``nproc`` CPU processes;
+    returns each worker's log text by file name."""
+    log_dir = out / f"log-{tool}"
+    result = run_tool(tool, "--output_dir", out, *args, check=False, timeout=600, launcher=[
+        "-m", "paddle.distributed.launch", "--nproc_per_node", nproc, "--log_dir", log_dir])
+    logs = {p: (log_dir / p).read_text() for p in os.listdir(log_dir) if p.startswith("workerlog")}
+    assert result.returncode == 0, result.stdout[-2000:] + "\n".join(v[-2000:] for v in logs.values())
+    return logs
+
+
+def wait_for(path, proc, timeout=120):
+    """Poll until ``path`` exists; fail if ``proc`` ends first or ``timeout`` seconds pass."""
+    import time
+
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, "the run ended before the checkpoint appeared"
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
+def max_weight_diff(a, b):
+    """Largest absolute difference between two weight dicts with the same keys."""
+    import numpy as np
+
+    assert sorted(a) == sorted(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
 def train_near_random_teacher(out):

@@ -1,46 +1,22 @@
 """Kills, interrupted writes, tampered or mismatched inputs, and hostile text for predict."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+from conftest import ROOT, TINY, max_weight_diff, tool_command, wait_for
+from conftest import run_tool as run
+
 RUN = ["--config", TINY, "--max_steps", 24, "--save_steps", 4, "--eval_steps", 8, "--save_total_limit", 10]
-
-
-def cmd(tool, *args):
-    return [sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)]
-
-
-def run(tool, *args, check=True, **kwargs):
-    result = subprocess.run(cmd(tool, *args), capture_output=True, text=True, cwd=ROOT, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def wait_for(path, proc, timeout=120):
-    start = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, "the run ended before the checkpoint appeared"
-        assert time.time() - start < timeout
-        time.sleep(0.02)
 
 
 def final_weights(out, step=24):
     return load_file(str(out / "checkpoints" / "teacher" / f"step-{step:08d}" / "model.safetensors"))
-
-
-def max_diff(a, b):
-    assert sorted(a) == sorted(b)
-    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +27,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_then_resume_reaches_the_same_weights(uninterrupted, tmp_path):
-    proc = subprocess.Popen(cmd("train_teacher.py", *RUN, "--output_dir", tmp_path), cwd=ROOT,
+    proc = subprocess.Popen(tool_command("train_teacher.py", *RUN, "--output_dir", tmp_path), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(tmp_path / "checkpoints" / "teacher" / "step-00000012" / "trainer_state.json", proc)
     proc.kill()
@@ -59,14 +35,14 @@ def test_sigkill_then_resume_reaches_the_same_weights(uninterrupted, tmp_path):
     assert not (tmp_path / "checkpoints" / "teacher" / "step-00000024").exists()
     result = run("train_teacher.py", *RUN, "--output_dir", tmp_path, "--resume")
     assert "resumed from" in result.stderr
-    assert max_diff(final_weights(uninterrupted), final_weights(tmp_path)) < 1e-6
+    assert max_weight_diff(final_weights(uninterrupted), final_weights(tmp_path)) < 1e-6
     best = json.load(open(tmp_path / "teacher" / "manifest.json"))["metrics"]
     assert best == json.load(open(uninterrupted / "teacher" / "manifest.json"))["metrics"]
 
 
 def test_sigterm_writes_a_last_checkpoint_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen(cmd("train_teacher.py", *RUN, "--max_steps", 2000, "--save_steps", 1000,
-                                "--output_dir", tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(tool_command("train_teacher.py", *RUN, "--max_steps", 2000, "--save_steps", 1000,
+                                         "--output_dir", tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "teacher" / "manifest.json", proc)  # training is under way (first eval done)
     proc.send_signal(signal.SIGTERM)
@@ -111,13 +87,62 @@ with a.atomic_dir(final) as tmp:
         assert not [n for n in os.listdir(uninterrupted) if ".partial-" in n or ".old-" in n]
 
 
-def test_tampered_weights_are_refused(uninterrupted, tmp_path):
+@pytest.mark.parametrize("damage", ["a model directory", "optimizer state missing", "truncated weights"])
+def test_resume_from_a_damaged_checkpoint_is_refused_in_one_line(uninterrupted, tmp_path, damage):
+    checkpoint = tmp_path / "step-00000024"
+    shutil.copytree(uninterrupted / "checkpoints" / "teacher" / "step-00000024", checkpoint)
+    if damage == "a model directory":
+        checkpoint = uninterrupted / "teacher"
+        expected = "not a complete checkpoint (optimizer.safetensors, optimizer.json, trainer_state.json missing)"
+    elif damage == "optimizer state missing":
+        (checkpoint / "optimizer.safetensors").unlink()
+        expected = "not a complete checkpoint (optimizer.safetensors missing)"
+    else:
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        expected = "unreadable checkpoint"
+    out = tmp_path / "out"
+    result = run("train_teacher.py", *RUN, "--output_dir", out, "--resume_from", checkpoint, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: --resume_from {checkpoint}: ") and expected in message, message
+    assert "Traceback" not in result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "teacher").exists()  # no fresh start instead
+
+
+@pytest.fixture(scope="module")
+def supernet(uninterrupted):
     run("ofa_compress.py", "--output_dir", uninterrupted, "--ofa_max_steps", 4, "--ofa_eval_steps", 2)
-    weights = uninterrupted / "ofa" / "width_0.5" / "supernet.safetensors"
+    return uninterrupted
+
+
+def test_export_whose_parity_is_off_is_refused_and_leaves_no_directory(supernet, monkeypatch, capsys):
+    from ner_compress import export, pipeline
+    from ner_compress.errors import run_cli
+
+    class DriftingStatic(export.StaticTagger):
+        """A static graph that computes slightly other logits than the model it was saved from."""
+
+        def logits(self, input_ids, token_type_ids):
+            return super().logits(input_ids, token_type_ids) + 1e-3
+
+    monkeypatch.setattr(export, "StaticTagger", DriftingStatic)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: pipeline.export_cli(["--output_dir", str(supernet), "--width_mult", "0.5"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: export parity failed: static predictor differs from supernet at width 0.5 by 1.00e-03 "
+        "(tolerance 1e-04); the export is not written")
+    assert not os.path.exists(supernet / "export" / "width_0.5")
+    assert not [n for n in os.listdir(supernet / "export") if ".partial-" in n or ".old-" in n]
+
+
+def test_tampered_weights_are_refused(supernet):
+    weights = supernet / "ofa" / "width_0.5" / "supernet.safetensors"
     original = weights.read_bytes()
     try:
         weights.write_bytes(original[:-4] + b"\x00\x00\x00\x01")
-        result = run("export.py", "--output_dir", uninterrupted, "--width_mult", 0.5, check=False)
+        result = run("export.py", "--output_dir", supernet, "--width_mult", 0.5, check=False)
         assert result.returncode == 2
         assert "supernet.safetensors" in result.stderr and "sha256" in result.stderr
     finally:

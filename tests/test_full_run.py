@@ -8,17 +8,14 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import run_tool
-from test_student import MATCHES, NO_DROPOUT
+from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, run_tool
 from ner_compress import stage_pool
 from ner_compress.checkpoint import StopRequested, stop_on_signals
 from ner_compress.config import Config
 from ner_compress.errors import UserError, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STUDENT = ["--run_student", "--student_num_layers", 1, "--student_hidden_size", 32, "--student_num_attention_heads",
-           2, "--student_intermediate_size", 64, "--intermediate_matches", MATCHES, "--student_max_steps", 6,
+           2, "--student_intermediate_size", 64, "--intermediate_matches", STUDENT_MATCHES, "--student_max_steps", 6,
            "--student_eval_steps", 3, *NO_DROPOUT]
 TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs two cores")
 
@@ -118,7 +115,8 @@ def test_pipeline_with_the_student_tables_every_model(tmp_path):
     report = json.load(open(tmp_path / "report" / "pipeline.json"))
     assert [r["model"] for r in report["rows"]] == ["teacher", "width 1.0", "width 0.5", "student", "student width 1.0",
                                                    "student width 0.5"]
-    assert all(0 <= r["f1"] <= 1 and r["latency_ms_p50"] > 0 for r in report["rows"])
+    assert all(r["latency_ms_p50"] > 0 for r in report["rows"])
+    assert_scores_are_each_exports_own(tmp_path, report["rows"])
     assert json.load(open(tmp_path / "student" / "config.json"))["num_hidden_layers"] == 1
     assert report["rows"][3]["parameters"] < report["rows"][0]["parameters"]
     assert set(report["training_speed"]) == {"teacher", "ofa", "student", "student ofa"}
@@ -140,3 +138,22 @@ def test_a_student_that_cannot_map_fails_before_the_teacher_trains(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --student_num_layers 3: the teacher has only 2 layers; a student is at most as deep")
     assert not (tmp_path / "teacher").exists()
+
+
+def assert_scores_are_each_exports_own(out, rows):
+    """Each row's scores are its own export's, re-measured on the test set through the row's backend."""
+    from ner_compress.backends import load_tagger
+    from ner_compress.benchmark import export_dirs
+    from ner_compress.config import load_yaml
+    from ner_compress.data import load_splits
+    from ner_compress.metrics import entity_scores
+
+    test = load_splits(Config(**load_yaml(TINY))).test
+    directories = dict(export_dirs(str(out)))
+    for row in rows:
+        tagger = load_tagger(os.path.join(directories[row["model"]], "static"), row["backend"], "cpu", None)
+        scores = entity_scores([s.tags for s in test], tagger.tag_sentences(test))
+        assert {k: row[k] for k in ("predicted", "precision", "recall", "f1")} == pytest.approx(
+            {k: scores[k] for k in ("predicted", "precision", "recall", "f1")}, abs=1e-12), row["model"]
+    # the rows' models tag differently, so a row that measured another row's model would be caught
+    assert len({r["predicted"] for r in rows}) > 1
