@@ -99,3 +99,12 @@ def test_static_qdq_int8_is_calibrated_and_checked_the_same_way(output_dir, tmp_
     assert int8["method"] == "static" and int8["refused"] is None and int8["entity_agreement_f1"] > 90
     ops = op_types(out / "export" / "teacher" / "onnx" / "model.int8.onnx")
     assert {"QuantizeLinear", "DequantizeLinear", "Attention"} <= ops  # activations too, not weights only
+
+
+def test_predict_tool_takes_precision(output_dir):
+    static = output_dir / "export" / "teacher" / "static"
+    result = tool("predict.py", "--model_dir", static, "--text", "北京大学", "--precision", "int8")
+    assert json.loads(result.stdout.strip().splitlines()[0])["text"] == "北京大学"
+    refused = tool("predict.py", "--model_dir", static, "--text", "北京", "--precision", "int8", "--backend", "paddle",
+                   check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: --precision int8: ")

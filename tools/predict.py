@@ -19,6 +19,8 @@ def parse_args(argv=None):
     source.add_argument("--input_file", help="UTF-8 file, one text per line; '-' for stdin")
     parser.add_argument("--backend", default=None,
                         help="onnxruntime (default on CPU: the export's onnx/model.onnx) or paddle (Paddle Inference)")
+    parser.add_argument("--precision", default="fp32",
+                        help="fp32 (default) or int8: ONNX Runtime's onnx/model.int8.onnx from tools/export.py")
     parser.add_argument("--decoding", default="viterbi", help="viterbi (BIO-constrained, default) or argmax")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--cpu_threads", type=int, default=None, help="default: all cores")
@@ -46,7 +48,8 @@ def main(argv=None):
     args = parse_args(argv)
     from ner_compress.backends import load_tagger
 
-    tagger = load_tagger(args.model_dir, args.backend, args.device, args.cpu_threads, args.batch_size, args.decoding)
+    tagger = load_tagger(args.model_dir, args.backend, args.device, args.cpu_threads, args.batch_size, args.decoding,
+                         args.precision)
     if args.text:
         emit(tagger.predict(args.text))
         return
