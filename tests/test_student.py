@@ -1,6 +1,5 @@
 """The student stage: layer initialisation, the match losses, refusals, export, two processes, resume."""
 import json
-import os
 import shutil
 import subprocess
 
@@ -9,9 +8,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import TINY_LABELS
-from test_distributed import TINY, launch, run_single
-from test_faults import cmd, max_diff, wait_for
+from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, TINY_LABELS, launch, max_weight_diff, run_tool, \
+    tool_command, wait_for
 from ner_compress import benchmark, pipeline, student
 from ner_compress.config import Config
 from ner_compress.distill_losses import FEATURE_LOSSES, attention_loss
@@ -19,17 +17,8 @@ from ner_compress.errors import UserError
 from ner_compress.matches import parse_matches
 from ner_compress.modeling import count_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_DROPOUT = ["--hidden_dropout_prob", 0, "--attention_probs_dropout_prob", 0]
-# 1 layer x 32 hidden, 2 heads under the tiny 2 x 64, 4-head teacher: projections, head-averaged attention
-MATCHES = json.dumps([
-    {"student_layer": 0, "teacher_layer": 0, "feature": "hidden", "weight": 0.1},
-    {"student_layer": 1, "teacher_layer": 2, "feature": "hidden", "loss": "cosine"},
-    {"student_layer": 1, "teacher_layer": 2, "feature": "attention", "loss": "mse"},
-    {"student_layer": 1, "teacher_layer": 1, "feature": "attention", "loss": "cosine"},
-])
 SMALL = ["--student_num_layers", 1, "--student_hidden_size", 32, "--student_num_attention_heads", 2,
-         "--student_intermediate_size", 64, "--intermediate_matches", MATCHES, "--save_steps", 2,
+         "--student_intermediate_size", 64, "--intermediate_matches", STUDENT_MATCHES, "--save_steps", 2,
          "--save_total_limit", 10, "--student_eval_steps", 4, *NO_DROPOUT]
 
 
@@ -147,11 +136,13 @@ def test_every_match_of_a_student_that_is_the_teacher_is_zero_and_positive_once_
 def composed(tmp_path_factory):
     """Tiny teacher -> projected student -> its export, its width supernet and width 0.5 export."""
     out = tmp_path_factory.mktemp("student")
-    run_single("train_teacher.py", out, "--config", TINY, "--max_steps", 8, "--eval_steps", 8, *NO_DROPOUT)
-    run_single("distill.py", out, *SMALL, "--student_max_steps", 4)
-    run_single("export.py", out, "--student")
-    run_single("ofa_compress.py", out, "--from", "student", "--ofa_max_steps", 2, "--ofa_eval_steps", 2)
-    run_single("export.py", out, "--from", "student", "--width_mult", 0.5)
+    run_tool("train_teacher.py", "--output_dir", out, "--config", TINY, "--max_steps", 8, "--eval_steps", 8,
+             *NO_DROPOUT)
+    run_tool("distill.py", "--output_dir", out, *SMALL, "--student_max_steps", 4)
+    run_tool("export.py", "--output_dir", out, "--student")
+    run_tool("ofa_compress.py", "--output_dir", out, "--from", "student", "--ofa_max_steps", 2,
+             "--ofa_eval_steps", 2)
+    run_tool("export.py", "--output_dir", out, "--from", "student", "--width_mult", 0.5)
     return out
 
 
@@ -201,7 +192,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(composed, tmp_pat
     for step in (2, 4):
         name = f"step-{step:08d}"
         one = load_file(str(composed / "checkpoints" / "student" / name / "model.safetensors"))
-        assert max_diff(one, load_file(str(two / "checkpoints" / "student" / name / "model.safetensors"))) < 1e-4
+        two_weights = load_file(str(two / "checkpoints" / "student" / name / "model.safetensors"))
+        assert max_weight_diff(one, two_weights) < 1e-4
     histories = [json.load(open(d / "checkpoints" / "student" / "step-00000004" / "trainer_state.json"))["history"]
                  for d in (composed, two)]
     for a, b in zip(*histories):
@@ -213,18 +205,18 @@ def test_sigkill_then_resume_gives_identical_weights(composed, tmp_path):
     args = [*SMALL, "--student_max_steps", 12, "--output_dir", tmp_path]
     reference = tmp_path / "reference"
     shutil.copytree(composed / "teacher", reference / "teacher")
-    run_single("distill.py", reference, *SMALL, "--student_max_steps", 12)
-    proc = subprocess.Popen(cmd("distill.py", *args), cwd=ROOT, stdout=subprocess.DEVNULL,
+    run_tool("distill.py", "--output_dir", reference, *SMALL, "--student_max_steps", 12)
+    proc = subprocess.Popen(tool_command("distill.py", *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for(tmp_path / "checkpoints" / "student" / "step-00000006" / "trainer_state.json", proc)
     proc.kill()
     proc.wait()
     assert not (tmp_path / "checkpoints" / "student" / "step-00000012").exists()
-    result = subprocess.run(cmd("distill.py", *args, "--resume"), cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and "resumed from" in result.stderr, result.stderr[-2000:]
+    result = run_tool("distill.py", *args, "--resume")
+    assert "resumed from" in result.stderr, result.stderr[-2000:]
     final = [load_file(str(d / "checkpoints" / "student" / "step-00000012" / "model.safetensors"))
              for d in (reference, tmp_path)]
-    assert any(k.startswith("projections.") for k in final[0]) and max_diff(*final) < 1e-6
+    assert any(k.startswith("projections.") for k in final[0]) and max_weight_diff(*final) < 1e-6
 
 
 BAD = [
@@ -253,6 +245,5 @@ def test_bad_student_shapes_and_inputs_are_refused_in_one_line(composed, tmp_pat
             pipeline.distill_cli(["--output_dir", str(composed), *args])
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "张", "三"]) + "\n", encoding="utf-8")
-    result = subprocess.run(cmd("distill.py", "--output_dir", composed, "--vocab_file", vocab), cwd=ROOT,
-                            capture_output=True, text=True)
+    result = run_tool("distill.py", "--output_dir", composed, "--vocab_file", vocab, check=False)
     assert result.returncode == 2 and "vocabulary" in result.stderr.strip().splitlines()[-1]
