@@ -2,35 +2,15 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import export_vs_supernet_diff
+from conftest import TINY, export_vs_supernet_diff, launch, run_tool
 from safetensors.numpy import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 COMMON = ["--config", TINY, "--save_steps", "2", "--logging_steps", "1", "--save_total_limit", "10"]
 # no dropout: 1 process x batch 16 and 2 processes x batch 8 would draw different masks
 TEACHER = [*COMMON, "--eval_steps", "2", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
-
-
-def launch(nproc, tool, out, *args):
-    log_dir = out / f"log-{tool}"
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir",
-           str(log_dir), os.path.join(ROOT, "tools", tool), "--output_dir", str(out), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    logs = {p: (log_dir / p).read_text() for p in os.listdir(log_dir) if p.startswith("workerlog")}
-    assert result.returncode == 0, result.stdout[-2000:] + "\n".join(v[-2000:] for v in logs.values())
-    return logs
-
-
-def run_single(tool, out, *args):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", tool), "--output_dir", str(out), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def digests(logs, stage):
@@ -73,14 +53,15 @@ def test_one_copy_of_each_artifact_and_the_export_predicts_as_the_supernet(two_p
     names = sorted(os.listdir(out))
     assert [n for n in names if not n.startswith("log-")] == ["checkpoints", "ofa", "teacher"]
     assert sorted(os.listdir(out / "ofa")) == ["summary.json", "width_0.5", "width_1.0"]
-    run_single("export.py", out, "--width_mult", 0.5)
+    run_tool("export.py", "--output_dir", out, "--width_mult", 0.5, timeout=600)
     windows, diff = export_vs_supernet_diff(str(out), 0.5)
     assert windows >= 200 and diff < 1e-4
 
 
 def test_two_processes_match_one_process_with_the_global_batch(two_process_run, tmp_path):
     out, _, _ = two_process_run
-    run_single("train_teacher.py", tmp_path, *TEACHER, "--per_device_train_batch_size", 16, "--max_steps", 4)
+    run_tool("train_teacher.py", "--output_dir", tmp_path, *TEACHER, "--per_device_train_batch_size", 16,
+             "--max_steps", 4, timeout=600)
     for step in (2, 4):
         name = f"step-{step:08d}"
         one = load_file(str(tmp_path / "checkpoints" / "teacher" / name / "model.safetensors"))
