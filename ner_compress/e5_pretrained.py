@@ -33,7 +33,8 @@ SPECIALS = {"cls": "<s>", "pad": "<pad>", "sep": "</s>", "unk": "<unk>"}
 
 
 def resolve_model_path(name_or_path, configured_cache=None):
-    """The directory a ``--model_name_or_path`` value means: e5-small's converted one, else itself."""
+    """The directory a ``--model_name_or_path`` value means: e5-small's converted one (unless a local
+    directory has that name), else the value itself."""
     if name_or_path != E5_SMALL or os.path.isdir(name_or_path):
         return name_or_path
     return converted_dir(configured_cache)
@@ -56,8 +57,11 @@ def _is_current(directory):
     path = os.path.join(directory, "manifest.json")
     if not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # an unreadable manifest: converted again
     return (manifest.get("stage") == PRETRAINED_STAGE and manifest.get("converter_version") == CONVERTER_VERSION
             and manifest.get("source", {}).get("md5") == resources.E5_SMALL_Q4.file_md5)
 

@@ -158,3 +158,18 @@ def test_pretrained_layers_keeps_the_first_layers(tmp_path, tiny_bert):
                                   tiny_bert.bert.encoder.layers[0].linear1.weight.numpy())
     with pytest.raises(UserError, match="--pretrained_layers 3: .* has only 2 encoder layers"):
         build_teacher(Config(model_name_or_path=str(tmp_path), pretrained_layers=3), labels, 21128, 0)
+
+
+def test_export_carries_the_lookup_rule_to_predict_and_serve(tmp_path, tiny_bert):
+    from ner_compress.export import save_static
+    from ner_compress.inference import Tagger
+
+    source = tmp_path / "model"
+    source.mkdir()
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "\u2581", "中", "A"] + [f"<unused{i}>" for i in range(7, 21128)]
+    vocab = _toy_vocab(source, pieces, RULE)
+    static_dir = str(tmp_path / "static")
+    save_static(tiny_bert, static_dir, [f"LABEL_{i}" for i in range(tiny_bert.config.num_labels)], 16, vocab)
+    tagger = Tagger(static_dir)  # what StaticTagger, OnnxTagger and the server build on
+    assert tagger.encoder.rule == RULE and tagger.encoder.pad_id == 1
+    assert tagger.encoder.ids("中Ａ 国") == [5, 6, 4, 3]
