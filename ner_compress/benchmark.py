@@ -6,7 +6,6 @@ latency is per real test sentence in the test set's order and lengths (p50/p95/p
 warm-up); batch throughput is the median of repeated runs over length-sorted and unsorted
 batches. ``report`` renders the figures.
 """
-import json
 import os
 import platform
 import statistics
@@ -15,11 +14,13 @@ import time
 import numpy as np
 import paddle
 
+from .architectures import load_config
 from .artifacts import read_manifest
 from .backends import (DEFAULT_BACKEND, DynamicTagger, OnnxTagger, StaticTagger, check_backend, load_tagger,
                        onnx_path_for)
 from .inference import MODEL_PREFIX
 from .metrics import entity_scores
+from .modeling import width_plan
 from .export import max_abs_diff, trained_widths
 
 
@@ -150,13 +151,12 @@ def sample_logits_diff(a, b, sentences, batch_size=32):
 
 
 def model_shape(export_dir):
-    with open(os.path.join(export_dir, "dynamic", "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    width = float(config.get("width_mult", 1.0))
-    heads = int(config["num_attention_heads"] * width)
-    return {"hidden": config["hidden_size"], "layers": config["num_hidden_layers"],
-            "attn_inner": heads * config["hidden_size"] // config["num_attention_heads"],
-            "ffn": int(config["intermediate_size"] * width), "labels": len(config.get("id2label", {})) or 7}
+    """Layer sizes of the exported model as built: its config, cut by ``width_plan`` (whole heads,
+    FFN neurons in the same ratio), the rule the model itself was shrunk by."""
+    config = load_config(os.path.join(export_dir, "dynamic"), "export")
+    plan = width_plan(config, float(getattr(config, "width_mult", 1.0)))
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": plan.heads,
+            "attn_inner": plan.attention_width, "ffn": plan.neurons, "labels": config.num_labels}
 
 
 def forward_flops(shape, batches):
@@ -218,7 +218,9 @@ def measure_model(name, export_dir, sentences, work_dir, opts, progress):
     """Every figure of one exported model on each backend in ``opts["backends"]``: Paddle Inference
     FP32 (with the dynamic graph beside it) and INT8 for "paddle", ONNX Runtime for "onnxruntime"."""
     static_dir = os.path.join(export_dir, "static")
-    base = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir)}
+    shape = model_shape(export_dir)
+    base = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
+            "heads": shape["heads"], "ffn_neurons": shape["ffn"]}
     fp32 = StaticTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"])
     reference = accuracy(fp32, sentences)  # every backend's tags are compared with Paddle Inference FP32's
     rows = []
@@ -226,7 +228,7 @@ def measure_model(name, export_dir, sentences, work_dir, opts, progress):
         progress(f"{name}: Paddle Inference")
         row = speed_row(fp32, {**base, "precision_kind": "fp32", "backend": "paddle",
                                "disk_bytes": disk_bytes(static_dir), **reference}, sentences, opts)
-        row["gflops_achieved"] = forward_flops(model_shape(export_dir), fixed_batches(
+        row["gflops_achieved"] = forward_flops(shape, fixed_batches(
             fp32, sentences[: opts["speed_sentences"]], opts["batch_size"])) / row["batch_seconds"] / 1e9
         progress(f"{name}: dynamic graph")
         row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts["batch_size"]),

@@ -115,15 +115,16 @@ def markdown(results):
         f"a time in the test set's order (first {results['latency_sentences']}, after 10 warm-up calls). "
         f"Throughput: first {results['speed_sentences']} sentences, batch {results['batch_size']}, "
         f"median of {results['repeats']} runs after a warm-up, length-sorted and unsorted batches.", "",
-        "| model | backend | params | MB on disk | P | R | F1 | F1 / teacher | PER | LOC | ORG | "
+        "| model | backend | params | heads / FFN | MB on disk | P | R | F1 | F1 / teacher | PER | LOC | ORG | "
         "p50 ms (b=1) | p95 ms | p99 ms | sent/s (b=32, sorted) | unsorted | char/s | "
         "dynamic sent/s | GFLOP/s | tags != paddle | test set s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         per = r.get("per_type", {})
         lines.append(" | ".join([
             f"| {r['model']}", r["precision_kind"], f"{r['parameters']:,}" if r.get("parameters") else "-",
+            f"{r['heads']} / {r['ffn_neurons']}" if r.get("heads") else "-",
             f"{r['disk_bytes'] / 1e6:.1f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
             f"{r['f1'] / base_f1:.2%}" if base_f1 else "-",
             *[f"{per[t]['f1']:.3f}" if t in per else "-" for t in ("PER", "LOC", "ORG")],
