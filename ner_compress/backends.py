@@ -169,12 +169,17 @@ def check_backend(backend, model_dir, precision="fp32"):
         raise UserError(f"--backend onnxruntime: no {path}; re-export with `python tools/export.py` {how}")
 
 
+def default_backend(device):
+    """The backend used when none is named: ONNX Runtime on CPU (``DEFAULT_BACKEND``), Paddle
+    Inference on GPU (ONNX Runtime runs on CPU only here)."""
+    return DEFAULT_BACKEND if device == "cpu" else "paddle"
+
+
 def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi",
                 precision="fp32"):
     """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``);
-    ``backend=None``: ONNX Runtime on CPU, Paddle Inference on GPU; ``precision`` int8: ONNX Runtime's
-    INT8 copy."""
-    backend = backend or (DEFAULT_BACKEND if device == "cpu" else "paddle")
+    ``backend=None``: ``default_backend(device)``; ``precision`` int8: ONNX Runtime's INT8 copy."""
+    backend = backend or default_backend(device)
     check_backend(backend, model_dir, precision)
     if backend == "onnxruntime" and device != "cpu":
         raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")

@@ -1,24 +1,27 @@
 """Accuracy, size and speed of the teacher and every exported width, measured side by side.
 
-Backends: Paddle Inference FP32, Paddle Inference INT8 (post-training quantization, oneDNN),
-ONNX Runtime (the export's ``onnx/model.onnx``), and the dynamic graph for comparison. Batch-1
-latency is per real test sentence in the test set's order and lengths (p50/p95/p99 after a
-warm-up); batch throughput is the median of repeated runs over length-sorted and unsorted
-batches. ``report`` renders the figures.
+Each model x backend x precision is measured in a process of its own: Paddle Inference FP32 (with
+the dynamic graph beside it) and INT8 (post-training quantization, oneDNN); ONNX Runtime on
+paddle2onnx's ``model.onnx`` as exported ("unfused"), on the fused ``model.opt.onnx`` (FP32) and on
+the INT8 copy ``model.int8.onnx``. Batch-1 latency is per real test sentence in the test set's
+order and lengths (p50/p95/p99 after a warm-up, ``timing``'s percentile); batch throughput is the
+median of repeated runs over length-sorted and unsorted batches. ``report`` renders the figures.
 """
+import json
+import multiprocessing
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 import paddle
 
+from . import timing
 from .architectures import load_config
-from .artifacts import read_manifest
-from .backends import (DEFAULT_BACKEND, DynamicTagger, OnnxTagger, StaticTagger, check_backend, load_tagger,
-                       onnx_path_for)
-from .inference import MODEL_PREFIX
+from .artifacts import MANIFEST, read_manifest
+from .backends import (DEFAULT_BACKEND, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
+                       StaticTagger, load_tagger, onnx_path_for)
+from .inference import MODEL_PREFIX, Tagger
 from .metrics import entity_scores
 from .modeling import width_plan
 from .export import max_abs_diff, trained_widths
@@ -88,22 +91,11 @@ def accuracy(tagger, sentences):
     return {**entity_scores([s.tags for s in sentences], pred), "test_seconds": seconds, "tags": pred}
 
 
-def percentile(sorted_values, q):
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def latency_ms(tagger, sentences, warmup=10):
     """p50/p95/p99 milliseconds per sentence at batch 1, text to tags, in the sentences' own order."""
-    for sentence in sentences[:warmup]:
-        tagger.tag_sentences([sentence])
-    timings = []
-    for sentence in sentences:
-        start = time.perf_counter()
-        tagger.tag_sentences([sentence])
-        timings.append((time.perf_counter() - start) * 1000)
-    timings.sort()
-    return {"latency_ms_p50": statistics.median(timings), "latency_ms_p95": percentile(timings, 0.95),
-            "latency_ms_p99": percentile(timings, 0.99), "latency_sentences": len(timings)}
+    calls = [lambda s=sentence: tagger.tag_sentences([s]) for sentence in sentences[:warmup] + sentences]
+    timings = timing.call_ms(calls, warmup=min(warmup, len(sentences)))
+    return {**timing.latency_summary(timings), "latency_sentences": len(timings)}
 
 
 def fixed_batches(tagger, sentences, batch_size, sort=True):
@@ -128,13 +120,10 @@ def batch_speed(tagger, sentences, batches, repeats):
     chars = sum(len(s.chars) for s in sentences)
 
     def run_once():
-        start = time.perf_counter()
         for b in batches:
             tagger.logits(b["input_ids"], b["token_type_ids"])
-        return time.perf_counter() - start
 
-    run_once()
-    seconds = statistics.median(run_once() for _ in range(repeats))
+    seconds = timing.median_seconds(run_once, repeats)
     return {"sentences_per_s": len(sentences) / seconds, "chars_per_s": chars / seconds, "batch_seconds": seconds,
             "tokens": int(sum(b["input_ids"].size for b in batches))}
 
@@ -177,13 +166,8 @@ def matmul_gflops(threads=None, size=1024, repeats=10):
     a = np.random.rand(size, size).astype("float32")
     b = np.random.rand(size, size).astype("float32")
     with threadpool_limits(limits=threads or os.cpu_count()):
-        a @ b
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+        seconds = timing.median_seconds(lambda: a @ b, repeats)
+    return 2 * size ** 3 / seconds / 1e9
 
 
 def machine_info():
@@ -212,47 +196,115 @@ def parameters(export_dir):
     return read_manifest(os.path.join(export_dir, "static"), "export").get("parameters")
 
 
-# --- the run -----------------------------------------------------------------------------------
+# --- one fresh process per model x backend x precision ---------------------------------------
 
-def measure_model(name, export_dir, sentences, work_dir, opts, progress):
-    """Every figure of one exported model on each backend in ``opts["backends"]``: Paddle Inference
-    FP32 (with the dynamic graph beside it) and INT8 for "paddle", ONNX Runtime for "onnxruntime"."""
+# precision_kind -> the file ONNX Runtime runs: paddle2onnx's graph as exported, the fused graph (the
+# FP32 that is deployed; model.onnx when the export wrote no fused graph) and the INT8 copy
+ORT_GRAPHS = {"onnxruntime-unfused": ONNX_FILE, "onnxruntime-fp32": FUSED_FILE, "onnxruntime-int8": INT8_FILE}
+FUSION_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
+
+
+def variants(export_dir, backends):
+    """The (backend, precision_kind) pairs one export has files for, in the order they are measured."""
+    onnx_dir = os.path.join(export_dir, ONNX_DIR)
+    found = [("paddle", "fp32"), ("paddle", "int8")] if "paddle" in backends else []
+    if "onnxruntime" in backends:
+        fused = os.path.isfile(os.path.join(onnx_dir, FUSED_FILE))
+        found += [("onnxruntime", "onnxruntime-unfused")] * fused + [("onnxruntime", "onnxruntime-fp32")]
+        found += [("onnxruntime", "onnxruntime-int8")] * os.path.isfile(os.path.join(onnx_dir, INT8_FILE))
+    return found
+
+
+def onnx_manifest(export_dir):
+    """The export's ``onnx`` manifest entry (fusion, int8), {} for an export without one."""
+    path = os.path.join(export_dir, ONNX_DIR, MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("onnx") or {}
+
+
+def fusion_counts(export_dir, graph_file):
+    """Fused op counts of the graph ONNX Runtime runs (the INT8 copy inherits its source's); None unfused."""
+    meta = onnx_manifest(export_dir)
+    source = (meta.get("int8") or {}).get("source") if graph_file == INT8_FILE else graph_file
+    fused = (meta.get("fusion") or {}).get("fused")
+    if source != FUSED_FILE or not fused:
+        return None
+    return {op: fused.get(op, 0) for op in FUSION_OPS}
+
+
+def tagger_for(kind, export_dir, work_dir, opts):
+    """The tagger of one precision_kind and the row's file figures (bytes on disk, ONNX graph, fusions)."""
     static_dir = os.path.join(export_dir, "static")
-    shape = model_shape(export_dir)
-    base = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
-            "heads": shape["heads"], "ffn_neurons": shape["ffn"]}
-    fp32 = StaticTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"])
-    reference = accuracy(fp32, sentences)  # every backend's tags are compared with Paddle Inference FP32's
+    if kind == "fp32":
+        return (StaticTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"]),
+                {"disk_bytes": disk_bytes(static_dir)})
+    if kind == "int8":
+        feeds = calibration(Tagger(static_dir, opts["batch_size"]), opts["calibration_sentences"], opts["batch_size"])
+        int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{slug(os.path.basename(export_dir))}-int8"),
+                                 feeds)
+        return (StaticTagger(int8_dir, threads=opts["threads"], batch_size=opts["batch_size"], int8=True),
+                {"disk_bytes": disk_bytes(int8_dir)})
+    path = onnx_path_for(static_dir, "int8" if kind == "onnxruntime-int8" else "fp32")
+    if kind == "onnxruntime-unfused":
+        path = os.path.join(os.path.dirname(path), ONNX_FILE)
+    tagger = OnnxTagger(static_dir, path, threads=opts["threads"], batch_size=opts["batch_size"])
+    return tagger, {"disk_bytes": os.path.getsize(path), "graph": os.path.basename(path),
+                    "fusion": fusion_counts(export_dir, os.path.basename(path))}
+
+
+def measure_variant(job):
+    """Every figure of one (model, backend, precision_kind): accuracy with its tags, batch-1 latency,
+    batch throughput; Paddle FP32 adds the dynamic graph and the FLOP rate, ONNX Runtime FP32 its
+    logit difference from Paddle Inference (measured after the timings)."""
+    name, export_dir, kind, opts = job["name"], job["export_dir"], job["kind"], job["opts"]
+    sentences, shape = job["sentences"], model_shape(export_dir)
+    tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts)
+    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
+           "layers": shape["layers"], "heads": shape["heads"], "ffn_neurons": shape["ffn"],
+           "backend": job["backend"], "precision_kind": kind, "pid": os.getpid(),
+           "dtype": "int8" if kind.endswith("int8") else "fp32", **files, **accuracy(tagger, sentences)}
+    speed_row(tagger, row, sentences, opts)
+    speed = sentences[: opts["speed_sentences"]]
+    if kind == "fp32":
+        row["gflops_achieved"] = forward_flops(shape, fixed_batches(tagger, speed, opts["batch_size"])) \
+            / row["batch_seconds"] / 1e9
+        row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts["batch_size"]), speed,
+                                                    opts["batch_size"], opts["repeats"])["sentences_per_s"]
+    if kind in ("onnxruntime-unfused", "onnxruntime-fp32"):
+        paddle = StaticTagger(os.path.join(export_dir, "static"), threads=opts["threads"])
+        row["max_abs_diff_vs_paddle"] = sample_logits_diff(paddle, tagger, sentences)
+    return row
+
+
+def measure_in_fresh_processes(models, sentences, work_dir, opts, progress):
+    """``measure_variant`` of every model x backend x precision, each in a process of its own, one at a
+    time (so that no row runs after another's predictor threads and caches). The processes are forked
+    from a server that has only imported this module: a fresh process without the import each time."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [{"name": name, "export_dir": directory, "backend": backend, "kind": kind, "sentences": sentences,
+             "work_dir": work_dir, "opts": opts} for name, directory in models
+            for backend, kind in variants(directory, opts["backends"])]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # __main__: else each child re-imports it
     rows = []
-    if "paddle" in opts["backends"]:
-        progress(f"{name}: Paddle Inference")
-        row = speed_row(fp32, {**base, "precision_kind": "fp32", "backend": "paddle",
-                               "disk_bytes": disk_bytes(static_dir), **reference}, sentences, opts)
-        row["gflops_achieved"] = forward_flops(shape, fixed_batches(
-            fp32, sentences[: opts["speed_sentences"]], opts["batch_size"])) / row["batch_seconds"] / 1e9
-        progress(f"{name}: dynamic graph")
-        row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts["batch_size"]),
-                                                    sentences[: opts["speed_sentences"]], opts["batch_size"],
-                                                    opts["repeats"])["sentences_per_s"]
-        rows.append(row)
-    if "onnxruntime" in opts["backends"]:
-        progress(f"{name}: ONNX Runtime")
-        check_backend("onnxruntime", static_dir)
-        ort = OnnxTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"])
-        row = {**base, "precision_kind": "onnxruntime-fp32", "backend": "onnxruntime",
-               "disk_bytes": os.path.getsize(onnx_path_for(static_dir)),
-               "max_abs_diff_vs_paddle": sample_logits_diff(fp32, ort, sentences), **accuracy(ort, sentences)}
-        rows.append(speed_row(ort, row, sentences, opts))
-    if "paddle" in opts["backends"]:
-        progress(f"{name}: INT8 quantization")
-        int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{slug(name)}-int8"),
-                                 calibration(fp32, opts["calibration_sentences"], opts["batch_size"]))
-        int8 = StaticTagger(int8_dir, threads=opts["threads"], batch_size=opts["batch_size"], int8=True)
-        rows.append(speed_row(int8, {**base, "precision_kind": "int8", "backend": "paddle",
-                                     "disk_bytes": disk_bytes(int8_dir), **accuracy(int8, sentences)},
-                              sentences, opts))
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        for job, row in zip(jobs, pool.map(measure_variant, jobs)):
+            progress(f"{job['name']}: {job['kind']} measured")
+            rows.append(row)
+    return compare_tags(rows)
+
+
+def compare_tags(rows):
+    """``sentences_differing_from_paddle``: each row's tags against its model's Paddle Inference FP32
+    tags (left out when Paddle was not measured); the tags themselves are dropped."""
+    reference = {r["model"]: r["tags"] for r in rows if r["precision_kind"] == "fp32"}
     for row in rows:
-        row["sentences_differing_from_paddle"] = tags_differ(row.pop("tags"), reference["tags"])
+        tags = row.pop("tags")
+        if row["model"] in reference:
+            row["sentences_differing_from_paddle"] = tags_differ(tags, reference[row["model"]])
     return rows
 
 

@@ -218,7 +218,8 @@ def create_app(options, load_tagger):
             return error_response(500, "internal error; quote the request_id when reporting it", request_id)
         return JSONResponse({"results": results})
 
-    served = {"backend": options.backend, "device": options.device, "model_dir": os.path.abspath(options.model_dir)}
+    served = {"backend": options.backend, "precision": options.precision, "device": options.device,
+              "model_dir": os.path.abspath(options.model_dir)}
 
     @app.get("/health")
     async def health():

@@ -10,15 +10,14 @@ import importlib.util
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import numpy as np
 
+from . import timing
 from .errors import UserError
 from .server_process import ServerProcess
 from .server_probes import abuse_checks
@@ -60,20 +59,13 @@ def offline_figures(model_dir, backend, sentences, batch_size=32, repeats=3, lat
     chunks = [sentences[i: i + batch_size] for i in range(0, len(sentences), batch_size)]
 
     def one_pass():
-        start = time.perf_counter()
         for chunk in chunks:
             tagger.predict(chunk)
-        return time.perf_counter() - start
 
-    one_pass()
-    seconds = statistics.median(one_pass() for _ in range(repeats))
-    timings = []
-    for i, sentence in enumerate(sentences[: latency_sentences + 10]):
-        start = time.perf_counter()
-        tagger.predict([sentence])
-        if i >= 10:
-            timings.append((time.perf_counter() - start) * 1000)
-    return {"offline_sentences_per_s": len(sentences) / seconds, "offline_b1_p50_ms": statistics.median(timings)}
+    seconds = timing.median_seconds(one_pass, repeats)
+    # batch 1: 10 untimed calls, then latency_sentences timed ones
+    timings = timing.call_ms([lambda s=s: tagger.predict([s]) for s in sentences[: latency_sentences + 10]])
+    return {"offline_sentences_per_s": len(sentences) / seconds, "offline_b1_p50_ms": timing.percentile(timings, 50)}
 
 
 # --- one load level ------------------------------------------------------------------------------
@@ -126,10 +118,9 @@ def summarize(samples):
     errors = [s[2] for s in samples if s[2]]
     elapsed = float(np.max(starts + latency / 1000) - np.min(starts))
     ok = len(samples) - len(errors)
-    p50, p95, p99 = np.percentile(latency, [50, 95, 99])
     return {"requests": len(samples), "errors": len(errors), "first_error": errors[0] if errors else None,
             "seconds": elapsed, "requests_per_s": len(samples) / elapsed, "sentences_per_s": ok / elapsed,
-            "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+            **timing.latency_summary(latency, key="{}_ms")}
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def run_benchmark(cfg, opts, command):
     for backend in opts["backends"]:
         for _, directory in models:
             check_backend(backend, os.path.join(directory, "static"))
+    pruned = vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
     report_dir = os.path.join(cfg.output_dir, "report")
     work_dir = os.path.join(report_dir, "models")
     os.makedirs(work_dir, exist_ok=True)
@@ -175,18 +176,16 @@ def run_benchmark(cfg, opts, command):
     opts = {**opts, "calibration_sentences": data.splits.dev[: opts["calibration_sentences"]]}
     # the ceiling first: after the predictors run, their OpenMP threads keep spinning and steal cores
     ceiling = benchmark.matmul_gflops(opts["threads"])
-    rows = []
-    bar = tqdm(models, desc="benchmark", dynamic_ncols=True)
-    for name, directory in bar:
-        bar.set_postfix_str(name)
-        rows += benchmark.measure_model(name, directory, sentences, work_dir, opts, bar.set_postfix_str)
+    with tqdm(desc="benchmark", dynamic_ncols=True) as bar:
+        rows = report.annotate(benchmark.measure_in_fresh_processes(models, sentences, work_dir, opts,
+                                                                    bar.set_postfix_str))
     results = {"command": command, "machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
                "matmul_gflops": ceiling, "batch_size": opts["batch_size"],
                "repeats": opts["repeats"], "test_sentences": len(sentences),
                "speed_sentences": min(len(sentences), opts["speed_sentences"]),
                "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows,
-               "targets": report.targets(rows) + report.student_targets(rows)
-               + report.smallest_within(rows)}
+               "vocab_pruning": pruned, "targets": report.targets(rows) + report.student_targets(rows)
+               + report.smallest_within(rows) + report.deployment_targets(rows)}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(report.markdown(results))
@@ -204,8 +203,8 @@ def benchmark_cli(argv=None):
         parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
         parser.add_argument("--calibration_sentences", type=int, default=320, help="dev sentences for INT8")
         parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
-        parser.add_argument("--backend", default=None,
-                            help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime; default: both")
+        parser.add_argument("--backend", default=None, help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime "
+                            "(model.onnx, fused model.opt.onnx, INT8 model.int8.onnx); default: both")
     cfg, args = parse_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
                              ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
                              inherit=recorded_config("teacher"))

@@ -1,7 +1,35 @@
 """The benchmark's figures as targets, Markdown tables and a Pareto plot (``benchmark`` measures them)."""
 from .backends import DEFAULT_BACKEND
+from .benchmark import FUSION_OPS
+from .vocab_pruning import summary as pruning_summary
 
-KIND = {"paddle": "fp32", "onnxruntime": "onnxruntime-fp32"}
+KIND = {"paddle": "fp32", "onnxruntime": "onnxruntime-fp32"}  # each backend's FP32 (ONNX Runtime: fused graph)
+KINDS = {"paddle": ("fp32", "int8"), "onnxruntime": ("onnxruntime-unfused", "onnxruntime-fp32", "onnxruntime-int8")}
+MARKERS = {"fp32": "o", "int8": "s", "onnxruntime-unfused": "v", "onnxruntime-fp32": "^", "onnxruntime-int8": "D"}
+
+
+def backend_of(kind):
+    return next(b for b, kinds in KINDS.items() if kind in kinds)
+
+
+def own_fp32(rows, row):
+    """The FP32 row a row is compared with: its own model's (``model``) or the teacher's, same backend."""
+    return {m: find(rows, m, KIND[backend_of(row["precision_kind"])]) for m in (row["model"], "teacher")}
+
+
+def annotate(rows):
+    """Each row's F1 share of the FP32 teacher on the same backend, its speed-ups over that teacher
+    (batch 32, batch-1 p50), and for INT8 the F1 points lost against the same model's FP32."""
+    for row in rows:
+        fp32 = own_fp32(rows, row)
+        teacher, same = fp32["teacher"], fp32[row["model"]]
+        if teacher:
+            row["f1_share_of_teacher"] = row["f1"] / teacher["f1"] if teacher["f1"] else None
+            row["speedup_b32"] = row["sentences_per_s"] / teacher["sentences_per_s"]
+            row["speedup_b1_p50"] = teacher["latency_ms_p50"] / row["latency_ms_p50"]
+        if row["precision_kind"].endswith("int8") and same:
+            row["int8_f1_drop_points"] = (same["f1"] - row["f1"]) * 100
+    return rows
 
 
 def find(rows, model, kind):
@@ -96,29 +124,81 @@ def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
     return checks
 
 
+def best_within(rows, share=0.97, backend=DEFAULT_BACKEND, speed=5.0):
+    """The fastest row at batch 32 on ``backend`` (any width, depth, precision) keeping ``share`` of the
+    FP32 teacher's F1, as one check against ``speed`` x that teacher's throughput; [] without a teacher."""
+    if not find(rows, "teacher", KIND[backend]):
+        backend = next((b for b in KIND if find(rows, "teacher", KIND[b])), backend)
+    teacher = find(rows, "teacher", KIND[backend])
+    if not teacher or not teacher["f1"]:
+        return []
+    keep = [r for r in rows if r["precision_kind"] in KINDS[backend] and r["f1"] >= share * teacher["f1"]]
+    best = max(keep, key=lambda r: r["sentences_per_s"])  # the teacher itself is always in keep
+    ratio = best["sentences_per_s"] / teacher["sentences_per_s"]
+    checks = []
+    check(checks, f"best model within {share:.0%} of the FP32 teacher's F1 on {backend} (width x depth x "
+          f"precision): >= {speed:g}x its batch-32 throughput",
+          f"{best['model']} {best['precision_kind']}: F1 {best['f1'] / teacher['f1']:.2%}, batch-32 {ratio:.2f}x "
+          f"({best['sentences_per_s']:.0f} sent/s), batch-1 p50 {best['latency_ms_p50']:.2f} ms", ratio >= speed)
+    return checks
+
+
+def deployment_targets(rows):
+    """Issue 20's: the teacher's fused graph has every fusion and runs >= 1.1x the unfused one; each
+    ONNX Runtime INT8 >= 1.5x its model's fused FP32 at batch 32 and batch 1 within 1 F1 point; the best
+    model within 97% of the teacher's F1."""
+    checks = []
+    fused, unfused = find(rows, "teacher", "onnxruntime-fp32"), find(rows, "teacher", "onnxruntime-unfused")
+    if fused and unfused:
+        layers, counts = fused["layers"], fused["fusion"]
+        want = {"Attention": layers, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 2 * layers,
+                "BiasGelu": layers}
+        check(checks, "teacher fused graph: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu "
+              f"as in a standard BERT ({'/'.join(str(want[op]) for op in FUSION_OPS)})", fusion_text(counts),
+              all(counts[op] >= n for op, n in want.items()))
+        b32, b1 = (fused["sentences_per_s"] / unfused["sentences_per_s"],
+                   unfused["latency_ms_p50"] / fused["latency_ms_p50"])
+        check(checks, "teacher onnxruntime: fused graph >= 1.1x the unfused model.onnx at batch 32",
+              f"{b32:.2f}x (batch-1 p50 {b1:.2f}x)", b32 >= 1.1)
+    for row in (r for r in rows if r["precision_kind"] == "onnxruntime-int8"):
+        fp32 = find(rows, row["model"], "onnxruntime-fp32")
+        if fp32:
+            b32, b1 = (row["sentences_per_s"] / fp32["sentences_per_s"],
+                       fp32["latency_ms_p50"] / row["latency_ms_p50"])
+            drop = (fp32["f1"] - row["f1"]) * 100
+            check(checks, f"{row['model']} onnxruntime INT8: >= 1.5x its FP32 at batch 32 and batch 1, <= 1 F1 "
+                  "point lost", f"{b32:.2f}x / {b1:.2f}x, {drop:.2f} points", min(b32, b1) >= 1.5 and drop <= 1)
+    return checks + best_within(rows)
+
+
+def fusion_text(counts):
+    return "/".join(str(counts[op]) for op in FUSION_OPS) if counts else "-"
+
+
 def cell(row, key, fmt):
     return fmt.format(row[key]) if row.get(key) is not None else "-"
 
 
 def markdown(results):
-    rows = results["rows"]
-    # the F1 share is against Paddle FP32's teacher, or the teacher of the one backend measured
-    teacher = find(rows, "teacher", "fp32") or next((r for r in rows if r["model"] == "teacher"), None)
-    base_f1 = teacher["f1"] if teacher else None
+    rows = annotate(results["rows"])
     lines = [
         "# ner_compress benchmark", "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results['threads']} threads; float32 matmul ceiling {results['matmul_gflops']:.1f} GFLOP/s  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["machine"]["versions"].items()) + "  ",
-        f"Test sentences: {results['test_sentences']}. Batch-1 latency: text to tags, one real test sentence at "
+        f"Test sentences: {results['test_sentences']}. Each model x backend x precision measured in a process of "
+        "its own. Batch-1 latency: text to tags, one real test sentence at "
         f"a time in the test set's order (first {results['latency_sentences']}, after 10 warm-up calls). "
         f"Throughput: first {results['speed_sentences']} sentences, batch {results['batch_size']}, "
-        f"median of {results['repeats']} runs after a warm-up, length-sorted and unsorted batches.", "",
-        "| model | backend | params | heads / FFN | MB on disk | P | R | F1 | F1 / teacher | PER | LOC | ORG | "
-        "p50 ms (b=1) | p95 ms | p99 ms | sent/s (b=32, sorted) | unsorted | char/s | "
-        "dynamic sent/s | GFLOP/s | tags != paddle | test set s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"median of {results['repeats']} runs after a warm-up, length-sorted and unsorted batches. "
+        "F1 / teacher and x teacher: against the FP32 teacher on the same backend (ONNX Runtime: its fused "
+        "graph); INT8 F1 lost: points against the same model's FP32 on the same backend. Fusions: "
+        "fused Attention / EmbedLayerNormalization / SkipLayerNormalization / BiasGelu nodes (export manifest).", "",
+        "| model | backend | params | heads / FFN | MB on disk | P | R | F1 | F1 / teacher | INT8 F1 lost | PER | LOC "
+        "| ORG | p50 ms (b=1) | p95 ms | p99 ms | sent/s (b=32, sorted) | x teacher (b=32) | unsorted | char/s | "
+        "dynamic sent/s | GFLOP/s | fusions | tags != paddle | test set s |",
+        "|---|---|" + "---:|" * 23,
     ]
     for r in rows:
         per = r.get("per_type", {})
@@ -126,19 +206,23 @@ def markdown(results):
             f"| {r['model']}", r["precision_kind"], f"{r['parameters']:,}" if r.get("parameters") else "-",
             f"{r['heads']} / {r['ffn_neurons']}" if r.get("heads") else "-",
             f"{r['disk_bytes'] / 1e6:.1f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}",
-            f"{r['f1'] / base_f1:.2%}" if base_f1 else "-",
+            cell(r, "f1_share_of_teacher", "{:.2%}"), cell(r, "int8_f1_drop_points", "{:.2f}"),
             *[f"{per[t]['f1']:.3f}" if t in per else "-" for t in ("PER", "LOC", "ORG")],
             cell(r, "latency_ms_p50", "{:.2f}"), cell(r, "latency_ms_p95", "{:.2f}"),
-            cell(r, "latency_ms_p99", "{:.2f}"), f"{r['sentences_per_s']:.0f}",
+            cell(r, "latency_ms_p99", "{:.2f}"), f"{r['sentences_per_s']:.0f}", cell(r, "speedup_b32", "{:.2f}x"),
             cell(r, "unsorted_sentences_per_s", "{:.0f}"), f"{r['chars_per_s']:.0f}",
             cell(r, "dynamic_sentences_per_s", "{:.0f}"), cell(r, "gflops_achieved", "{:.1f}"),
-            cell(r, "sentences_differing_from_paddle", "{}"), f"{r['test_seconds']:.1f} |"]))
+            fusion_text(r.get("fusion")), cell(r, "sentences_differing_from_paddle", "{}"),
+            f"{r['test_seconds']:.1f} |"]))
+    if results.get("vocab_pruning"):
+        lines += ["", f"Teacher vocabulary pruning: {pruning_summary(results['vocab_pruning'])} "
+                  "(the table's parameters are after pruning)."]
     lines += ["", "## Targets", ""]
     lines += [f"- {t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**" for t in results["targets"]]
-    onnx = [r for r in rows if r["precision_kind"] == "onnxruntime-fp32" and "max_abs_diff_vs_paddle" in r]
+    onnx = [r for r in rows if "max_abs_diff_vs_paddle" in r]
     if onnx:
         lines += ["", "ONNX Runtime vs Paddle Inference, max abs logit difference: " + ", ".join(
-            f"{r['model']} {r['max_abs_diff_vs_paddle']:.1e}" for r in onnx)]
+            f"{r['model']} {r['precision_kind']} {r['max_abs_diff_vs_paddle']:.1e}" for r in onnx)]
     lines += ["", "![F1 against throughput](pareto.png)", ""]
     return "\n".join(lines)
 
@@ -164,18 +248,20 @@ def plot_pareto(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"fp32": "o", "int8": "s", "onnxruntime-fp32": "^"}
-    for kind, marker in markers.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, marker in MARKERS.items():  # every model x backend x precision
         points = [r for r in rows if r["precision_kind"] == kind]
+        if not points:
+            continue
         ax.scatter([r["sentences_per_s"] for r in points], [r["f1"] for r in points], marker=marker, label=kind)
         for r in points:
             ax.annotate(r["model"], (r["sentences_per_s"], r["f1"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
-    teacher = find(rows, "teacher", "fp32")
-    if teacher:
-        ax.scatter([teacher["sentences_per_s"]], [teacher["f1"]], s=160, facecolors="none", edgecolors="red",
-                   label="teacher (FP32)")
+    for kind in KIND.values():
+        teacher = find(rows, "teacher", kind)
+        if teacher:
+            ax.scatter([teacher["sentences_per_s"]], [teacher["f1"]], s=160, facecolors="none", edgecolors="red",
+                       label=f"teacher ({kind})")
     ax.set_xlabel("throughput at batch 32 (sentences/s, higher is better)")
     ax.set_ylabel("test entity F1")
     ax.set_title("F1 against throughput: up and to the right is better")

@@ -14,7 +14,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .backends import DEFAULT_BACKEND, check_backend
+from .backends import check_backend, default_backend
 from .errors import UserError
 
 OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
@@ -30,8 +30,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8189
     workers: int = 1
-    backend: Optional[str] = None  # None: backends.DEFAULT_BACKEND on CPU, Paddle Inference on GPU
+    backend: Optional[str] = None  # None: backends.default_backend(device)
     device: str = "cpu"
+    precision: str = "fp32"  # int8: ONNX Runtime's INT8 copy (model.int8.onnx)
     cpu_threads: Optional[int] = None
     decoding: str = "viterbi"
     max_batch_size: int = 32
@@ -46,8 +47,8 @@ class ServeOptions:
     log_level: str = "info"
 
     def __post_init__(self):
-        if self.backend is None:  # ONNX Runtime runs on CPU only here
-            self.backend = DEFAULT_BACKEND if self.device == "cpu" else "paddle"
+        if self.backend is None:
+            self.backend = default_backend(self.device)
 
 
 def check_options(opts):
@@ -75,7 +76,7 @@ def check_options(opts):
         raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {opts.device}")
     if not os.path.isdir(opts.model_dir):
         raise UserError(f"--model_dir {opts.model_dir}: no such directory; give DIR/export/width_W/static")
-    check_backend(opts.backend, opts.model_dir)  # also reads the model's meta
+    check_backend(opts.backend, opts.model_dir, opts.precision)  # also the precision and the model's meta
 
 
 def check_descriptors(max_connections):
@@ -108,7 +109,7 @@ def app_from_environment():
 
     def tagger():
         return load_tagger(opts.model_dir, opts.backend, opts.device, opts.cpu_threads, opts.max_batch_size,
-                           opts.decoding)
+                           opts.decoding, opts.precision)
 
     return create_app(opts, tagger)
 
@@ -140,8 +141,8 @@ def serve(opts):
 
     check_options(opts)
     setup_logging(opts.log_level)
-    log.info("serving %s through %s (%s) on http://%s:%d", os.path.abspath(opts.model_dir), opts.backend,
-             opts.device, opts.host, opts.port)
+    log.info("serving %s through %s %s (%s) on http://%s:%d", os.path.abspath(opts.model_dir), opts.backend,
+             opts.precision, opts.device, opts.host, opts.port)
     os.environ[OPTIONS_VARIABLE] = json.dumps(asdict(opts))
     # uvicorn answers 503 (and closes) a request arriving while limit_concurrency connections are open,
     # its own included: + 1 so that --max_connections connections are served

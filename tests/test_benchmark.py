@@ -20,9 +20,9 @@ def bench(tmp_path_factory):
 
 def test_report_has_every_model_backend_and_figure(bench):
     out, results = bench
-    kinds = {(r["model"], r["precision_kind"]) for r in results["rows"]}
+    kinds = [(r["model"], r["precision_kind"]) for r in results["rows"]]
     for model in ("teacher", "width 1.0", "width 0.5"):
-        assert {(model, "fp32"), (model, "int8"), (model, "onnxruntime-fp32")} <= kinds
+        assert {(model, "fp32"), (model, "int8"), (model, "onnxruntime-fp32")} <= set(kinds)
     fp32 = [r for r in results["rows"] if r["precision_kind"] == "fp32"]
     for row in fp32:
         assert_figures_are_of_the_rows_export(out, row)
@@ -89,10 +89,64 @@ def test_flops_count_the_heads_and_neurons_a_snapped_width_keeps(tmp_path):
     assert benchmark.forward_flops(shape, [{"input_ids": np.zeros((n, t))}]) == per_layer + 2 * n * t * 96 * 7
 
 
+def test_each_backend_and_precision_present_is_a_row_measured_in_a_process_of_its_own(bench):
+    from ner_compress import benchmark
+    from ner_compress.backends import BACKENDS
+
+    out, results = bench
+    rows = results["rows"]
+    expected = [(name, kind) for name, directory in benchmark.export_dirs(str(out))
+                for _, kind in benchmark.variants(directory, BACKENDS)]
+    assert [(r["model"], r["precision_kind"]) for r in rows] == expected
+    assert {"onnxruntime-unfused", "onnxruntime-int8"} <= {kind for _, kind in expected}  # the export wrote both
+    assert len({r["pid"] for r in rows}) == len(rows) and os.getpid() not in {r["pid"] for r in rows}
+
+
+def test_int8_rows_carry_their_own_models_int8_f1(bench):
+    from ner_compress.backends import OnnxTagger
+    from ner_compress.config import Config, load_yaml
+    from ner_compress.data import load_splits
+    from ner_compress.metrics import entity_scores
+
+    out, results = bench
+    test = load_splits(Config(**load_yaml(TINY))).test
+    static = out / "export" / "width_0.5" / "static"
+    int8 = OnnxTagger(str(static), precision="int8").tag_sentences(test)
+    row = next(r for r in results["rows"] if (r["model"], r["precision_kind"]) == ("width 0.5", "onnxruntime-int8"))
+    assert row["graph"] == "model.int8.onnx"
+    assert row["f1"] == pytest.approx(entity_scores([s.tags for s in test], int8)["f1"], abs=1e-12)
+    fp32 = next(r for r in results["rows"] if (r["model"], r["precision_kind"]) == ("width 0.5", "onnxruntime-fp32"))
+    assert row["int8_f1_drop_points"] == pytest.approx((fp32["f1"] - row["f1"]) * 100)
+
+
+def test_fusion_counts_in_the_report_are_the_manifests(bench):
+    out, results = bench
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    for model, directory in (("teacher", "teacher"), ("width 0.5", "width_0.5")):
+        manifest = json.load(open(out / "export" / directory / "onnx" / "manifest.json"))
+        fused = manifest["onnx"]["fusion"]["fused"]
+        counts = "/".join(str(fused[op]) for op in ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization",
+                                                   "BiasGelu"))
+        line = next(line for line in report.splitlines() if line.startswith(f"| {model} | onnxruntime-fp32 |"))
+        assert f" | {counts} | " in line and fused["Attention"] > 0
+
+
+def test_percentile_is_numpys_linear_interpolation():
+    import numpy as np
+
+    from ner_compress.timing import latency_summary, percentile
+
+    values = [7.0, 1.0, 3.0, 2.0, 10.0]
+    assert percentile(values, 95) == pytest.approx(9.4)  # sorted 1 2 3 7 10: rank 3.8 -> 7 + 0.8 x 3
+    assert percentile(values, 50) == 3.0
+    data = np.random.default_rng(0).exponential(size=101)
+    assert latency_summary(data) == {f"latency_ms_p{q}": pytest.approx(np.percentile(data, q)) for q in (50, 95, 99)}
+
+
 def test_onnx_runtime_agrees_with_paddle_inference(bench):
     _, results = bench
     for row in results["rows"]:
-        if row["precision_kind"] == "onnxruntime-fp32":
+        if row["precision_kind"] in ("onnxruntime-fp32", "onnxruntime-unfused"):
             assert row["max_abs_diff_vs_paddle"] < 1e-4
             paddle_row = next(r for r in results["rows"] if r["model"] == row["model"] and r["precision_kind"] == "fp32")
             assert row["f1"] == pytest.approx(paddle_row["f1"], abs=1e-9)

@@ -1,5 +1,5 @@
 """Report rendering from measured rows: which model is named the smallest that keeps 95% of F1."""
-from ner_compress.report import markdown, smallest_within, targets
+from ner_compress.report import annotate, best_within, deployment_targets, markdown, smallest_within, targets
 
 KIND = "onnxruntime-fp32"
 
@@ -54,3 +54,29 @@ def test_each_target_is_met_or_missed_by_its_own_figure():
     half["sentences_differing_from_paddle"] = 1
     met = {t["target"]: t["met"] for t in targets([teacher, half, int8], backend="paddle")}
     assert not met["every FP32 backend: tags equal Paddle Inference's on the whole test set"]
+
+
+def test_best_within_97_percent_is_the_fastest_row_above_the_bar_across_width_depth_and_precision():
+    rows = [row("teacher", 1000, 0.80, 100, 4.0), row("teacher", 1000, 0.79, 110, 4.2, kind="onnxruntime-unfused"),
+            row("width 0.5", 500, 0.785, 300, 2.0), row("width 0.5", 500, 0.70, 900, 1.0, kind="onnxruntime-int8"),
+            row("student width 0.5", 300, 0.777, 520, 0.9, kind="onnxruntime-int8"),  # 97.1%: kept, fastest
+            row("student", 600, 0.80, 2000, 0.1, kind="int8")]  # Paddle: another backend, not compared
+    (found,) = best_within(rows)
+    assert found["measured"] == ("student width 0.5 onnxruntime-int8: F1 97.12%, batch-32 5.20x (520 sent/s), "
+                                 "batch-1 p50 0.90 ms") and found["met"]
+    rows[4]["f1"] = 0.775  # 96.9%: width 0.5 FP32 is then the best, 3x
+    (found,) = best_within(rows)
+    assert found["measured"].startswith("width 0.5 onnxruntime-fp32: F1 98.12%, batch-32 3.00x") and not found["met"]
+
+
+def test_int8_rows_show_their_f1_loss_and_speed_up_against_the_right_fp32():
+    rows = annotate([{**row("teacher", 1000, 0.80, 100, 4.0), "layers": 2},
+                     row("teacher", 1000, 0.78, 160, 2.0, kind="onnxruntime-int8"),
+                     row("width 0.5", 500, 0.76, 200, 2.5), row("width 0.5", 500, 0.755, 320, 1.6,
+                                                                 kind="onnxruntime-int8")])
+    assert [round(r["int8_f1_drop_points"], 6) for r in rows if "int8" in r["precision_kind"]] == [2.0, 0.5]
+    assert [r["speedup_b32"] for r in rows] == [1.0, 1.6, 2.0, 3.2]  # all against the FP32 teacher
+    assert rows[3]["f1_share_of_teacher"] == 0.755 / 0.80
+    met = {t["target"].split(":")[0]: (t["measured"], t["met"]) for t in deployment_targets(rows)}
+    assert met["teacher onnxruntime INT8"] == ("1.60x / 2.00x, 2.00 points", False)  # fast enough, too lossy
+    assert met["width 0.5 onnxruntime INT8"] == ("1.60x / 1.56x, 0.50 points", True)

@@ -169,9 +169,21 @@ def test_health_and_start_up_log_name_the_default_backend_and_the_model(server, 
     assert ServeOptions(model_dir="x").backend == DEFAULT_BACKEND == "onnxruntime"
     assert ServeOptions(model_dir="x", device="gpu").backend == "paddle"  # ONNX Runtime is CPU-only here
     health = httpx.get(server.url + "/health", timeout=10).json()
-    assert health == {"status": "ok", "backend": "onnxruntime", "device": "cpu",
+    assert health == {"status": "ok", "backend": "onnxruntime", "precision": "fp32", "device": "cpu",
                       "model_dir": os.path.abspath(model_dir)}
-    assert f"serving {os.path.abspath(model_dir)} through onnxruntime (cpu)" in server.log_tail(1_000_000)
+    assert f"serving {os.path.abspath(model_dir)} through onnxruntime fp32 (cpu)" in server.log_tail(1_000_000)
+
+
+def test_int8_server_answers_what_the_int8_tagger_tags_and_says_so(model_dir, tmp_path):
+    with ServerProcess(model_dir, "--precision", "int8", "--decoding", "argmax", "--warmup_batches", 1,
+                       log_path=tmp_path / "server.log") as srv:
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        answer = httpx.post(srv.url + "/predict", json={"texts": TEXTS[:3]}, timeout=30)
+        log = srv.log_tail(1_000_000)
+    assert (health["backend"], health["precision"]) == ("onnxruntime", "int8")
+    assert "through onnxruntime int8 (cpu)" in log
+    int8 = load_tagger(str(model_dir), "onnxruntime", precision="int8", decoding="argmax")
+    assert answer.status_code == 200 and answer.json() == {"results": int8.predict(TEXTS[:3])}
 
 
 def test_client_stopping_mid_body_gets_408_and_the_connection_closed(server):
@@ -348,6 +360,8 @@ def test_model_that_fails_to_load_keeps_ready_503_with_the_reason(captured_log):
     ({"decoding": "beam"}, "--decoding beam: use one of"),
     ({"backend": "tensorrt"}, "--backend tensorrt: unknown; use one of paddle, onnxruntime"),
     ({"backend": "onnxruntime", "device": "gpu"}, "--backend onnxruntime: CPU only here; use --backend paddle"),
+    ({"precision": "fp16"}, "--precision fp16: unknown; use one of fp32, int8"),
+    ({"backend": "paddle", "precision": "int8"}, "--precision int8: ONNX Runtime's export only"),
     ({"model_dir": "/nonexistent/static"}, "--model_dir /nonexistent/static: no such directory"),
     ({"model_dir": ROOT}, f"{ROOT}: not an exported static model"),
 ])

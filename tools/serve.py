@@ -25,6 +25,8 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default=None, help="onnxruntime or paddle (Paddle Inference); default: "
                         f"{DEFAULTS.backend} on CPU, paddle on GPU")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=DEFAULTS.device)
+    parser.add_argument("--precision", default=DEFAULTS.precision,
+                        help="fp32 (default; ONNX Runtime: the fused graph) or int8 (ONNX Runtime's model.int8.onnx)")
     parser.add_argument("--cpu_threads", type=int, default=None, help="predictor math threads; default: all cores")
     parser.add_argument("--decoding", default=DEFAULTS.decoding, help="viterbi (BIO-constrained, default) or argmax")
     parser.add_argument("--max_batch_size", type=int, default=DEFAULTS.max_batch_size,
