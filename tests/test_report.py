@@ -33,13 +33,20 @@ def test_f1_share_is_against_the_teacher_of_the_only_backend_measured():
                "speed_sentences": 2, "batch_size": 32, "repeats": 1, "rows": rows, "targets": []}
     table = [line for line in markdown(results).splitlines() if line.startswith("| student |")]
     assert table and " | 97.50% | " in table[0]
+    assert "vocabulary pruning" not in markdown(results)  # the teacher was not pruned
+    results["vocab_pruning"] = {"rows": {"before": 250_002, "kept": 4_700, "dropped": 245_302},
+                                "parameters": {"before": 117_500_000, "after": 23_400_000},
+                                "bytes_on_disk": {"before": 470_000_000, "after": 93_600_000}, "source_dir": "e5"}
+    assert ("Teacher vocabulary pruning: kept 4,700 of 250,002 vocabulary rows (245,302 dropped); parameters "
+            "117,500,000 -> 23,400,000; bytes on disk 470,000,000 -> 93,600,000") in markdown(results)
 
 
 def test_each_target_is_met_or_missed_by_its_own_figure():
     teacher = {**row("teacher", 1000, 0.80, 100, 3.0, kind="fp32"), "dynamic_sentences_per_s": 20}
     half = {**row("width 0.5", 500, 0.795, 300, 1.6, kind="fp32"), "sentences_differing_from_paddle": 0}
     int8 = {**row("width 0.5", 500, 0.78, 350, 1.0, kind="int8"), "sentences_differing_from_paddle": 9}
-    met = {t["target"]: t["met"] for t in targets([teacher, half, int8], backend="paddle")}
+    ort_int8 = {**row("width 0.5", 500, 0.78, 350, 1.0, kind="onnxruntime-int8"), "sentences_differing_from_paddle": 4}
+    met = {t["target"]: t["met"] for t in targets([teacher, half, int8, ort_int8], backend="paddle")}
     assert met == {
         "width 0.5 paddle: batch-1 p50 <= 1.5 ms on real sentences": False,  # 1.6 ms
         "width 0.5 paddle: batch-1 p50 >= 1.7x lower than the teacher's": True,  # 1.88x
