@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ import paddle
 
 from . import timing
 from .architectures import load_config
+from .vocab import copy_vocab
 from .artifacts import MANIFEST, read_manifest
 from .backends import (DEFAULT_BACKEND, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
                        StaticTagger, load_tagger, onnx_path_for)
@@ -75,9 +77,8 @@ def quantize_int8(static_dir, out_dir, calibration_feeds):
                                  params_filename=MODEL_PREFIX + ".pdiparams")
     finally:
         paddle.disable_static()
-    for name in ("vocab.txt", "inference.json"):
-        with open(os.path.join(static_dir, name), "rb") as src, open(os.path.join(out_dir, name), "wb") as dst:
-            dst.write(src.read())
+    copy_vocab(os.path.join(static_dir, "vocab.txt"), out_dir)  # with the lookup rule, if the model has one
+    shutil.copyfile(os.path.join(static_dir, "inference.json"), os.path.join(out_dir, "inference.json"))
     return out_dir
 
 

@@ -12,6 +12,7 @@ from . import benchmark, report, stage_pool, student, supernet
 from .architectures import load_config
 from .artifacts import MANIFEST, write_json
 from .config import parse_config
+from .e5_pretrained import resolve_model_path
 from .modeling import teacher_config
 from .pipeline import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start, export_dir,
                        ofa_dir, pruned_teacher_config, run_export, run_ofa, run_student, run_teacher, student_dir,
@@ -52,8 +53,10 @@ def models(cfg):
 
 def check_student_plan(cfg, data):
     """A student that cannot map to the teacher fails now, not after the teacher has trained."""
-    if os.path.isdir(cfg.model_name_or_path or ""):
-        planned = load_config(cfg.model_name_or_path)
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir) if cfg.model_name_or_path else None
+    if os.path.isdir(source or ""):
+        planned = load_config(source)
+        planned.num_hidden_layers = cfg.pretrained_layers or planned.num_hidden_layers
     elif not cfg.model_name_or_path:
         planned = teacher_config(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
     else:

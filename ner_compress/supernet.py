@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer, resume_path, save_weights
 from .data import collate
 from .distill_losses import FeatureRecorder, masked_mse, real_token_mask, soft_cross_entropy_sum
 from .modeling import width_plan
+from .vocab import copy_vocab
 from .training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors, token_loss,
                        total_steps, train_loop)
 
@@ -240,7 +241,7 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
     with atomic_dir(width_dir(ofa_dir, width)) as tmp:
         save_weights(ofa_model.model.state_dict(), os.path.join(tmp, SUPERNET_WEIGHTS))
         teacher.config.save_pretrained(tmp)
-        shutil.copyfile(data.vocab_file, os.path.join(tmp, "vocab.txt"))
+        copy_vocab(data.vocab_file, tmp)
         write_manifest(tmp, "ofa", cfg.to_dict(), data.labels, data.vocab_sha256, metrics,
                        inputs={"teacher": teacher_manifest}, speed=metrics.get("speed", {}), runtime=runtime.report(),
                        architecture=teacher.config.model_type,
