@@ -11,7 +11,8 @@ import numpy as np
 import paddle.inference as paddle_infer
 
 from .errors import UserError
-from .inference import MODEL_PREFIX, Tagger, bucket_length, read_meta
+from .inference import Tagger, bucket_length, read_meta
+from .static_files import static_model_files
 from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
@@ -27,8 +28,7 @@ MKLDNN_CACHE_SHAPES = 64
 
 def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
-    config = paddle_infer.Config(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel"),
-                                 os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"))
+    config = paddle_infer.Config(*static_model_files(model_dir))
     if device == "gpu":
         config.enable_use_gpu(256, 0)
     else:
@@ -91,9 +91,8 @@ class StaticTagger(Tagger):
 def export_onnx(static_dir, onnx_path):
     import paddle2onnx
 
-    paddle2onnx.export(os.path.join(static_dir, MODEL_PREFIX + ".pdmodel"),
-                       os.path.join(static_dir, MODEL_PREFIX + ".pdiparams"), save_file=onnx_path,
-                       opset_version=13, enable_onnx_checker=True)
+    program, params = static_model_files(static_dir)
+    paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
     return onnx_path
 
 
