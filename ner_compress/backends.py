@@ -12,7 +12,7 @@ import paddle.inference as paddle_infer
 
 from .errors import UserError
 from .inference import Tagger, bucket_length, read_meta
-from .static_files import static_model_files
+from .static_files import PIR_PROGRAM, static_model_files
 from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
@@ -28,7 +28,8 @@ MKLDNN_CACHE_SHAPES = 64
 
 def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
-    config = paddle_infer.Config(*static_model_files(model_dir))
+    program, params = static_model_files(model_dir)
+    config = paddle_infer.Config(program, params)
     if device == "gpu":
         config.enable_use_gpu(256, 0)
     else:
@@ -42,7 +43,10 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
         else:
             config.disable_mkldnn()
     config.switch_ir_optim(True)
-    config.enable_memory_optim()
+    if not program.endswith(PIR_PROGRAM):
+        # Paddle 3.3.1 with a PIR program: create_predictor then fails ("Not find predictor_id 0
+        # and pass_name memory_optimize_pass"; measured, legacy programs are fine)
+        config.enable_memory_optim()
     # zero-copy handles: inputs are copied straight into the predictor's tensors, no feed/fetch ops
     config.switch_use_feed_fetch_ops(False)
     config.disable_glog_info()
@@ -148,6 +152,8 @@ def check_backend(backend, model_dir):
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown; use one of {', '.join(BACKENDS)}")
     read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
+    if backend == "paddle":
+        static_model_files(model_dir)  # a program this Paddle cannot read is refused now, in one line
     if backend == "onnxruntime" and not os.path.isfile(onnx_path_for(model_dir)):
         raise UserError(f"--backend onnxruntime: no {onnx_path_for(model_dir)}; re-export with "
                         f"`python tools/export.py` (it writes onnx/ beside static/) or use --backend paddle")

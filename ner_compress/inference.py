@@ -16,7 +16,7 @@ from .data import CharEncoder, Sentence, encode, eval_batches, load_vocab, padde
 from .decoding import Decoder, log_softmax
 from .errors import UserError
 from .metrics import extract_entities
-from .static_files import MODEL_PREFIX, static_model_files  # noqa: F401  (MODEL_PREFIX: re-exported)
+from .static_files import MODEL_PREFIX, PROGRAM_FILES, program_file  # noqa: F401  (MODEL_PREFIX: re-exported)
 
 INFERENCE_META = "inference.json"
 # Paddle Inference's oneDNN rebuilds its primitives for every new input shape (about 5 ms at
@@ -27,10 +27,9 @@ BUCKET = 16
 
 def read_meta(model_dir):
     path = os.path.join(model_dir, INFERENCE_META)
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir}: not an exported static model (no {INFERENCE_META}); "
-                        f"run `python tools/export.py` first")
-    static_model_files(model_dir)  # the program is there and this Paddle reads it
+    if not os.path.isfile(path) or program_file(model_dir) is None:
+        raise UserError(f"{model_dir}: not an exported static model (no {INFERENCE_META} or "
+                        f"{' or '.join(PROGRAM_FILES)}); run `python tools/export.py` first")
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
