@@ -2,12 +2,15 @@
 import json
 import os
 
+import paddle
 import pytest
 from conftest import run_tool as run
 from conftest import train_near_random_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+# Paddle 3 exports a PIR program, which post-training INT8 quantization cannot read (benchmark.int8_unavailable)
+INT8 = {"int8"} if paddle.__version__.startswith("2.") else set()
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def test_report_has_every_model_backend_and_figure(bench):
     out, results = bench
     kinds = {(r["model"], r["precision_kind"]) for r in results["rows"]}
     for model in ("teacher", "width 1.0", "width 0.5"):
-        assert {(model, "fp32"), (model, "int8"), (model, "onnxruntime-fp32")} <= kinds
+        assert {(model, kind) for kind in {"fp32", "onnxruntime-fp32"} | INT8} <= kinds
     fp32 = [r for r in results["rows"] if r["precision_kind"] == "fp32"]
     for row in fp32:
         for key in ("precision", "recall", "f1", "parameters", "disk_bytes", "latency_ms_p50", "latency_ms_p95",
@@ -35,8 +38,8 @@ def test_report_has_every_model_backend_and_figure(bench):
     half, teacher = (next(r for r in fp32 if r["model"] == m) for m in ("width 0.5", "teacher"))
     assert half["parameters"] < teacher["parameters"] and half["disk_bytes"] < teacher["disk_bytes"]
     assert results["matmul_gflops"] > 0 and results["machine"]["cores"] >= 1
-    assert {t["target"].split(":")[0] for t in results["targets"]} >= {"width 0.5 FP32", "width 0.5 INT8",
-                                                                        "static predictor"}
+    targets = {"width 0.5 FP32", "static predictor"} | ({"width 0.5 INT8"} if INT8 else set())
+    assert {t["target"].split(":")[0] for t in results["targets"]} >= targets
     assert all(isinstance(t["met"], bool) for t in results["targets"])
     report = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "python tools/benchmark.py" in report and ("met" in report or "missed" in report)

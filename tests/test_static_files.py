@@ -8,7 +8,7 @@ import paddle
 import pytest
 from conftest import ROOT, TINY_LABELS
 
-from ner_compress import artifacts, backends, export, static_files
+from ner_compress import artifacts, backends, benchmark, export, static_files
 from ner_compress.errors import UserError
 
 PADDLE_3 = paddle.__version__.split(".")[0] == "3"
@@ -34,6 +34,8 @@ def test_export_writes_the_running_paddles_format_and_every_consumer_reads_it(st
     assert sorted(n for n in os.listdir(static_dir) if n in static_files.PROGRAM_FILES) == [expected]
     hashed = artifacts.weight_hashes(static_dir)
     assert {expected, "model.pdiparams"} <= set(hashed) and "inference.json" not in hashed
+    assert benchmark.disk_bytes(static_dir) == os.path.getsize(program) + os.path.getsize(params)
+    assert (benchmark.int8_unavailable(static_dir) is None) == (not PADDLE_3)  # INT8 reads only .pdmodel
     reference = reference_logits(tiny_bert)
     paddle_logits = backends.StaticTagger(static_dir, threads=1).logits(IDS, np.zeros_like(IDS))
     onnx_path = backends.export_onnx(static_dir, str(tmp_path / "model.onnx"))
