@@ -14,6 +14,7 @@ import shutil
 from . import __version__
 from .errors import UserError
 from .resources import file_digest
+from .static_files import PROGRAM_FILES
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdiparams", ".pdmodel", ".onnx")
@@ -85,7 +86,7 @@ def write_json(path, data):
 
 def weight_hashes(directory):
     return {name: file_digest(os.path.join(directory, name))
-            for name in sorted(os.listdir(directory)) if name.endswith(WEIGHT_SUFFIXES)}
+            for name in sorted(os.listdir(directory)) if name.endswith(WEIGHT_SUFFIXES) or name in PROGRAM_FILES}
 
 
 def write_manifest(directory, stage, config, labels, vocab_sha256, metrics=None, inputs=None, **extra):

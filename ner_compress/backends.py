@@ -11,7 +11,8 @@ import numpy as np
 import paddle.inference as paddle_infer
 
 from .errors import UserError
-from .inference import MODEL_PREFIX, Tagger, bucket_length, read_meta
+from .inference import Tagger, bucket_length, read_meta
+from .static_files import PIR_PROGRAM, static_model_files
 from .modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
@@ -30,8 +31,8 @@ MKLDNN_CACHE_SHAPES = 64
 
 def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
     """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
-    config = paddle_infer.Config(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel"),
-                                 os.path.join(model_dir, MODEL_PREFIX + ".pdiparams"))
+    program, params = static_model_files(model_dir)
+    config = paddle_infer.Config(program, params)
     if device == "gpu":
         config.enable_use_gpu(256, 0)
     else:
@@ -45,7 +46,10 @@ def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
         else:
             config.disable_mkldnn()
     config.switch_ir_optim(True)
-    config.enable_memory_optim()
+    if not program.endswith(PIR_PROGRAM):
+        # Paddle 3.3.1 with a PIR program: create_predictor then fails ("Not find predictor_id 0
+        # and pass_name memory_optimize_pass"; measured, legacy programs are fine)
+        config.enable_memory_optim()
     # zero-copy handles: inputs are copied straight into the predictor's tensors, no feed/fetch ops
     config.switch_use_feed_fetch_ops(False)
     config.disable_glog_info()
@@ -94,9 +98,8 @@ class StaticTagger(Tagger):
 def export_onnx(static_dir, onnx_path):
     import paddle2onnx
 
-    paddle2onnx.export(os.path.join(static_dir, MODEL_PREFIX + ".pdmodel"),
-                       os.path.join(static_dir, MODEL_PREFIX + ".pdiparams"), save_file=onnx_path,
-                       opset_version=13, enable_onnx_checker=True)
+    program, params = static_model_files(static_dir)
+    paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
     return onnx_path
 
 
@@ -162,6 +165,8 @@ def check_backend(backend, model_dir, precision="fp32"):
         raise UserError("--precision int8: ONNX Runtime's export only; use --backend onnxruntime "
                         "(Paddle Inference INT8 is measured by tools/benchmark.py)")
     read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
+    if backend == "paddle":
+        static_model_files(model_dir)  # a program this Paddle cannot read is refused now, in one line
     path = onnx_path_for(model_dir, precision)
     if backend == "onnxruntime" and not os.path.isfile(path):
         how = "with onnx_int8 on (the export's manifest says why it was refused)" if precision == "int8" else \

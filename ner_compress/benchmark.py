@@ -23,7 +23,8 @@ from .vocab import copy_vocab
 from .artifacts import MANIFEST, read_manifest
 from .backends import (DEFAULT_BACKEND, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
                        StaticTagger, load_tagger, onnx_path_for)
-from .inference import MODEL_PREFIX, Tagger
+from .inference import Tagger
+from .static_files import PIR_PROGRAM, static_model_files
 from .metrics import entity_scores
 from .modeling import width_plan
 from .export import max_abs_diff, trained_widths
@@ -61,20 +62,29 @@ class CalibrationLoader(paddle.io.DataLoader):
         return len(self.feeds)
 
 
+def int8_unavailable(static_dir):
+    """Why ``quantize_int8`` cannot run on this export, or ``None``: Paddle 3.3's post-training
+    quantization builds old-IR programs and fails on a PIR ``model.json`` (measured, 3.3.1)."""
+    program, _ = static_model_files(static_dir)
+    if program.endswith(PIR_PROGRAM):
+        return f"INT8 skipped: post-training quantization cannot read a PIR program ({program})"
+    return None
+
+
 def quantize_int8(static_dir, out_dir, calibration_feeds):
     """Post-training INT8 quantization of a static model (matmul weights and activations)."""
     from paddle.static.quantization import PostTrainingQuantization
 
+    program, params = (os.path.basename(path) for path in static_model_files(static_dir))
     paddle.enable_static()
     try:
         ptq = PostTrainingQuantization(
             executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=static_dir,
-            model_filename=MODEL_PREFIX + ".pdmodel", params_filename=MODEL_PREFIX + ".pdiparams",
+            model_filename=program, params_filename=params,
             data_loader=CalibrationLoader(calibration_feeds), batch_nums=len(calibration_feeds),
             algo="hist", quantizable_op_type=["matmul_v2", "matmul", "mul"], onnx_format=True)
         ptq.quantize()
-        ptq.save_quantized_model(out_dir, model_filename=MODEL_PREFIX + ".pdmodel",
-                                 params_filename=MODEL_PREFIX + ".pdiparams")
+        ptq.save_quantized_model(out_dir, model_filename=program, params_filename=params)
     finally:
         paddle.disable_static()
     copy_vocab(os.path.join(static_dir, "vocab.txt"), out_dir)  # with the lookup rule, if the model has one
@@ -190,7 +200,7 @@ def machine_info():
 
 
 def disk_bytes(static_dir):
-    return sum(os.path.getsize(os.path.join(static_dir, MODEL_PREFIX + ext)) for ext in (".pdmodel", ".pdiparams"))
+    return sum(os.path.getsize(path) for path in static_model_files(static_dir))
 
 
 def parameters(export_dir):
@@ -208,7 +218,8 @@ FUSION_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", 
 def variants(export_dir, backends):
     """The (backend, precision_kind) pairs one export has files for, in the order they are measured."""
     onnx_dir = os.path.join(export_dir, ONNX_DIR)
-    found = [("paddle", "fp32"), ("paddle", "int8")] if "paddle" in backends else []
+    found = [("paddle", "fp32")] if "paddle" in backends else []
+    found += [("paddle", "int8")] * ("paddle" in backends and not int8_unavailable(os.path.join(export_dir, "static")))
     if "onnxruntime" in backends:
         fused = os.path.isfile(os.path.join(onnx_dir, FUSED_FILE))
         found += [("onnxruntime", "onnxruntime-unfused")] * fused + [("onnxruntime", "onnxruntime-fp32")]

@@ -77,7 +77,8 @@ class TokenLogits(paddle.nn.Layer):
 
 def save_static(model, static_dir, labels, max_seq_length, vocab_file):
     os.makedirs(static_dir, exist_ok=True)
-    static = paddle.jit.to_static(TokenLogits(model), input_spec=INPUT_SPEC)
+    # full_graph: Paddle 2.6's default; Paddle 3 defaults to SOT tracing, which ignores input_spec
+    static = paddle.jit.to_static(TokenLogits(model), input_spec=INPUT_SPEC, full_graph=True)
     paddle.jit.save(static, os.path.join(static_dir, MODEL_PREFIX))
     copy_vocab(vocab_file, static_dir)  # with its lookup rule: predict and serve map characters as training did
     write_json(os.path.join(static_dir, INFERENCE_META),

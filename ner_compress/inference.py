@@ -1,6 +1,6 @@
 """Text in, entities out, around any backend's logits (see ``backends``).
 
-The static directory is self-contained: ``model.pdmodel``/``model.pdiparams``, the
+The static directory is self-contained: the program and weights (``static_files``), the
 vocabulary and ``inference.json`` (labels, maximum length). Long texts are cut into
 half-overlapping windows and stitched back, each character from the window where it has the
 most context; the whole sentence is then decoded at once (BIO-constrained Viterbi by default).
@@ -16,8 +16,8 @@ from .data import Sentence, encode, eval_batches, load_encoder, padded, stitch_s
 from .decoding import Decoder, log_softmax
 from .errors import UserError
 from .metrics import extract_entities
+from .static_files import MODEL_PREFIX, PROGRAM_FILES, program_file  # noqa: F401  (MODEL_PREFIX: re-exported)
 
-MODEL_PREFIX = "model"
 INFERENCE_META = "inference.json"
 # Paddle Inference's oneDNN rebuilds its primitives for every new input shape (about 5 ms at
 # batch 1 on the demo model); multiples of 16 leave at most 8 lengths up to 128 and pad a
@@ -27,9 +27,9 @@ BUCKET = 16
 
 def read_meta(model_dir):
     path = os.path.join(model_dir, INFERENCE_META)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(model_dir, MODEL_PREFIX + ".pdmodel")):
+    if not os.path.isfile(path) or program_file(model_dir) is None:
         raise UserError(f"{model_dir}: not an exported static model (no {INFERENCE_META} or "
-                        f"{MODEL_PREFIX}.pdmodel); run `python tools/export.py` first")
+                        f"{' or '.join(PROGRAM_FILES)}); run `python tools/export.py` first")
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 

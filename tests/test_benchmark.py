@@ -2,9 +2,12 @@
 import json
 import os
 
+import paddle
 import pytest
 from conftest import TINY, train_near_random_teacher
 from conftest import run_tool as run
+# Paddle 3 exports a PIR program, which post-training INT8 quantization cannot read (benchmark.int8_unavailable)
+INT8 = {"int8"} if paddle.__version__.startswith("2.") else set()
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def test_report_has_every_model_backend_and_figure(bench):
     out, results = bench
     kinds = [(r["model"], r["precision_kind"]) for r in results["rows"]]
     for model in ("teacher", "width 1.0", "width 0.5"):
-        assert {(model, "fp32"), (model, "int8"), (model, "onnxruntime-fp32")} <= set(kinds)
+        assert {(model, kind) for kind in {"fp32", "onnxruntime-fp32"} | INT8} <= set(kinds)
     fp32 = [r for r in results["rows"] if r["precision_kind"] == "fp32"]
     for row in fp32:
         assert_figures_are_of_the_rows_export(out, row)
@@ -30,8 +33,8 @@ def test_report_has_every_model_backend_and_figure(bench):
     half, teacher = (next(r for r in fp32 if r["model"] == m) for m in ("width 0.5", "teacher"))
     assert half["parameters"] < teacher["parameters"] and half["disk_bytes"] < teacher["disk_bytes"]
     assert results["matmul_gflops"] > 0 and results["machine"]["cores"] >= 1
-    assert {t["target"].split(":")[0] for t in results["targets"]} >= {"width 0.5 FP32", "width 0.5 INT8",
-                                                                        "static predictor"}
+    assert {t["target"].split(":")[0] for t in results["targets"]} >= {"width 0.5 FP32", "static predictor"} | (
+        {"width 0.5 INT8"} if INT8 else set())
     half_share = next(t for t in results["targets"] if t["target"] == "width 0.5 FP32: >= 99% of teacher F1")
     assert half_share["met"] == (teacher["f1"] > 0 and half["f1"] >= 0.99 * teacher["f1"])  # no share of 0
     report = (out / "report" / "report.md").read_text(encoding="utf-8")

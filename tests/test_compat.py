@@ -23,21 +23,44 @@ def run_python(code):
                           cwd=ROOT, timeout=300)
 
 
-# --- zlib ----------------------------------------------------------------------------------
+def needed_patch(name):
+    """The patch called ``name``; the test is skipped, saying for which stack, where it does not apply."""
+    patch = compat.patch_named(name)
+    if not patch.needed():
+        pytest.skip(f"{name} mends {patch.mends}; this stack has paddle {compat.PADDLE_VERSION}, "
+                    f"paddleslim {compat.PADDLESLIM_VERSION}")
+    return patch
+
+
+def test_patches_applied_are_exactly_those_this_stack_needs():
+    from paddleslim.nas.ofa.layers import SuperEmbedding, SuperLayerNorm
+
+    applied = compat.apply_patches()
+    assert compat.apply_patches() == applied  # idempotent
+    assert applied == sorted(p.name for p in compat.PATCHES if p.needed())
+    constructors = "super_constructors" in applied
+    assert (SuperEmbedding.__init__ is compat.superembedding_init) == constructors
+    assert (SuperLayerNorm.__init__ is compat.superlayernorm_init) == constructors
+    assert constructors == (paddle.__version__.split(".")[0] == "3")
+    assert compat.PADDLE_VERSION == paddle.__version__
+
+
+# --- zlib (paddle 2.6.x) ---------------------------------------------------------------------
 
 def test_zlib_fix_lets_paddlenlp_import_after_paddle():
-    """The fix's half runs everywhere: with ner_compress first, paddle then paddlenlp import cleanly."""
+    """Everywhere: with ner_compress first, paddle then paddlenlp import cleanly."""
     fixed = run_python("import ner_compress\nimport paddle\nimport paddlenlp\nimport zlib\n"
                        "assert zlib.decompress(zlib.compress(b'x' * 4096)) == b'x' * 4096\n"
                        "print('imported', paddle.__version__)\n")
     assert fixed.returncode == 0, fixed.stderr[-2000:]
-    assert "imported 2.6.2" in fixed.stdout
+    assert f"imported {compat.PADDLE_VERSION}" in fixed.stdout
 
 
 def test_zlib_clash_without_the_fix():
+    if not compat.ZLIB_CLASH:
+        pytest.skip(f"the zlib round trip is for paddle 2.6.x; this stack has paddle {compat.PADDLE_VERSION}")
     broken = run_python("import paddle\nimport paddlenlp\n")
-    if broken.returncode == 0:
-        pytest.skip("importing paddle before paddlenlp works on this machine: the zlib defect does not show")
+    assert broken.returncode != 0, "paddle 2.6 then paddlenlp imported without the zlib fix: is it still needed?"
     # the clash shows as "zlib.error: ... inconsistent stream state" or as a crash inside zlib's
     # inflateReset2 (paddle's copy, whose C++ traceback paddle prints on stdout), depending on
     # which inflate call lands first
@@ -45,15 +68,18 @@ def test_zlib_clash_without_the_fix():
     assert "zlib" in output or "inflate" in output, output[-2000:]
 
 
-# --- SuperLayerNorm ------------------------------------------------------------------------
+# --- SuperLayerNorm.forward (paddleslim 2.6.0 on paddle 2.6.x and 3.x) ------------------------
 
 def test_superlayernorm_upstream_is_broken_without_the_patch():
+    needed_patch("superlayernorm_forward")
     result = run_python("""
-        import ner_compress  # zlib fix only; apply_patches() is not called
+        import ner_compress  # apply_patches() is not called
         from ner_compress import compat
         import paddle
         from paddleslim.nas.ofa.layers import SuperLayerNorm
-        assert not compat._PATCHED
+        assert not compat.APPLIED
+        if compat.patch_named("super_constructors").needed():  # Paddle 3: construct at all
+            compat.patch_named("super_constructors").apply()
         assert SuperLayerNorm.forward is not compat.superlayernorm_forward
         for shape in ([2, 3, 8], [5, 3, 8]):
             try:
@@ -76,9 +102,9 @@ def test_superlayernorm_upstream_is_broken_without_the_patch():
 def test_superlayernorm_patched_matches_layer_norm():
     from paddleslim.nas.ofa.layers import SuperLayerNorm
 
+    needed_patch("superlayernorm_forward")
     compat.apply_patches()
-    compat.apply_patches()  # idempotent
-    assert compat._PATCHED and SuperLayerNorm.forward is compat.superlayernorm_forward
+    assert SuperLayerNorm.forward is compat.superlayernorm_forward
     paddle.seed(7)
     layer = SuperLayerNorm(8)
     layer.weight.set_value(paddle.rand([8]) + 0.5)
@@ -97,6 +123,7 @@ def test_superlayernorm_patched_matches_layer_norm():
 def test_superlayernorm_patched_uses_leading_slice_for_narrow_input():
     from paddleslim.nas.ofa.layers import SuperLayerNorm
 
+    needed_patch("superlayernorm_forward")
     compat.apply_patches()
     paddle.seed(8)
     layer = SuperLayerNorm(8)
@@ -107,6 +134,62 @@ def test_superlayernorm_patched_uses_leading_slice_for_narrow_input():
     ref = F.layer_norm(x, [6], weight=layer.weight[:6], bias=layer.bias[:6], epsilon=layer._epsilon)
     assert float((out - ref).abs().max()) < 1e-6
     assert layer.cur_config == {"prune_dim": 6}
+
+
+# --- constructors (paddleslim 2.6.0 on paddle 3.x) --------------------------------------------
+
+def test_super_constructors_fail_without_the_patch():
+    needed_patch("super_constructors")
+    result = run_python("""
+        import ner_compress
+        from paddleslim.nas.ofa.layers import SuperEmbedding, SuperLayerNorm
+        for build in (lambda: SuperEmbedding(10, 8), lambda: SuperLayerNorm(8)):
+            try:
+                build()
+            except TypeError as err:
+                print("TypeError:", err)
+            else:
+                print("built")
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # upstream passes padding_idx, sparse, weight_attr, name (and epsilon, weight_attr, ...) by position
+    assert "TypeError: Embedding.__init__() takes from 3 to 6 positional arguments but 7 were given" \
+        in result.stdout, result.stdout
+    assert "TypeError: LayerNorm.__init__() takes from 2 to 3 positional arguments but 6 were given" \
+        in result.stdout, result.stdout
+
+
+def test_super_constructors_patched_build_what_paddle_builds():
+    from paddleslim.nas.ofa.layers import SuperEmbedding, SuperLayerNorm
+
+    needed_patch("super_constructors")
+    compat.apply_patches()
+    emb = SuperEmbedding(10, 8, candidate_config={"expand_ratio": [0.5, 1.0]}, padding_idx=0, sparse=True,
+                         name="emb")
+    ref = paddle.nn.Embedding(10, 8, padding_idx=0, sparse=True)
+    assert (emb._padding_idx, emb._sparse, emb.weight.shape) == (ref._padding_idx, ref._sparse, ref.weight.shape)
+    assert emb.base_output_dim == 8 and emb.cur_config is None
+    assert float(emb.weight[0].abs().sum()) == 0.0  # the padding row, as nn.Embedding initialises it
+    norm = SuperLayerNorm(8, 1e-6, bias_attr=False)
+    assert norm._epsilon == 1e-6 and norm.bias is None and norm.weight.shape == [8]
+
+
+# --- search-space tracing (paddleslim 2.6.0 on paddle 3.x): not patched, never reached ----------
+
+def test_ofa_trace_without_net_config_fails_on_paddle3_but_set_width_avoids_it(tiny_bert):
+    from paddleslim.nas.ofa import OFA
+
+    needed_patch("super_constructors")  # the same stack; nothing is patched for the trace
+    ofa_model = OFA(supernet.to_supernet(copy.deepcopy(tiny_bert)), elastic_order=["width"])
+    ids = paddle.to_tensor([[101, 2476, 676, 102]], dtype="int64")
+    inputs = {"input_ids": ids, "token_type_ids": paddle.zeros_like(ids), "attention_mask": [None, None]}
+    with pytest.raises(AttributeError, match="_to_static_mode_guard_"):
+        ofa_model(**inputs)  # no net_config yet: OFA traces the model for its search space
+    paddle.disable_static()  # upstream switched to static mode before the failing call
+    supernet.set_width(ofa_model, 0.5)
+    with paddle.no_grad():
+        out = ofa_model(**inputs)
+    assert list(out.shape) == [1, 4, 7] and not ofa_model._build_ss
 
 
 # --- scaled attention in the OFA forwards --------------------------------------------------
