@@ -11,6 +11,7 @@ import os
 
 from . import onnx_graph, onnx_quant
 from .backends import FUSED_FILE, INT8_FILE, OnnxTagger
+from .errors import UserError
 
 log = logging.getLogger("ner_compress")
 
@@ -32,7 +33,7 @@ def fused_variant(static_dir, onnx_path, plan, num_layers, check, inputs, thread
     try:
         logits = OnnxTagger(static_dir, path, threads=threads).logits(*inputs)
         meta["parity_max_abs_diff"] = check({"fused onnx runtime": logits})["fused onnx runtime"]
-    except RuntimeError as err:
+    except (RuntimeError, UserError) as err:  # ORT failing to run it, or parity refused
         return _fallback(path, str(err))
     attention = meta["fused"]["Attention"] + meta["fused"]["MultiHeadAttention"]
     if attention < num_layers:
