@@ -183,6 +183,21 @@ def add_config_flags(parser, names):
     return parser
 
 
+def add_dataclass_flags(parser, cls):
+    """One ``--name`` flag per field of the dataclass ``cls``: type, default, choices and help from
+    the field itself, so a tool's flags cannot drift from the options it builds."""
+    for f in fields(cls):
+        kind = _field_kind(f)
+        meta = dict(f.metadata)
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(f"--{f.name}", type=kind, required=True, **meta)
+        elif kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", default=f.default, **meta)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, **meta)
+    return parser
+
+
 def resolve_config(args, inherit=None):
     """Defaults < the config recorded by the previous stage < the YAML file < flags given.
 

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .backends import check_backend, default_backend
@@ -24,27 +24,35 @@ RESERVED_DESCRIPTORS = 64
 log = logging.getLogger("ner_compress")
 
 
+def _opt(default, help_text, **argparse_extra):
+    """A ServeOptions field: its default and the help of its ``tools/serve.py`` flag."""
+    return field(default=default, metadata={"help": help_text, **argparse_extra})
+
+
 @dataclass
 class ServeOptions:
-    model_dir: str
-    host: str = "127.0.0.1"
-    port: int = 8189
-    workers: int = 1
-    backend: Optional[str] = None  # None: backends.default_backend(device)
-    device: str = "cpu"
-    precision: str = "fp32"  # int8: ONNX Runtime's INT8 copy (model.int8.onnx)
-    cpu_threads: Optional[int] = None
-    decoding: str = "viterbi"
-    max_batch_size: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 2048
-    max_body_bytes: int = 4 << 20
-    max_texts: int = 1024
-    max_chars: int = 100_000
-    body_timeout_s: float = 30.0
-    max_connections: int = 512
-    warmup_batches: int = 20
-    log_level: str = "info"
+    """What ``tools/serve.py`` takes: one flag per field (``config.add_dataclass_flags``)."""
+    model_dir: str = field(metadata={"help": "DIR/export/<model>/static (e.g. output/export/width_0.5/static)"})
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8189, "port to listen on")
+    workers: int = _opt(1, "processes, each with its own model copy and batching")
+    backend: Optional[str] = _opt(None, "onnxruntime or paddle (Paddle Inference); default: onnxruntime on CPU, "
+                                  "paddle on GPU")
+    device: str = _opt("cpu", "cpu or gpu", choices=["cpu", "gpu"])
+    precision: str = _opt("fp32", "fp32 (ONNX Runtime: the fused graph) or int8 (ONNX Runtime's model.int8.onnx)")
+    cpu_threads: Optional[int] = _opt(None, "predictor math threads; default: all cores")
+    decoding: str = _opt("viterbi", "viterbi (BIO-constrained) or argmax")
+    max_batch_size: int = _opt(32, "texts gathered from concurrent requests into one predictor call")
+    max_wait_ms: float = _opt(2.0, "longest wait for more texts under concurrent load (none for a lone client)")
+    max_queue: int = _opt(2048, "texts accepted and not yet answered; beyond it 503 with Retry-After")
+    max_body_bytes: int = _opt(4 << 20, "larger bodies: 413")
+    max_texts: int = _opt(1024, "texts per request; more: 413")
+    max_chars: int = _opt(100_000, "characters per text; more: 413")
+    body_timeout_s: float = _opt(30.0, "a body not complete this long after its headers: 408, connection closed")
+    max_connections: int = _opt(512, "open connections served per worker; a request on one more: 503, "
+                                "connection closed")
+    warmup_batches: int = _opt(20, "predictor calls before /ready says 200")
+    log_level: str = _opt("info", "uvicorn's log level", choices=["debug", "info", "warning", "error"])
 
     def __post_init__(self):
         if self.backend is None:
