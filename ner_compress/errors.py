@@ -6,6 +6,10 @@ class UserError(Exception):
     """Bad input, a missing artifact or a wrong flag: reported as one line, exit code 2."""
 
 
+class Int8Refused(UserError):
+    """An INT8 copy that lost more F1 than allowed: the FP32 export is complete, the INT8 file is not written."""
+
+
 def run_cli(main):
     """Run ``main()``; turn a ``UserError`` into ``error: ...`` on stderr and exit 2."""
     try:

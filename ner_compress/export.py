@@ -18,7 +18,7 @@ from paddleslim.nas.ofa import OFA
 
 from .artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
 from .data import collate, copy_vocab
-from .errors import UserError
+from .errors import Int8Refused, UserError
 from .backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from .onnx_variants import write_variants
 from .inference import INFERENCE_META, MODEL_PREFIX
@@ -138,7 +138,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
                            parameters=count_parameters(model), architecture=model.config.model_type,
                            **({"onnx": onnx_meta} if sub == onnx_dir else {}))
     if onnx_meta["int8"] and onnx_meta["int8"]["refused"]:  # the FP32 export is in place; INT8 is not
-        raise UserError(onnx_meta["int8"]["refused"])
+        raise Int8Refused(onnx_meta["int8"]["refused"])
     return diffs
 
 

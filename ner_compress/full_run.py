@@ -13,6 +13,7 @@ from .architectures import load_config
 from .artifacts import MANIFEST, write_json
 from .config import parse_config
 from .e5_pretrained import resolve_model_path
+from .errors import Int8Refused
 from .modeling import teacher_config
 from .pipeline import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start, export_dir,
                        ofa_dir, pruned_teacher_config, run_export, run_ofa, run_student, run_teacher, student_dir,
@@ -25,12 +26,20 @@ def widths(cfg):
     return sorted(cfg.width_mult_list, reverse=True)
 
 
+def export_keeping_fp32(cfg, width, data, source="teacher"):
+    """``run_export``; a refused INT8 copy is a warning here: the run goes on with the FP32 export."""
+    try:
+        run_export(cfg, width, data, source)
+    except Int8Refused as refusal:
+        log.warning("INT8 not kept: %s", refusal)
+
+
 def teacher_widths(cfg, data=None):
     """The teacher's width supernet, then the teacher and each width exported."""
     data = data or _start(cfg)
     run_ofa(cfg, data)
     for width in [None, *widths(cfg)]:
-        run_export(cfg, width, data)
+        export_keeping_fp32(cfg, width, data)
 
 
 def student_widths(cfg, data=None):
@@ -39,7 +48,7 @@ def student_widths(cfg, data=None):
     run_student(cfg, data)
     run_ofa(cfg, data, "student")
     for width in [None, *widths(cfg)]:
-        run_export(cfg, width, data, "student")
+        export_keeping_fp32(cfg, width, data, "student")
 
 
 def models(cfg):

@@ -57,7 +57,11 @@ def quantize(method, fp32_path, out_path, feeds=()):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if method == "dynamic":
-        quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, extra_options=UNTYPED_FUSED_OUTPUTS)
+        # per-channel 7-bit weights (reduce_range): AVX2 without VNNI multiplies u8 x s8 in 16-bit pairs,
+        # which saturate with full-range weights. Measured on the default run's teacher (dev F1 57.53):
+        # plain QInt8 lost 1.27 points, per-channel + reduce_range 0.79 (entity agreement 89.9%)
+        quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         extra_options=UNTYPED_FUSED_OUTPUTS)
     elif method == "static":
         quantize_static(typed(fp32_path), out_path, feed_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,

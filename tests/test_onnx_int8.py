@@ -108,3 +108,25 @@ def test_predict_tool_takes_precision(output_dir):
     refused = tool("predict.py", "--model_dir", static, "--text", "北京", "--precision", "int8", "--backend", "paddle",
                    check=False)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: --precision int8: ")
+
+
+def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
+    """run_pipeline keeps the FP32 export and logs the refusal; any other error still stops it."""
+    from ner_compress import full_run
+    from ner_compress.errors import Int8Refused, UserError
+
+    def refuse(cfg, width, data, source="teacher"):
+        raise Int8Refused("--int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points")
+
+    warnings = []  # captured here: the project's logger may not propagate to pytest's handler
+    monkeypatch.setattr(full_run.log, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    monkeypatch.setattr(full_run, "run_export", refuse)
+    full_run.export_keeping_fp32(None, 0.5, None)
+    assert warnings == ["INT8 not kept: --int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points"]
+
+    def broken(cfg, width, data, source="teacher"):
+        raise UserError("export parity failed")
+
+    monkeypatch.setattr(full_run, "run_export", broken)
+    with pytest.raises(UserError, match="export parity failed"):
+        full_run.export_keeping_fp32(None, 0.5, None)
