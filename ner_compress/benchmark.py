@@ -21,8 +21,8 @@ from . import timing
 from .architectures import load_config
 from .vocab import copy_vocab
 from .artifacts import MANIFEST, read_manifest
-from .backends import (DEFAULT_BACKEND, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
-                       StaticTagger, load_tagger, onnx_path_for)
+from .backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger, StaticTagger,
+                       default_backend, load_tagger, onnx_path_for)
 from .inference import Tagger
 from .static_files import PIR_PROGRAM, static_model_files
 from .metrics import entity_scores
@@ -345,10 +345,10 @@ def export_dir_width(name):
 
 
 def summary_row(name, export_dir, sentences, threads=None, device="cpu", latency_sentences=300,
-                backend=DEFAULT_BACKEND):
-    """The short figures ``run_pipeline.py`` prints: the default backend (Paddle Inference on GPU),
+                backend=None):
+    """The short figures ``run_pipeline.py`` prints: ``backend`` (default: ``backends.default_backend``),
     accuracy and batch-1 latency over real test sentences."""
-    backend = "paddle" if device != "cpu" else backend
+    backend = backend or default_backend(device)
     tagger = load_tagger(os.path.join(export_dir, "static"), backend, device, threads)
     row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
            "backend": backend}
