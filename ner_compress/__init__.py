@@ -3,10 +3,10 @@
 Stages: ``training`` (teacher), ``supernet`` (OFA distillation), ``export``
 (sub-model to dynamic and static graph), ``inference`` (Paddle Inference).
 """
-from . import runtime
+from ner_compress.core import runtime
 
 runtime.prepare_environment()  # before paddle loads: MKL reads its settings once
 
-from . import compat  # noqa: E402,F401  (works around a zlib clash before paddle loads)
+from ner_compress.core import compat  # noqa: E402,F401  (works around a zlib clash before paddle loads)
 
 __version__ = "0.1.0"

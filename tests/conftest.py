@@ -13,7 +13,7 @@ import ner_compress  # noqa: E402,F401  (before paddle)
 import paddle  # noqa: E402
 import pytest  # noqa: E402
 
-from ner_compress import resources  # noqa: E402
+from ner_compress.core import resources  # noqa: E402
 
 TINY_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -76,11 +76,12 @@ def random_bio_tags(rng, n, types=("PER", "LOC", "ORG")):
 def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     """Max log-prob difference between the exported static model at ``width`` and the trained
     supernet at that width, on test sentences (export's own parity check used 16 dev windows)."""
-    from ner_compress import export, supernet
-    from ner_compress.backends import StaticTagger
-    from ner_compress.inference import window_log_probs
-    from ner_compress.data import prepare_data
-    from ner_compress.config import Config
+    from ner_compress.deploy import export
+    from ner_compress.compress import supernet
+    from ner_compress.deploy.backends import StaticTagger
+    from ner_compress.deploy.inference import window_log_probs
+    from ner_compress.data.corpus import prepare_data
+    from ner_compress.core.config import Config
 
     static = StaticTagger(os.path.join(output_dir, "export", f"width_{width}", "static"))
     ofa_model, _ = export.load_supernet_width(os.path.join(output_dir, "ofa", f"width_{width}"))

@@ -22,7 +22,7 @@ tool = partial(run_tool, timeout=600)
 
 def save_tiny(model_type, directory, vocab_file, **overrides):
     """A random model of ``model_type`` saved as safetensors with its vocabulary."""
-    from ner_compress.architectures import FAMILIES
+    from ner_compress.models.families import FAMILIES
 
     config_class, model_class, _ = FAMILIES[model_type]
     paddle.seed(21)
@@ -55,8 +55,8 @@ def test_every_artifact_records_the_architecture(family_run):
 
 
 def test_supernet_at_full_width_equals_the_teacher(family_run):
-    from ner_compress import supernet
-    from ner_compress.architectures import model_class_for
+    from ner_compress.compress import supernet
+    from ner_compress.models.families import model_class_for
 
     _, out = family_run
     teacher = model_class_for(str(out / "teacher")).from_pretrained(str(out / "teacher"))
@@ -73,7 +73,7 @@ def test_supernet_at_full_width_equals_the_teacher(family_run):
 
 
 def test_exported_half_width_reloads_and_predicts(family_run):
-    from ner_compress.architectures import FAMILIES, model_class_for
+    from ner_compress.models.families import FAMILIES, model_class_for
 
     model_type, out = family_run
     dynamic = str(out / "export" / "width_0.5" / "dynamic")
@@ -114,8 +114,8 @@ def test_checkpoint_with_other_labels_is_refused_with_the_flag(tmp_path, vocab_f
 def test_a_model_directory_brings_its_own_vocabulary_one_id_per_character(tmp_path, vocab_file):
     """A vocabulary without 京 (ERNIE's and BERT's differ in such characters): every family maps
     each character to exactly one id, an unknown one to [UNK], so labels stay aligned."""
-    from ner_compress.config import Config
-    from ner_compress.data import CharEncoder, load_vocab, prepare_data
+    from ner_compress.core.config import Config
+    from ner_compress.data.corpus import CharEncoder, load_vocab, prepare_data
 
     lines = open(vocab_file, encoding="utf-8").read().split("\n")
     lines[lines.index("京")] = "[unused_jing]"

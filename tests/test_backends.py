@@ -23,8 +23,8 @@ def export_dir(tmp_path_factory):
 def varied_texts():
     """A few hundred real sentences of varied lengths, plus long texts cut into several windows."""
     import ner_compress  # noqa: F401
-    from ner_compress.config import Config, load_yaml
-    from ner_compress.data import load_splits
+    from ner_compress.core.config import Config, load_yaml
+    from ner_compress.data.corpus import load_splits
 
     splits = load_splits(Config(**load_yaml(TINY)))
     texts = ["".join(s.chars) for s in splits.test + splits.dev]
@@ -43,7 +43,7 @@ def test_export_records_onnx_parity_and_hashes_the_file(export_dir):
 
 
 def test_onnx_runtime_and_paddle_tag_the_same_entities(export_dir, varied_texts):
-    from ner_compress.backends import load_tagger
+    from ner_compress.deploy.backends import load_tagger
 
     static = str(export_dir / "static")
     for batch_size in (1, 32):
@@ -55,9 +55,9 @@ def test_onnx_runtime_and_paddle_tag_the_same_entities(export_dir, varied_texts)
 
 @pytest.mark.parametrize("backend", ["paddle", "onnxruntime"])
 def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_texts, backend):
-    from ner_compress.backends import load_tagger
-    from ner_compress.data import Sentence
-    from ner_compress.inference import bucket_length, model_inputs
+    from ner_compress.deploy.backends import load_tagger
+    from ner_compress.data.corpus import Sentence
+    from ner_compress.deploy.inference import bucket_length, model_inputs
 
     tagger = load_tagger(str(export_dir / "static"), backend)
     pad = tagger.encoder.pad_id
@@ -82,7 +82,7 @@ def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_text
 
 
 def test_bucket_lengths():
-    from ner_compress.inference import bucket_length
+    from ner_compress.deploy.inference import bucket_length
 
     assert [bucket_length(n) for n in (1, 16, 17, 48, 120, 128)] == [16, 16, 32, 48, 128, 128]
     assert bucket_length(17, 0) == 17

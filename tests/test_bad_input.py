@@ -5,9 +5,10 @@ import os
 import pytest
 import yaml
 
-from ner_compress import artifacts, config, data
-from ner_compress.config import Config
-from ner_compress.errors import UserError
+from ner_compress.core import artifacts, config
+from ner_compress.data import corpus as data
+from ner_compress.core.config import Config
+from ner_compress.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
@@ -309,7 +310,7 @@ def test_atomic_dir_creates_missing_parents(tmp_path):
 def test_later_stage_inherits_data_settings_but_not_resume(tmp_path):
     import json
 
-    from ner_compress.pipeline import recorded_config
+    from ner_compress.commands.stages import recorded_config
 
     (tmp_path / "teacher").mkdir()
     recorded = {"train_limit": 400, "max_seq_length": 64, "resume": True, "resume_from": "x", "output_dir": "y"}

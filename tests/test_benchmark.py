@@ -48,10 +48,10 @@ def assert_figures_are_of_the_rows_export(out, row):
     """Sizes, shape and FLOP rate re-derived from the row's export; latency percentiles in order."""
     from safetensors import safe_open
 
-    from ner_compress import benchmark
-    from ner_compress.backends import StaticTagger
-    from ner_compress.config import Config, load_yaml
-    from ner_compress.data import load_splits
+    from ner_compress.measure import benchmark
+    from ner_compress.deploy.backends import StaticTagger
+    from ner_compress.core.config import Config, load_yaml
+    from ner_compress.data.corpus import load_splits
 
     export_dir = dict(benchmark.export_dirs(str(out)))[row["model"]]
     static = os.path.join(export_dir, "static")
@@ -75,8 +75,8 @@ def test_flops_count_the_heads_and_neurons_a_snapped_width_keeps(tmp_path):
     import numpy as np
     from paddlenlp.transformers import BertConfig
 
-    from ner_compress import benchmark
-    from ner_compress.modeling import PrunedBertForTokenClassification
+    from ner_compress.measure import benchmark
+    from ner_compress.models.modeling import PrunedBertForTokenClassification
 
     config = BertConfig(vocab_size=40, hidden_size=96, num_hidden_layers=1, num_attention_heads=12,
                         intermediate_size=3072, num_labels=7)
@@ -93,8 +93,8 @@ def test_flops_count_the_heads_and_neurons_a_snapped_width_keeps(tmp_path):
 
 
 def test_each_backend_and_precision_present_is_a_row_measured_in_a_process_of_its_own(bench):
-    from ner_compress import benchmark
-    from ner_compress.backends import BACKENDS
+    from ner_compress.measure import benchmark
+    from ner_compress.deploy.backends import BACKENDS
 
     out, results = bench
     rows = results["rows"]
@@ -106,10 +106,10 @@ def test_each_backend_and_precision_present_is_a_row_measured_in_a_process_of_it
 
 
 def test_int8_rows_carry_their_own_models_int8_f1(bench):
-    from ner_compress.backends import OnnxTagger
-    from ner_compress.config import Config, load_yaml
-    from ner_compress.data import load_splits
-    from ner_compress.metrics import entity_scores
+    from ner_compress.deploy.backends import OnnxTagger
+    from ner_compress.core.config import Config, load_yaml
+    from ner_compress.data.corpus import load_splits
+    from ner_compress.data.entity_scores import entity_scores
 
     out, results = bench
     test = load_splits(Config(**load_yaml(TINY))).test
@@ -137,7 +137,7 @@ def test_fusion_counts_in_the_report_are_the_manifests(bench):
 def test_percentile_is_numpys_linear_interpolation():
     import numpy as np
 
-    from ner_compress.timing import latency_summary, percentile
+    from ner_compress.measure.timing import latency_summary, percentile
 
     values = [7.0, 1.0, 3.0, 2.0, 10.0]
     assert percentile(values, 95) == pytest.approx(9.4)  # sorted 1 2 3 7 10: rank 3.8 -> 7 + 0.8 x 3
@@ -157,9 +157,9 @@ def test_onnx_runtime_agrees_with_paddle_inference(bench):
 
 def test_accuracy_equals_predict_tool_on_the_same_sentences(bench, tmp_path):
     import ner_compress  # noqa: F401
-    from ner_compress.config import Config, load_yaml
-    from ner_compress.data import load_splits
-    from ner_compress.metrics import entity_scores
+    from ner_compress.core.config import Config, load_yaml
+    from ner_compress.data.corpus import load_splits
+    from ner_compress.data.entity_scores import entity_scores
 
     out, results = bench
     test = load_splits(Config(**load_yaml(TINY))).test

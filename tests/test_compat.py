@@ -1,4 +1,4 @@
-"""Each workaround in ner_compress/compat.py and supernet.py: the defect, then the fix."""
+"""Each workaround in ner_compress/core/compat.py and supernet.py: the defect, then the fix."""
 import copy
 import os
 import subprocess
@@ -11,7 +11,8 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from ner_compress import compat, supernet
+from ner_compress.core import compat
+from ner_compress.compress import supernet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +75,7 @@ def test_superlayernorm_upstream_is_broken_without_the_patch():
     needed_patch("superlayernorm_forward")
     result = run_python("""
         import ner_compress  # apply_patches() is not called
-        from ner_compress import compat
+        from ner_compress.core import compat
         import paddle
         from paddleslim.nas.ofa.layers import SuperLayerNorm
         assert not compat.APPLIED

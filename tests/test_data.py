@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from conftest import random_bio_tags
-from ner_compress import data, resources
-from ner_compress.config import Config
-from ner_compress.data import IGNORE_INDEX, Sentence
+from ner_compress.data import corpus as data
+from ner_compress.core import resources
+from ner_compress.core.config import Config
+from ner_compress.data.corpus import IGNORE_INDEX, Sentence
 
 MSRA_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 

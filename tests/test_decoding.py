@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LABELS
-from ner_compress import data, decoding, inference
-from ner_compress.data import Sentence
-from ner_compress.decoding import Decoder
+from ner_compress.data import corpus as data, decoding
+from ner_compress.deploy import inference
+from ner_compress.data.corpus import Sentence
+from ner_compress.data.decoding import Decoder
 
 
 def valid_bio(tags):
@@ -58,7 +59,7 @@ def test_viterbi_is_the_best_valid_path_by_brute_force():
 
 
 def test_unknown_decoding_is_refused_with_the_flag():
-    from ner_compress.errors import UserError
+    from ner_compress.core.errors import UserError
 
     with pytest.raises(UserError, match="--decoding beam"):
         Decoder(TINY_LABELS, "beam")
@@ -100,8 +101,8 @@ def test_evaluation_and_prediction_decode_the_same_way(vocab_file):
     """training.evaluate (dev F1) and Tagger.predict (predict.py, the server) give the same entities."""
     from types import SimpleNamespace
 
-    from ner_compress.metrics import extract_entities
-    from ner_compress.training import evaluate
+    from ner_compress.data.entity_scores import extract_entities
+    from ner_compress.compress.training import evaluate
 
     vocab = data.load_vocab(vocab_file)
     tagger = ContextTagger(vocab, 18)

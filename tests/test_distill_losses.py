@@ -3,8 +3,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ner_compress import distill_losses
-from ner_compress.distill_losses import FEATURE_LOSSES, FeatureRecorder
+from ner_compress.compress import distill_losses
+from ner_compress.compress.distill_losses import FEATURE_LOSSES, FeatureRecorder
 
 
 def tensors(seed, shape=(2, 5, 8)):

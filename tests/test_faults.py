@@ -69,7 +69,7 @@ def test_kill_during_an_artifact_write_keeps_the_previous_one(uninterrupted):
         script = f"""
 import os, signal, sys
 sys.path.insert(0, {ROOT!r})
-import ner_compress.artifacts as a
+import ner_compress.core.artifacts as a
 final = {str(teacher)!r}
 if {stage!r} == "between-renames":
     os.replace(final, final + ".old-" + str(os.getpid()))
@@ -81,7 +81,7 @@ with a.atomic_dir(final) as tmp:
         proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
         assert proc.returncode == -signal.SIGKILL
         import ner_compress  # noqa: F401
-        from ner_compress.artifacts import read_manifest
+        from ner_compress.core.artifacts import read_manifest
 
         assert read_manifest(str(teacher), "teacher") == before  # hashes verified too
         assert not [n for n in os.listdir(uninterrupted) if ".partial-" in n or ".old-" in n]
@@ -117,8 +117,9 @@ def supernet(uninterrupted):
 
 
 def test_export_whose_parity_is_off_is_refused_and_leaves_no_directory(supernet, monkeypatch, capsys):
-    from ner_compress import export, pipeline
-    from ner_compress.errors import run_cli
+    from ner_compress.deploy import export
+    from ner_compress.commands import stages as pipeline
+    from ner_compress.core.errors import run_cli
 
     class DriftingStatic(export.StaticTagger):
         """A static graph that computes slightly other logits than the model it was saved from."""

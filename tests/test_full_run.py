@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, run_tool
-from ner_compress import stage_pool
-from ner_compress.checkpoint import StopRequested, stop_on_signals
-from ner_compress.config import Config
-from ner_compress.errors import UserError, run_cli
+from ner_compress.commands import stage_pool
+from ner_compress.core.checkpoint import StopRequested, stop_on_signals
+from ner_compress.core.config import Config
+from ner_compress.core.errors import UserError, run_cli
 
 STUDENT = ["--run_student", "--student_num_layers", 1, "--student_hidden_size", 32, "--student_num_attention_heads",
            2, "--student_intermediate_size", 64, "--intermediate_matches", STUDENT_MATCHES, "--student_max_steps", 6,
@@ -87,7 +87,7 @@ def two_training_branches():
 @TWO_CORES
 def test_sigterm_reaches_every_branch_and_exits_143(tmp_path):
     code = ("import sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]; import test_full_run as t; "
-            "from ner_compress.errors import run_cli; run_cli(t.two_training_branches)")
+            "from ner_compress.core.errors import run_cli; run_cli(t.two_training_branches)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), ROOT, os.path.join(ROOT, "tests")],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -142,11 +142,11 @@ def test_a_student_that_cannot_map_fails_before_the_teacher_trains(tmp_path):
 
 def assert_scores_are_each_exports_own(out, rows):
     """Each row's scores are its own export's, re-measured on the test set through the row's backend."""
-    from ner_compress.backends import load_tagger
-    from ner_compress.benchmark import export_dirs
-    from ner_compress.config import load_yaml
-    from ner_compress.data import load_splits
-    from ner_compress.metrics import entity_scores
+    from ner_compress.deploy.backends import load_tagger
+    from ner_compress.measure.benchmark import export_dirs
+    from ner_compress.core.config import load_yaml
+    from ner_compress.data.corpus import load_splits
+    from ner_compress.data.entity_scores import entity_scores
 
     test = load_splits(Config(**load_yaml(TINY))).test
     directories = dict(export_dirs(str(out)))

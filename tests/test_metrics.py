@@ -1,7 +1,7 @@
 """Entity-level scores against hand counts, and entity extraction for output."""
 import pytest
 
-from ner_compress.metrics import entity_scores, extract_entities
+from ner_compress.data.entity_scores import entity_scores, extract_entities
 
 
 def f1(p, r):

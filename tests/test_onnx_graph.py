@@ -6,8 +6,8 @@ from conftest import TINY_LABELS
 
 def static_and_onnx(model, tmp_path, vocab_file):
     """``model`` saved as export saves it (static graph, then paddle2onnx); returns (static dir, onnx path)."""
-    from ner_compress import export
-    from ner_compress.backends import export_onnx
+    from ner_compress.deploy import export
+    from ner_compress.deploy.backends import export_onnx
 
     static = tmp_path / "static"
     export.save_static(model, str(static), TINY_LABELS, 64, vocab_file)
@@ -27,7 +27,7 @@ def padded_inputs():
 def model_of(family, width=1.0):
     import paddle
 
-    from ner_compress.architectures import FAMILIES
+    from ner_compress.models.families import FAMILIES
 
     config_class, model_class, _ = FAMILIES[family]
     extra = {"use_task_id": True, "task_type_vocab_size": 3} if family == "ernie" else {}
@@ -45,8 +45,8 @@ def model_of(family, width=1.0):
 ])
 def test_fused_graph_has_every_bert_fusion_and_keeps_parity(tmp_path, vocab_file, family, width, heads,
                                                             embed_layer_norm):
-    from ner_compress import onnx_graph
-    from ner_compress.backends import OnnxTagger, StaticTagger
+    from ner_compress.deploy import onnx_graph
+    from ner_compress.deploy.backends import OnnxTagger, StaticTagger
 
     static, onnx_path = static_and_onnx(model_of(family, width), tmp_path, vocab_file)
     fused_path = str(tmp_path / "onnx" / "model.opt.onnx")
@@ -68,7 +68,7 @@ def test_unrewritten_graph_gets_no_attention(tmp_path, vocab_file):
     """Why the rewrite exists: the optimizer on paddle2onnx's graph as it comes fuses no Attention."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from ner_compress import onnx_graph
+    from ner_compress.deploy import onnx_graph
 
     _, onnx_path = static_and_onnx(model_of("bert"), tmp_path, vocab_file)
     stats = optimize_model(onnx_path, model_type="bert", num_heads=4, hidden_size=32,
@@ -77,9 +77,9 @@ def test_unrewritten_graph_gets_no_attention(tmp_path, vocab_file):
 
 
 def test_a_failing_optimizer_falls_back_with_the_reason_recorded(tmp_path, vocab_file, monkeypatch):
-    from ner_compress import onnx_graph, onnx_variants
-    from ner_compress.export import check_parity
-    from ner_compress.modeling import width_plan
+    from ner_compress.deploy import onnx_graph, onnx_variants
+    from ner_compress.deploy.export import check_parity
+    from ner_compress.models.modeling import width_plan
 
     model = model_of("bert", 0.5)
     static, onnx_path = static_and_onnx(model, tmp_path, vocab_file)
@@ -97,10 +97,10 @@ def test_a_failing_optimizer_falls_back_with_the_reason_recorded(tmp_path, vocab
 
 
 def test_a_fused_graph_that_breaks_parity_is_not_kept(tmp_path, vocab_file):
-    from ner_compress import onnx_variants
-    from ner_compress.backends import StaticTagger
-    from ner_compress.export import check_parity
-    from ner_compress.modeling import width_plan
+    from ner_compress.deploy import onnx_variants
+    from ner_compress.deploy.backends import StaticTagger
+    from ner_compress.deploy.export import check_parity
+    from ner_compress.models.modeling import width_plan
 
     model = model_of("bert")
     static, onnx_path = static_and_onnx(model, tmp_path, vocab_file)

@@ -7,7 +7,7 @@ import pytest
 from conftest import train_near_random_teacher
 from conftest import run_tool as tool
 
-from ner_compress.errors import UserError
+from ner_compress.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,9 @@ def test_export_writes_a_dynamic_int8_copy_of_the_fused_graph_with_its_dev_parit
 
 
 def test_int8_tagger_finds_nearly_the_same_entities_as_fp32(output_dir):
-    from ner_compress.backends import load_tagger
-    from ner_compress.config import Config
-    from ner_compress.data import load_splits
+    from ner_compress.deploy.backends import load_tagger
+    from ner_compress.core.config import Config
+    from ner_compress.data.corpus import load_splits
 
     static = str(output_dir / "export" / "teacher" / "static")
     texts = ["".join(s.chars) for s in load_splits(Config(**onnx_manifest(output_dir)["config"])).test]
@@ -57,7 +57,7 @@ def test_int8_tagger_finds_nearly_the_same_entities_as_fp32(output_dir):
 
 
 def test_unknown_or_unsupported_precision_is_refused_in_one_line(output_dir):
-    from ner_compress.backends import check_backend
+    from ner_compress.deploy.backends import check_backend
 
     static = str(output_dir / "export" / "teacher" / "static")
     with pytest.raises(UserError, match=r"^--precision int4: unknown; use one of fp32, int8$"):
@@ -69,8 +69,8 @@ def test_unknown_or_unsupported_precision_is_refused_in_one_line(output_dir):
 def test_int8_that_loses_more_than_the_margin_is_refused_and_fp32_stays(output_dir, tmp_path):
     import shutil
 
-    from ner_compress.artifacts import read_manifest
-    from ner_compress.backends import check_backend
+    from ner_compress.core.artifacts import read_manifest
+    from ner_compress.deploy.backends import check_backend
 
     out = tmp_path / "refused"
     shutil.copytree(output_dir / "teacher", out / "teacher")
@@ -112,8 +112,8 @@ def test_predict_tool_takes_precision(output_dir):
 
 def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
     """run_pipeline keeps the FP32 export and logs the refusal; any other error still stops it."""
-    from ner_compress import full_run
-    from ner_compress.errors import Int8Refused, UserError
+    from ner_compress.commands import pipeline as full_run
+    from ner_compress.core.errors import Int8Refused, UserError
 
     def refuse(cfg, width, data, source="teacher"):
         raise Int8Refused("--int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points")

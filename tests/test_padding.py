@@ -37,10 +37,10 @@ def test_the_model_masks_the_vocabularys_pad(moved_pad_run):
 
 
 def test_dev_evaluation_and_the_exported_predictor_agree(moved_pad_run):
-    from ner_compress.backends import StaticTagger
-    from ner_compress.config import Config
-    from ner_compress.data import prepare_data
-    from ner_compress.training import evaluate
+    from ner_compress.deploy.backends import StaticTagger
+    from ner_compress.core.config import Config
+    from ner_compress.data.corpus import prepare_data
+    from ner_compress.compress.training import evaluate
 
     manifest = json.load(open(moved_pad_run / "teacher" / "manifest.json"))
     data = prepare_data(Config(**manifest["config"]))
@@ -53,8 +53,8 @@ def test_dev_evaluation_and_the_exported_predictor_agree(moved_pad_run):
 def test_padding_does_not_change_a_sentences_prediction(moved_pad_run):
     import numpy as np
 
-    from ner_compress.backends import StaticTagger
-    from ner_compress.data import Sentence, collate
+    from ner_compress.deploy.backends import StaticTagger
+    from ner_compress.data.corpus import Sentence, collate
 
     tagger = StaticTagger(str(moved_pad_run / "export" / "teacher" / "static"))
     short, long = Sentence(list("我在北京"), []), Sentence(list("中国人民银行在上海召开会议" * 3), [])

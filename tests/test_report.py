@@ -1,5 +1,5 @@
 """Report rendering from measured rows: which model is named the smallest that keeps 95% of F1."""
-from ner_compress.report import annotate, best_within, deployment_targets, markdown, smallest_within, targets
+from ner_compress.measure.report import annotate, best_within, deployment_targets, markdown, smallest_within, targets
 
 KIND = "onnxruntime-fp32"
 

@@ -5,7 +5,7 @@ import os
 import conftest
 import pytest
 
-from ner_compress import runtime
+from ner_compress.core import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -20,11 +20,11 @@ import pytest
 from conftest import ROOT
 from conftest import run_tool as tool
 
-from ner_compress.backends import DEFAULT_BACKEND, load_tagger
-from ner_compress.errors import UserError
-from ner_compress.server_probes import stall_mid_body
-from ner_compress.server_process import ServerProcess
-from ner_compress.serving import ServeOptions, check_options
+from ner_compress.deploy.backends import DEFAULT_BACKEND, load_tagger
+from ner_compress.core.errors import UserError
+from ner_compress.measure.server_probes import stall_mid_body
+from ner_compress.measure.server_process import ServerProcess
+from ner_compress.serve.service import ServeOptions, check_options
 
 BODY_TIMEOUT_S, MAX_CONNECTIONS = 2, 30
 LIMITS = ("--max_body_bytes", 100_000, "--max_texts", 20, "--max_chars", 3_000,
@@ -306,8 +306,8 @@ def in_process_client(load_tagger):
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
-    from ner_compress.http_api import create_app
-    from ner_compress.serving import ServeOptions
+    from ner_compress.serve.http_api import create_app
+    from ner_compress.serve.service import ServeOptions
 
     return TestClient(create_app(ServeOptions(model_dir="-", warmup_batches=1), load_tagger))
 

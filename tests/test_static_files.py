@@ -8,8 +8,10 @@ import paddle
 import pytest
 from conftest import ROOT, TINY_LABELS
 
-from ner_compress import artifacts, backends, benchmark, export, static_files
-from ner_compress.errors import UserError
+from ner_compress.core import artifacts, static_files
+from ner_compress.deploy import backends, export
+from ner_compress.measure import benchmark
+from ner_compress.core.errors import UserError
 
 PADDLE_3 = paddle.__version__.split(".")[0] == "3"
 IDS = np.array([[101, 2476, 676, 1762, 1266, 102], [101, 776, 102, 0, 0, 0]], dtype="int64")

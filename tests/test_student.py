@@ -10,12 +10,14 @@ from safetensors.numpy import load_file
 
 from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, TINY_LABELS, launch, max_weight_diff, run_tool, \
     tool_command, wait_for
-from ner_compress import benchmark, pipeline, student
-from ner_compress.config import Config
-from ner_compress.distill_losses import FEATURE_LOSSES, attention_loss
-from ner_compress.errors import UserError
-from ner_compress.matches import parse_matches
-from ner_compress.modeling import count_parameters
+from ner_compress.measure import benchmark
+from ner_compress.commands import stages as pipeline
+from ner_compress.compress import student
+from ner_compress.core.config import Config
+from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss
+from ner_compress.core.errors import UserError
+from ner_compress.compress.matches import parse_matches
+from ner_compress.models.modeling import count_parameters
 
 SMALL = ["--student_num_layers", 1, "--student_hidden_size", 32, "--student_num_attention_heads", 2,
          "--student_intermediate_size", 64, "--intermediate_matches", STUDENT_MATCHES, "--save_steps", 2,
@@ -168,7 +170,7 @@ def test_projection_is_trained_but_absent_from_the_student_and_its_export(compos
 def test_student_and_its_width_reload_and_pass_parity(composed):
     from paddlenlp.transformers import BertForTokenClassification
 
-    from ner_compress.modeling import PrunedBertForTokenClassification
+    from ner_compress.models.modeling import PrunedBertForTokenClassification
 
     model = BertForTokenClassification.from_pretrained(str(composed / "student"))
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32

@@ -6,9 +6,11 @@ import paddle
 import pytest
 
 from conftest import random_bio_tags
-from ner_compress import data, modeling, supernet
-from ner_compress.config import Config
-from ner_compress.data import Sentence
+from ner_compress.data import corpus as data
+from ner_compress.models import modeling
+from ner_compress.compress import supernet
+from ner_compress.core.config import Config
+from ner_compress.data.corpus import Sentence
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 
@@ -209,7 +211,7 @@ def test_pruned_sub_model_equals_supernet_at_half_width(tiny_bert, batches):
 
 
 def test_sub_model_state_refuses_a_foreign_state(tiny_bert):
-    from ner_compress.errors import UserError
+    from ner_compress.core.errors import UserError
 
     config = copy.deepcopy(tiny_bert.config)
     config.width_mult = 0.5
@@ -252,7 +254,7 @@ def test_build_teacher_from_saved_directory(tiny_bert, batches, tmp_path):
 
 
 def test_build_teacher_pickled_weights_need_allow_pickle(tiny_bert, batches, tmp_path):
-    from ner_compress.errors import UserError
+    from ner_compress.core.errors import UserError
 
     tiny_bert.save_pretrained(str(tmp_path))  # model_state.pdparams (pickle)
     assert (tmp_path / modeling.PICKLED_WEIGHTS).is_file() and not (tmp_path / modeling.SAFE_WEIGHTS).exists()
@@ -265,14 +267,14 @@ def test_build_teacher_pickled_weights_need_allow_pickle(tiny_bert, batches, tmp
 
 
 def test_build_teacher_refuses_directory_without_weights(tmp_path):
-    from ner_compress.errors import UserError
+    from ner_compress.core.errors import UserError
 
     with pytest.raises(UserError, match=str(tmp_path)):
         modeling.build_teacher(Config(model_name_or_path=str(tmp_path)), LABELS, 21128, 0)
 
 
 def test_build_teacher_refuses_other_vocab_size(tiny_bert, tmp_path):
-    from ner_compress.errors import UserError
+    from ner_compress.core.errors import UserError
 
     tiny_bert.save_pretrained(str(tmp_path), safe_serialization=True)
     with pytest.raises(UserError, match="vocab size"):
@@ -354,7 +356,7 @@ def test_local_context_takes_vectors_where_a_caller_gives_no_ids():
 
 
 def test_label_smoothing_loss_equals_its_definition():
-    from ner_compress.training import token_loss_sum
+    from ner_compress.compress.training import token_loss_sum
 
     rng = np.random.RandomState(4)
     logits = paddle.to_tensor(rng.randn(2, 5, 7).astype("float32"))

@@ -9,12 +9,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import TINY_LABELS, random_bio_tags, run_tool
-from ner_compress import pipeline, vocab_pruning
-from ner_compress.architectures import FAMILIES, model_class_for, save_tokenizer
-from ner_compress.artifacts import read_manifest
-from ner_compress.config import Config
-from ner_compress.errors import UserError
-from ner_compress.modeling import SAFE_WEIGHTS, load_pretrained, numpy_logits
+from ner_compress.commands import stages as pipeline
+from ner_compress.compress import vocab_pruning
+from ner_compress.models.families import FAMILIES, model_class_for, save_tokenizer
+from ner_compress.core.artifacts import read_manifest
+from ner_compress.core.config import Config
+from ner_compress.core.errors import UserError
+from ner_compress.models.modeling import SAFE_WEIGHTS, load_pretrained, numpy_logits
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CJK = [chr(0x4E00 + 7 * i) for i in range(300)]
@@ -223,7 +224,7 @@ def test_hook_refuses_a_model_built_from_scratch(tmp_path):
 
 def msra_sentences(count):
     """The first ``count`` sentences of the MSRA corpus (from the cache), as character lists."""
-    from ner_compress import resources
+    from ner_compress.core import resources
 
     sentences, chars = [], []
     with open(resources.msra_corpus_path(), encoding="utf-8") as fh:

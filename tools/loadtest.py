@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("KMP_BLOCKTIME", "0")  # as tools/serve.py sets it: offline and served run alike
 
-from ner_compress.errors import UserError, run_cli  # noqa: E402
+from ner_compress.core.errors import UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -30,9 +30,9 @@ def main(argv=None):
     args = parse_args(argv)
     if min(args.clients) < 1 or args.seconds < 1 or args.max_requests < 1 or args.sentences < 1:
         raise UserError("--clients, --seconds, --max_requests and --sentences: must be at least 1")
-    from ner_compress.backends import DEFAULT_BACKEND
-    from ner_compress.loadtest import models_to_test, run
-    from ner_compress.serving import setup_logging
+    from ner_compress.deploy.backends import DEFAULT_BACKEND
+    from ner_compress.measure.loadtest import models_to_test, run
+    from ner_compress.serve.service import setup_logging
 
     setup_logging("info")
     results = run({"output_dir": args.output_dir, "models": models_to_test(args.output_dir, args.model_dir),

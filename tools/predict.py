@@ -7,8 +7,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ner_compress.errors import UserError, run_cli  # noqa: E402
-from ner_compress.predict_io import DEFAULT_MAX_CHARS, read_lines  # noqa: E402
+from ner_compress.core.errors import UserError, run_cli  # noqa: E402
+from ner_compress.deploy.predict_io import DEFAULT_MAX_CHARS, read_lines  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,7 +46,7 @@ def tag_batch(tagger, batch):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ner_compress.backends import load_tagger
+    from ner_compress.deploy.backends import load_tagger
 
     tagger = load_tagger(args.model_dir, args.backend, args.device, args.cpu_threads, args.batch_size, args.decoding,
                          args.precision)

@@ -1,0 +1,126 @@
+"""``run_pipeline.py``: every stage on one config, then the test-set table of every model.
+
+teacher -> { teacher's width supernet -> exports | student -> student's width supernet -> exports }
+-> table. The two branches need only ``DIR/teacher`` and run side by side when the cores allow
+(``stage_pool``).
+"""
+import json
+import logging
+import os
+
+from ner_compress.measure import benchmark, report
+from ner_compress.commands import stage_pool
+from ner_compress.compress import student, supernet
+from ner_compress.models.families import load_config
+from ner_compress.core.artifacts import MANIFEST, write_json
+from ner_compress.core.config import parse_config
+from ner_compress.models.e5_pretrained import resolve_model_path
+from ner_compress.core.errors import Int8Refused
+from ner_compress.models.modeling import teacher_config
+from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start, export_dir,
+                       ofa_dir, pruned_teacher_config, run_export, run_ofa, run_student, run_teacher, student_dir,
+                       teacher_dir)
+
+log = logging.getLogger("ner_compress")
+
+
+def widths(cfg):
+    return sorted(cfg.width_mult_list, reverse=True)
+
+
+def export_keeping_fp32(cfg, width, data, source="teacher"):
+    """``run_export``; a refused INT8 copy is a warning here: the run goes on with the FP32 export."""
+    try:
+        run_export(cfg, width, data, source)
+    except Int8Refused as refusal:
+        log.warning("INT8 not kept: %s", refusal)
+
+
+def teacher_widths(cfg, data=None):
+    """The teacher's width supernet, then the teacher and each width exported."""
+    data = data or _start(cfg)
+    run_ofa(cfg, data)
+    for width in [None, *widths(cfg)]:
+        export_keeping_fp32(cfg, width, data)
+
+
+def student_widths(cfg, data=None):
+    """The student, its own width supernet, then the student and each of its widths exported."""
+    data = data or _start(cfg)
+    run_student(cfg, data)
+    run_ofa(cfg, data, "student")
+    for width in [None, *widths(cfg)]:
+        export_keeping_fp32(cfg, width, data, "student")
+
+
+def models(cfg):
+    """(table name, export directory) of every model the run makes."""
+    rows = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths(cfg)]
+    if cfg.run_student:
+        rows += [("student", export_dir(cfg, None, "student"))]
+        rows += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths(cfg)]
+    return rows
+
+
+def check_student_plan(cfg, data):
+    """A student that cannot map to the teacher fails now, not after the teacher has trained."""
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir) if cfg.model_name_or_path else None
+    if os.path.isdir(source or ""):
+        planned = load_config(source)
+        planned.num_hidden_layers = cfg.pretrained_layers or planned.num_hidden_layers
+    elif not cfg.model_name_or_path:
+        planned = teacher_config(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
+    else:
+        return  # a hub name: checked once the teacher is there
+    student.plan(cfg, planned)
+
+
+def run_all(cfg):
+    cfg = pruned_teacher_config(cfg)  # every stage after it reads the pruned model's vocabulary
+    data = _start(cfg)
+    if cfg.run_student:
+        check_student_plan(cfg, data)
+    run_teacher(cfg, data)
+    branches = [("teacher widths", teacher_widths)]
+    if cfg.run_student:
+        branches.append(("student and its widths", student_widths))
+    stage_pool.run_branches(cfg, branches, data)
+    log.info("measuring %d test sentences per model", len(data.splits.test))
+    rows = [benchmark.summary_row(name, directory, data.splits.test, cfg.cpu_threads, cfg.device)
+            for name, directory in models(cfg)]
+    speeds = training_speeds(cfg)
+    text = report.summary_table(rows) + "\n\n" + "\n".join(
+        f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
+        f"evaluation, {v['cpu_threads']} CPU thread(s))" for stage, v in speeds.items())
+    os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
+    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"),
+               {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
+    with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    print(text)
+    return rows
+
+
+def training_speeds(cfg):
+    """Sentences/s of each training stage and its CPU threads, as its manifest recorded them."""
+    top = max(cfg.width_mult_list)
+    stages = {"teacher": teacher_dir(cfg), "ofa": supernet.width_dir(ofa_dir(cfg), top)}
+    if cfg.run_student:
+        stages.update({"student": student_dir(cfg), "student ofa": supernet.width_dir(ofa_dir(cfg, "student"), top)})
+    speeds = {}
+    for stage, directory in stages.items():
+        path = os.path.join(directory, MANIFEST)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                manifest = json.load(fh)
+            if manifest.get("speed"):
+                speeds[stage] = {**manifest["speed"], "cpu_threads": manifest.get("runtime", {}).get("cpu_threads")}
+    return speeds
+
+
+def run_all_cli(argv=None):
+    names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + ["run_student", "stage_processes"])
+                   - {"width_mult"})
+    cfg, _ = parse_config("Run every stage on one config and print the test-set table.", names, argv,
+                          default_config=DEMO_CONFIG)
+    run_all(cfg)

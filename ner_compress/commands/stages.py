@@ -1,0 +1,268 @@
+"""The stages as functions of a Config, and the command lines that call them (all of them in
+order: ``full_run``).
+
+``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``;
+``DIR/teacher`` -> ``DIR/student`` -> ``DIR/student_ofa/width_W`` -> ``DIR/export/{student,student_width_W}``.
+"""
+import json
+import logging
+import os
+import sys
+
+from ner_compress.measure import benchmark, report
+from ner_compress.deploy import export
+from ner_compress.core import parallel, runtime
+from ner_compress.compress import student, supernet, training, vocab_pruning
+from ner_compress.deploy.backends import BACKENDS, check_backend
+from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
+from ner_compress.core.config import parse_config
+from ner_compress.data.corpus import prepare_data
+from ner_compress.core.errors import UserError
+from ner_compress.models.families import load_config, model_class_for
+from ner_compress.models.modeling import load_pretrained
+
+log = logging.getLogger("ner_compress")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
+DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "dev_size", "dev_limit",
+              "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
+RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
+             "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
+             "allow_pickle", "cpu_threads"]
+TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "model_name_or_path", "pretrained_layers", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "local_conv_kernel", "label_smoothing", "learning_rate",
+    "num_train_epochs", "max_steps", "eval_steps", "prune_vocab", "keep_chars_file"]
+OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",
+    "lambda_distill", "lambda_logit", "importance_batches"]
+# how the previous stage was run, not what it was run on
+NOT_INHERITED = {"resume", "resume_from", "output_dir"}
+EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir", "onnx_int8", "onnx_int8_method",
+                "int8_max_f1_drop"]
+STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
+    "student_num_layers", "student_hidden_size", "student_num_attention_heads", "student_intermediate_size",
+    "intermediate_matches", "student_temperature", "student_lambda_logit", "student_hard_label_weight",
+    "student_learning_rate", "student_num_train_epochs", "student_max_steps", "student_eval_steps",
+    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+SOURCES = ("teacher", "student")  # what a width supernet can be made of (--from)
+
+
+def teacher_dir(cfg):
+    return os.path.join(cfg.output_dir, "teacher")
+
+
+def student_dir(cfg):
+    return os.path.join(cfg.output_dir, "student")
+
+
+def ofa_dir(cfg, source="teacher"):
+    return os.path.join(cfg.output_dir, "ofa" if source == "teacher" else f"{source}_ofa")
+
+
+def export_dir(cfg, width=None, source="teacher"):
+    prefix = "" if source == "teacher" else f"{source}_"
+    name = source if width is None else f"{prefix}width_{round(width, 4)}"
+    return os.path.join(cfg.output_dir, "export", name)
+
+
+def recorded_config(stage_dir):
+    """The resolved config a finished stage recorded, or {} when there is none yet."""
+    def inherit(output_dir):
+        path = os.path.join(output_dir, stage_dir, MANIFEST)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            recorded = json.load(fh).get("config", {})
+        return {k: v for k, v in recorded.items() if k not in NOT_INHERITED}
+    return inherit
+
+
+def checkpoint_dir(cfg, stage):
+    return os.path.join(cfg.output_dir, "checkpoints", stage)
+
+
+def _start(cfg):
+    parallel.init()
+    training.setup_logging()
+    training.set_device(cfg.device)
+    if cfg.device == "cpu":
+        runtime.set_cpu_threads(cfg.cpu_threads)
+        runtime.log_once()
+    return prepare_data(cfg)
+
+
+def pruned_teacher_config(cfg):
+    """With ``--prune_vocab``: the config that fine-tunes from DIR/pruned_model (pruned, or reused)."""
+    if not cfg.prune_vocab:
+        return cfg
+    parallel.init()
+    training.setup_logging()
+    return vocab_pruning.pruned_config(cfg, os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR))
+
+
+def run_teacher(cfg, data=None):
+    data = data or _start(cfg)
+    return training.train_teacher(cfg, data, teacher_dir(cfg), checkpoint_dir(cfg, "teacher"))
+
+
+def run_student(cfg, data=None):
+    """Distil DIR/teacher into the configured student (DIR/student/)."""
+    teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
+    student.plan(cfg, load_config(teacher_dir(cfg), "teacher"))  # a bad shape or match fails before data
+    data = data or _start(cfg)
+    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
+    teacher = load_pretrained(model_class_for(teacher_dir(cfg), "teacher"), teacher_dir(cfg), flag="teacher")
+    return student.train_student(cfg, data, teacher, teacher_manifest, student_dir(cfg),
+                                 checkpoint_dir(cfg, "student"))
+
+
+def run_ofa(cfg, data=None, source="teacher"):
+    """The width supernet of ``source`` (teacher or student), distilled from ``source`` itself:
+    its hidden states are matched layer by layer, so they must have the supernet's depth and size."""
+    source_dir = os.path.join(cfg.output_dir, source)
+    teacher_manifest = read_manifest(source_dir, source)
+    data = data or _start(cfg)
+    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, source_dir)
+    teacher = load_pretrained(model_class_for(source_dir, source), source_dir, flag=source)
+    training.set_seed(cfg.seed)
+    out_dir = ofa_dir(cfg, source)
+    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, out_dir,
+                                     checkpoint_dir(cfg, os.path.basename(out_dir)))
+    if not parallel.is_writer():
+        return best, history
+    summary = {"stage": "ofa-summary", "widths": sorted(best), "best": best,
+               "loss_history": history, "teacher": teacher_manifest.get("metrics", {})}
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    for width, result in sorted(best.items(), reverse=True):
+        log.info("%s: width %s best dev F1 %.4f (step %s)", os.path.basename(out_dir), width, result["dev_f1"],
+                 result.get("step"))
+    return best, history
+
+
+def run_export(cfg, width=None, data=None, source="teacher"):
+    """Export one width of ``source``'s supernet (or ``source`` itself when ``width`` is None)."""
+    data = data or _start(cfg)
+    if width is None:
+        return export.export_teacher(cfg, data, os.path.join(cfg.output_dir, source), export_dir(cfg, None, source),
+                                     stage=source)
+    return export.export_width(cfg, data, ofa_dir(cfg, source), export_dir(cfg, width, source), width)
+
+
+def run_benchmark(cfg, opts, command):
+    """Measure the teacher and every exported width; write DIR/report/{results.json,report.md,pareto.png}."""
+    from tqdm import tqdm
+
+    data = _start(cfg)
+    if opts["export_missing"]:
+        if not os.path.isdir(os.path.join(export_dir(cfg), "static")):
+            run_export(cfg, None, data)
+        for width in export.trained_widths(ofa_dir(cfg)):
+            if not os.path.isdir(os.path.join(export_dir(cfg, width), "static")):
+                run_export(cfg, width, data)
+        if os.path.isfile(os.path.join(student_dir(cfg), MANIFEST)):
+            for width in [None, *export.trained_widths(ofa_dir(cfg, "student"))]:
+                if not os.path.isdir(os.path.join(export_dir(cfg, width, "student"), "static")):
+                    run_export(cfg, width, data, "student")
+    models = benchmark.export_dirs(cfg.output_dir)
+    if not models:
+        raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
+                        f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
+    for backend in opts["backends"]:
+        for _, directory in models:
+            check_backend(backend, os.path.join(directory, "static"))
+    pruned = vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
+    report_dir = os.path.join(cfg.output_dir, "report")
+    work_dir = os.path.join(report_dir, "models")
+    os.makedirs(work_dir, exist_ok=True)
+    sentences = data.splits.test
+    opts = {**opts, "calibration_sentences": data.splits.dev[: opts["calibration_sentences"]]}
+    # the ceiling first: after the predictors run, their OpenMP threads keep spinning and steal cores
+    ceiling = benchmark.matmul_gflops(opts["threads"])
+    with tqdm(desc="benchmark", dynamic_ncols=True) as bar:
+        rows = report.annotate(benchmark.measure_in_fresh_processes(models, sentences, work_dir, opts,
+                                                                    bar.set_postfix_str))
+    results = {"command": command, "machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
+               "matmul_gflops": ceiling, "batch_size": opts["batch_size"],
+               "repeats": opts["repeats"], "test_sentences": len(sentences),
+               "speed_sentences": min(len(sentences), opts["speed_sentences"]),
+               "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows,
+               "vocab_pruning": pruned, "targets": report.targets(rows) + report.student_targets(rows)
+               + report.smallest_within(rows) + report.deployment_targets(rows)}
+    write_json(os.path.join(report_dir, "results.json"), results)
+    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(report.markdown(results))
+    report.plot_pareto(rows, os.path.join(report_dir, "pareto.png"))
+    print(report.markdown(results))
+    return results
+
+
+def benchmark_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+        parser.add_argument("--batch_size", type=int, default=32)
+        parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
+        parser.add_argument("--speed_sentences", type=int, default=1000, help="test sentences timed per run")
+        parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
+        parser.add_argument("--calibration_sentences", type=int, default=320, help="dev sentences for INT8")
+        parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
+        parser.add_argument("--backend", default=None, help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime "
+                            "(model.onnx, fused model.opt.onnx, INT8 model.int8.onnx); default: both")
+    cfg, args = parse_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
+                             ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
+                             inherit=recorded_config("teacher"))
+    opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
+                                          "latency_sentences", "calibration_sentences", "export_missing")}
+    opts["backends"] = [args.backend] if args.backend else list(BACKENDS)
+    run_benchmark(cfg, opts, "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def train_teacher_cli(argv=None):
+    cfg, _ = parse_config("Fine-tune the BERT teacher; best dev F1 goes to DIR/teacher/.", TEACHER_FLAGS, argv)
+    run_teacher(pruned_teacher_config(cfg))
+
+
+def prune_vocab_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--out", help="the pruned model directory to write (default: DIR/pruned_model)")
+    cfg, args = parse_config("Cut a local model directory's vocabulary to the characters of the training corpus "
+                             "(plus --keep_chars_file and the special tokens).",
+                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file"], argv, extra=extra)
+    training.setup_logging()
+    out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
+    print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
+
+
+def distill_cli(argv=None):
+    cfg, _ = parse_config("Distil the teacher into a shallower or narrower student; best dev F1 goes to "
+                          "DIR/student/.", STUDENT_FLAGS, argv, inherit=recorded_config("teacher"))
+    run_student(cfg)
+
+
+def add_source_flag(parser):
+    parser.add_argument("--from", dest="source", choices=SOURCES, default="teacher",
+                        help="the model whose width supernet to use (student: DIR/student_ofa/)")
+
+
+def ofa_compress_cli(argv=None):
+    cfg, args = parse_config("Distil the teacher (or --from student) into an OFA width supernet; best per width "
+                             "goes to DIR/ofa/ (DIR/student_ofa/).", OFA_FLAGS, argv, extra=add_source_flag,
+                             inherit=recorded_config("teacher"))
+    run_ofa(cfg, source=args.source)
+
+
+def export_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
+        parser.add_argument("--student", action="store_true", help="export the student instead of a width")
+        add_source_flag(parser)
+    cfg, args = parse_config("Cut a width out of the supernet; save dynamic and static graph under DIR/export/.",
+                             EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
+    if args.teacher and args.student:
+        raise UserError("--teacher and --student: export one model at a time")
+    if args.teacher or args.student:
+        run_export(cfg, None, source="student" if args.student else "teacher")
+    else:
+        run_export(cfg, cfg.width_mult, source=args.source)
+

@@ -1,0 +1,177 @@
+"""Depth/hidden distillation: a shallower or narrower BERT learns from the teacher.
+
+The student is the teacher's family's NER class (``DIR/student/`` has the teacher's format).
+With the teacher's hidden size it starts from the teacher's embeddings, classifier and every k-th
+layer (``matches.layer_map``); the objective is the ``intermediate_matches`` list plus soft
+cross-entropy on the logits and an optional hard-label term. Projections for hidden states of
+another size live beside the student in ``StudentWithProjections``: they are checkpointed (resume
+is exact) but never saved with the student.
+"""
+import copy
+import logging
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from ner_compress.core import parallel
+from ner_compress.models.families import FAMILIES
+from ner_compress.core.checkpoint import Checkpointer
+from ner_compress.data.corpus import IGNORE_INDEX
+from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss, real_token_mask, soft_cross_entropy_sum
+from ner_compress.core.errors import UserError
+from ner_compress.compress.matches import features, layer_map, parse_matches
+from ner_compress.models.modeling import count_parameters
+from ner_compress.compress.training import (best_model_eval, count_batches, global_token_count, make_optimizer, save_teacher, set_seed,
+                       total_steps, train_loop)
+
+log = logging.getLogger("ner_compress")
+SIZE_FLAGS = {"num_hidden_layers": "student_num_layers", "hidden_size": "student_hidden_size",
+              "num_attention_heads": "student_num_attention_heads",
+              "intermediate_size": "student_intermediate_size"}
+
+
+def student_config(cfg, teacher_config):
+    """The teacher's config with the ``student_*`` sizes that are set (None keeps the teacher's)."""
+    config = type(teacher_config)(**{k: v for k, v in teacher_config.to_dict().items() if k != "width_mult"})
+    for key, flag in SIZE_FLAGS.items():
+        value = getattr(cfg, flag)
+        if value is not None:
+            if value < 1:
+                raise UserError(f"--{flag} {value}: must be at least 1")
+            setattr(config, key, value)
+    if config.num_hidden_layers > teacher_config.num_hidden_layers:
+        raise UserError(f"--student_num_layers {config.num_hidden_layers}: the teacher has only "
+                        f"{teacher_config.num_hidden_layers} layers; a student is at most as deep")
+    if config.hidden_size % config.num_attention_heads:
+        raise UserError(f"--student_hidden_size {config.hidden_size} is not a multiple of "
+                        f"--student_num_attention_heads {config.num_attention_heads}")
+    config.hidden_dropout_prob = cfg.hidden_dropout_prob
+    config.attention_probs_dropout_prob = cfg.attention_probs_dropout_prob
+    return config
+
+
+def plan(cfg, teacher_config):
+    """Student config and matches, checked before any data is read."""
+    config = student_config(cfg, teacher_config)
+    matches = parse_matches(cfg.intermediate_matches, config.num_hidden_layers,
+                            teacher_config.num_hidden_layers, cfg.lambda_distill)
+    return config, matches
+
+
+def _same_layer_shape(a, b):
+    return all(getattr(a, k) == getattr(b, k) for k in ("hidden_size", "num_attention_heads", "intermediate_size"))
+
+
+def init_from_teacher(student, teacher):
+    """Copy embeddings, pooler and classifier (same hidden size) and every k-th encoder layer (same
+    layer shape) from the teacher. Returns the teacher layers copied, 0-based ([] if none)."""
+    s, t = student.config, teacher.config
+    if s.hidden_size != t.hidden_size:
+        log.info("student: hidden size %d != teacher's %d: random initialisation", s.hidden_size, t.hidden_size)
+        return []
+    layers = layer_map(s.num_hidden_layers, t.num_hidden_layers) if _same_layer_shape(s, t) else []
+    prefix = f"{teacher.base_model_prefix}.encoder.layers."
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = value
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        for i, j in enumerate(layers):
+            if j == int(index):
+                state[f"{prefix}{i}.{rest}"] = value
+    student.set_state_dict(state)
+    log.info("student: initialised from the teacher's embeddings and classifier%s",
+             f" and layers {layers} (0-based) of {t.num_hidden_layers}" if layers else
+             " (layer shape differs: random encoder layers)")
+    return layers
+
+
+class StudentWithProjections(nn.Layer):
+    """What the student stage trains and checkpoints: the student, and one projection per hidden
+    match whose sizes differ (keyed by the match's name)."""
+
+    def __init__(self, student, matches, teacher_hidden):
+        super().__init__()
+        self.student = student
+        hidden = student.config.hidden_size
+        self.projections = nn.LayerDict({m.name: nn.Linear(hidden, teacher_hidden) for m in matches
+                                         if m.feature == "hidden" and hidden != teacher_hidden})
+
+
+class StudentDistiller:
+    """Teacher copy in eval (once per step under ``no_grad``), the trainable student and its objective."""
+
+    def __init__(self, teacher, student, matches, cfg):
+        self.teacher = copy.deepcopy(teacher)
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.stop_gradient = True
+        self.model = StudentWithProjections(student, matches, teacher.config.hidden_size)
+        self.matches = matches
+        self.temperature, self.lambda_logit = cfg.student_temperature, cfg.student_lambda_logit
+        self.hard_weight = cfg.student_hard_label_weight
+        self.outputs = {"output_hidden_states": any(m.feature == "hidden" for m in matches),
+                        "output_attentions": any(m.feature == "attention" for m in matches), "return_dict": True}
+
+    def _run(self, model, batch):
+        return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], **self.outputs)
+
+    def match_loss(self, match, student_out, teacher_out, mask, count):
+        s, t = features(student_out, match, True), features(teacher_out, match, False)
+        if match.feature == "attention":
+            return attention_loss(match.loss, s, t, mask, count)
+        if match.name in self.model.projections:
+            s = self.model.projections[match.name](s)
+        return FEATURE_LOSSES[match.loss](s, t, mask, count)
+
+    def step(self, batch):
+        """Forward and backward; every loss is a mean over the real characters of the global batch."""
+        labels = batch["labels"]
+        tokens = global_token_count(labels)
+        mask = real_token_mask(labels)
+        with paddle.no_grad():
+            teacher_out = self._run(self.teacher, batch)
+        student_out = self._run(self.model.student, batch)
+        # T^2 keeps the soft term's gradient scale independent of the temperature (Hinton et al.)
+        soft = soft_cross_entropy_sum(student_out.logits, teacher_out.logits, labels, self.temperature) / tokens
+        parts = {"logit": (self.lambda_logit * self.temperature ** 2, soft)}
+        if self.hard_weight:
+            hard = F.cross_entropy(student_out.logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / tokens
+            parts["hard"] = (self.hard_weight, hard)
+        for m in self.matches:
+            parts[m.name] = (m.weight, self.match_loss(m, student_out, teacher_out, mask, tokens))
+        total = paddle.add_n([weight * loss for weight, loss in parts.values()])
+        total.backward()
+        losses = {"loss": parallel.all_reduce_sum(float(total))}
+        losses.update({name: parallel.all_reduce_sum(float(loss)) for name, (_, loss) in parts.items()})
+        return losses
+
+
+def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root):
+    """Distil ``teacher`` into the configured student; the best dev-F1 student is (re)written to ``out_dir``."""
+    config, matches = plan(cfg, teacher.config)
+    teacher.eval()
+    set_seed(cfg.seed)
+    student = FAMILIES[config.model_type][1](config)
+    layers = init_from_teacher(student, teacher)
+    distiller = StudentDistiller(teacher, student, matches, cfg)
+    model = distiller.model
+    train_w, dev_w = data.windows("train"), data.windows("dev")
+    steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
+    steps = total_steps(cfg.student_max_steps, cfg.student_num_train_epochs, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model.parameters(), model.named_parameters(), cfg.student_learning_rate,
+                                          cfg.weight_decay, cfg.warmup_ratio, steps)
+    log.info("student: %d layers x %d hidden, %d heads, FFN %d: %d parameters (teacher %d), %d projection(s); "
+             "matches %s", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+             config.intermediate_size, count_parameters(student), count_parameters(teacher),
+             len(model.projections), [m.name for m in matches])
+    record = {"init_teacher_layers": layers, "matches": [vars(m) for m in matches]}
+    eval_fn = best_model_eval("student", student, data, dev_w, cfg, lambda state: save_teacher(
+        student, data, cfg, state["best"], out_dir, state.get("speed"), stage="student",
+        inputs={"teacher": teacher_manifest}, **record))
+    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
+    state = train_loop("student", cfg, model, optimizer, scheduler, train_w, steps, cfg.student_eval_steps,
+                       distiller.step, eval_fn, checkpointer, data.encoder.pad_id)
+    log.info("student: best dev F1 %.4f at step %d -> %s", state["best"]["dev_f1"], state["best"]["step"], out_dir)
+    return state["best"]

@@ -1,0 +1,193 @@
+"""Inference backends behind one ``Tagger`` interface: Paddle Inference, ONNX Runtime, dynamic graph.
+
+Each backend only implements ``logits(input_ids, token_type_ids) -> numpy``; windowing,
+bucketed padding, decoding and entity extraction live in ``inference.Tagger``. ``load_tagger``
+picks one by name; ``DEFAULT_BACKEND`` is the faster one on CPU as measured (README, "Backends").
+"""
+import json
+import os
+
+import numpy as np
+import paddle.inference as paddle_infer
+
+from ner_compress.core.errors import UserError
+from ner_compress.deploy.inference import Tagger, bucket_length, read_meta
+from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
+from ner_compress.models.modeling import numpy_logits
+
+BACKENDS = ("paddle", "onnxruntime")
+DEFAULT_BACKEND = "onnxruntime"
+ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"  # paddle2onnx's graph: standard ONNX ops, any runtime
+FUSED_FILE = "model.opt.onnx"  # the same graph after ONNX Runtime's transformer fusions (its contrib ops)
+INT8_FILE = "model.int8.onnx"  # ner_compress.deploy.onnx_quant's INT8 copy of the fused graph
+PRECISIONS = ("fp32", "int8")
+# oneDNN stays on for CPU FP32 (Paddle 2.6.2's default). Measured on the demo exports, 2 threads,
+# quiet machine, median ms per call after each shape was seen once, native -> oneDNN: teacher
+# batch 1 2.81 -> 2.40, batch 32 44.2 -> 20.0, varied bucket lengths batch 1 5.12 -> 3.66, batch 32
+# 70.8 -> 29.2; width 0.5 batch 1 2.56 -> 2.64 (a tie), batch 32 25.0 -> 12.0. What oneDNN costs is
+# the first call of each new shape (primitive creation), hence ``warm_shapes``.
+MKLDNN_CACHE_SHAPES = 64
+
+
+def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
+    """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
+    program, params = static_model_files(model_dir)
+    config = paddle_infer.Config(program, params)
+    if device == "gpu":
+        config.enable_use_gpu(256, 0)
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
+        if mkldnn:
+            config.enable_mkldnn()
+            # one primitive set per input shape: bucketed padding keeps the shapes to
+            # max_seq_length / 16 lengths per batch size, which this capacity holds
+            config.set_mkldnn_cache_capacity(MKLDNN_CACHE_SHAPES)
+        else:
+            config.disable_mkldnn()
+    config.switch_ir_optim(True)
+    if not program.endswith(PIR_PROGRAM):
+        # Paddle 3.3.1 with a PIR program: create_predictor then fails ("Not find predictor_id 0
+        # and pass_name memory_optimize_pass"; measured, legacy programs are fine)
+        config.enable_memory_optim()
+    # zero-copy handles: inputs are copied straight into the predictor's tensors, no feed/fetch ops
+    config.switch_use_feed_fetch_ops(False)
+    config.disable_glog_info()
+    return config
+
+
+class StaticTagger(Tagger):
+    """Tags texts with an exported static model through Paddle Inference."""
+
+    def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32, int8=False,
+                 decoding="viterbi", bucket=True):
+        super().__init__(model_dir, batch_size, decoding, bucket)
+        if int8:
+            mkldnn = True  # the INT8 kernels are oneDNN's
+        config = predictor_config(model_dir, device, threads, mkldnn)
+        if int8 and device == "cpu":
+            # INT8 kernels for the linear layers only: letting oneDNN also quantize the attention
+            # matmuls (fused_matmul) dropped test F1 from 0.30 to 0.10 on the demo model, while
+            # fake-quant simulation of the same calibration kept 0.298 (measured, Paddle 2.6.2)
+            config.enable_mkldnn_int8({"fc"})
+        self.predictor = paddle_infer.create_predictor(config)
+        # handles looked up once: each lookup crosses into C++ and allocates a wrapper
+        self.inputs = [(name, self.predictor.get_input_handle(name)) for name in self.predictor.get_input_names()]
+        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        if device == "cpu" and mkldnn:
+            self.warm_shapes()
+
+    def warm_shapes(self):
+        """One batch-1 call per bucket length, so that oneDNN creates its primitives now rather than
+        on a user's first sentence of each length (larger batches warm up on first use)."""
+        if not self.bucket:
+            return
+        for length in range(self.bucket, bucket_length(self.max_seq_length, self.bucket) + 1, self.bucket):
+            ids = np.full((1, length), self.encoder.pad_id, dtype="int64")
+            self.logits(ids, np.zeros_like(ids))
+
+    def logits(self, input_ids, token_type_ids):
+        feeds = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        for name, handle in self.inputs:
+            handle.reshape(feeds[name].shape)
+            handle.copy_from_cpu(np.ascontiguousarray(feeds[name]))
+        self.predictor.run()
+        return self.output.copy_to_cpu()
+
+
+def export_onnx(static_dir, onnx_path):
+    import paddle2onnx
+
+    program, params = static_model_files(static_dir)
+    paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
+    return onnx_path
+
+
+def onnx_path_for(static_dir, precision="fp32"):
+    """The graph ONNX Runtime runs, in ``<export>/onnx/`` beside ``<export>/static``: for fp32 the fused
+    graph when the export wrote one (else ``model.onnx``), for int8 ``model.int8.onnx``."""
+    directory = os.path.join(os.path.dirname(os.path.abspath(static_dir)), ONNX_DIR)
+    if precision == "int8":
+        return os.path.join(directory, INT8_FILE)
+    fused = os.path.join(directory, FUSED_FILE)
+    return fused if os.path.isfile(fused) else os.path.join(directory, ONNX_FILE)
+
+
+def ort_session_options(threads=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of ops: no inter-op pool
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    return options
+
+
+class OnnxTagger(Tagger):
+    """The same static model converted by paddle2onnx, run by ONNX Runtime."""
+
+    def __init__(self, static_dir, onnx_path=None, threads=None, batch_size=32, decoding="viterbi", bucket=True,
+                 options=None, precision="fp32"):
+        import onnxruntime as ort
+
+        super().__init__(static_dir, batch_size, decoding, bucket)
+        self.session = ort.InferenceSession(onnx_path or onnx_path_for(static_dir, precision),
+                                            options or ort_session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+
+    def logits(self, input_ids, token_type_ids):
+        return self.session.run(None, {"input_ids": input_ids, "token_type_ids": token_type_ids})[0]
+
+
+class DynamicTagger(Tagger):
+    """The exported dynamic-graph model, for the static-vs-dynamic comparison."""
+
+    def __init__(self, export_dir, batch_size=32, decoding="viterbi"):
+        from ner_compress.models.families import model_class_for
+
+        super().__init__(os.path.join(export_dir, "static"), batch_size, decoding)
+        dynamic = os.path.join(export_dir, "dynamic")
+        self.model = model_class_for(dynamic).from_pretrained(dynamic)
+        self.model.eval()
+
+    def logits(self, input_ids, token_type_ids):
+        return numpy_logits(self.model, input_ids, token_type_ids)
+
+
+def check_backend(backend, model_dir, precision="fp32"):
+    """Refuse an unknown backend or precision, or ONNX Runtime without its exported file, in one line."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: unknown; use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend != "onnxruntime":
+        raise UserError("--precision int8: ONNX Runtime's export only; use --backend onnxruntime "
+                        "(Paddle Inference INT8 is measured by tools/benchmark.py)")
+    read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
+    if backend == "paddle":
+        static_model_files(model_dir)  # a program this Paddle cannot read is refused now, in one line
+    path = onnx_path_for(model_dir, precision)
+    if backend == "onnxruntime" and not os.path.isfile(path):
+        how = "with onnx_int8 on (the export's manifest says why it was refused)" if precision == "int8" else \
+            "(it writes onnx/ beside static/) or use --backend paddle"
+        raise UserError(f"--backend onnxruntime: no {path}; re-export with `python tools/export.py` {how}")
+
+
+def default_backend(device):
+    """The backend used when none is named: ONNX Runtime on CPU (``DEFAULT_BACKEND``), Paddle
+    Inference on GPU (ONNX Runtime runs on CPU only here)."""
+    return DEFAULT_BACKEND if device == "cpu" else "paddle"
+
+
+def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi",
+                precision="fp32"):
+    """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``);
+    ``backend=None``: ``default_backend(device)``; ``precision`` int8: ONNX Runtime's INT8 copy."""
+    backend = backend or default_backend(device)
+    check_backend(backend, model_dir, precision)
+    if backend == "onnxruntime" and device != "cpu":
+        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")
+    if backend == "paddle":
+        return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding)
+    return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding, precision=precision)

@@ -1,0 +1,171 @@
+"""Cut a width out of the supernet, save it reloadable (dynamic) and as a static graph, check parity.
+
+``DIR/export/width_W/dynamic``: ``PrunedBertForTokenClassification.from_pretrained`` loads it
+(config with ``width_mult``, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
+with int64 ``input_ids`` and ``token_type_ids`` of shape [None, None], plus what
+``inference.StaticTagger`` needs. ``DIR/export/width_W/onnx/model.onnx``: the static graph
+converted by paddle2onnx for ONNX Runtime. Before the directory is swapped in, the supernet at
+that width, the reloaded dynamic model, the static predictor and ONNX Runtime must agree on the logits.
+"""
+import logging
+import os
+from functools import partial
+
+import numpy as np
+import paddle
+from paddle.static import InputSpec
+from paddleslim.nas.ofa import OFA
+
+from ner_compress.core.artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
+from ner_compress.data.corpus import collate, copy_vocab
+from ner_compress.core.errors import Int8Refused, UserError
+from ner_compress.deploy.backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
+from ner_compress.deploy.onnx_variants import write_variants
+from ner_compress.deploy.inference import INFERENCE_META, MODEL_PREFIX
+from ner_compress.core.checkpoint import load_weights
+from ner_compress.models.families import load_config, model_class_for, save_tokenizer
+from ner_compress.models.modeling import (count_parameters, load_pretrained, numpy_logits,
+                       sub_model_state, width_plan)
+from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
+
+log = logging.getLogger("ner_compress")
+PARITY_TOLERANCE = 1e-4
+INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
+              InputSpec([None, None], "int64", name="token_type_ids")]
+
+
+def trained_widths(parent, marker="manifest.json", prefix="width_"):
+    """Widths W with a finished ``parent/<prefix>W/<marker>`` (ofa/ by default, export/ with "static")."""
+    if not os.path.isdir(parent):
+        return []
+    return sorted(float(name[len(prefix):]) for name in os.listdir(parent)
+                  if name.startswith(prefix) and os.path.exists(os.path.join(parent, name, marker)))
+
+
+def load_supernet_width(source_dir):
+    """The supernet as trained (OFA wrapper, no teacher) and its raw weights."""
+    model = model_class_for(source_dir, "ofa")(load_config(source_dir, "ofa"))
+    state = load_weights(os.path.join(source_dir, SUPERNET_WEIGHTS))
+    ofa_model = OFA(to_supernet(model), elastic_order=["width"])
+    ofa_model.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+    ofa_model.model.eval()
+    return ofa_model, state
+
+
+def build_sub_model(source_dir, width, state):
+    config = load_config(source_dir, "export")
+    config.width_mult = width
+    model = model_class_for(source_dir, "export")(config)
+    model.set_state_dict(sub_model_state(state, model))
+    model.eval()
+    return model
+
+
+class TokenLogits(paddle.nn.Layer):
+    """Encoder then classifier, ids in and logits out: the one graph every family exports. The
+    token classifiers' own forwards branch on ``return_dict`` and labels in ways dy2static
+    cannot always trace (RoBERTa's), and in eval mode their dropout is the identity."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids):
+        out = self.model.base_model(input_ids, token_type_ids=token_type_ids)
+        return self.model.classifier(out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def save_static(model, static_dir, labels, max_seq_length, vocab_file):
+    os.makedirs(static_dir, exist_ok=True)
+    # full_graph: Paddle 2.6's default; Paddle 3 defaults to SOT tracing, which ignores input_spec
+    static = paddle.jit.to_static(TokenLogits(model), input_spec=INPUT_SPEC, full_graph=True)
+    paddle.jit.save(static, os.path.join(static_dir, MODEL_PREFIX))
+    copy_vocab(vocab_file, static_dir)  # with its lookup rule: predict and serve map characters as training did
+    write_json(os.path.join(static_dir, INFERENCE_META),
+               {"labels": list(labels), "max_seq_length": max_seq_length})
+
+
+def max_abs_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def check_parity(reference_name, reference, others):
+    """Every logits array in ``others`` within ``PARITY_TOLERANCE`` of ``reference``; otherwise a
+    one-line refusal naming the output that drifted (the tools exit 2, no traceback)."""
+    diffs = {name: max_abs_diff(reference, value) for name, value in others.items()}
+    for name, diff in diffs.items():
+        if not diff < PARITY_TOLERANCE:
+            raise UserError(f"export parity failed: {name} differs from {reference_name} by {diff:.2e} "
+                            f"(tolerance {PARITY_TOLERANCE:.0e}); the export is not written")
+    return diffs
+
+
+def sample_inputs(data, n=16):
+    windows = data.windows("dev")[:n]
+    batch = collate(windows, data.encoder.pad_id)
+    return batch["input_ids"], batch["token_type_ids"]
+
+
+def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, width):
+    """Save dynamic, static and ONNX into a scratch dir, check parity against ``reference_fn``, swap in."""
+    input_ids, token_type_ids = sample_inputs(data)
+    reference = reference_fn(input_ids, token_type_ids)
+    with atomic_dir(out_dir) as tmp:
+        dynamic_dir, static_dir, onnx_dir = (os.path.join(tmp, sub) for sub in ("dynamic", "static", ONNX_DIR))
+        model.save_pretrained(dynamic_dir, safe_serialization=True)
+        save_tokenizer(model, data.vocab_file, dynamic_dir)
+        save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
+        reloaded = model_class_for(dynamic_dir).from_pretrained(dynamic_dir)
+        reloaded.eval()
+        static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
+            input_ids, token_type_ids)
+        os.makedirs(onnx_dir)
+        onnx_path = export_onnx(static_dir, os.path.join(onnx_dir, ONNX_FILE))
+        onnx_logits = OnnxTagger(static_dir, onnx_path, threads=cfg.cpu_threads).logits(input_ids, token_type_ids)
+        diffs = check_parity(reference_name, reference, {
+            "reloaded dynamic model": numpy_logits(reloaded, input_ids, token_type_ids),
+            "static predictor": static_logits,
+            "onnx runtime": onnx_logits,
+        })
+        log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
+        onnx_meta = write_variants(cfg, data, static_dir, onnx_path, width_plan(model.config, width),
+                                   model.config.num_hidden_layers,
+                                   partial(check_parity, reference_name, reference), (input_ids, token_type_ids))
+        for sub in (dynamic_dir, static_dir, onnx_dir):
+            write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
+                           {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
+                           inputs={source_manifest["stage"]: source_manifest}, width_mult=width,
+                           parameters=count_parameters(model), architecture=model.config.model_type,
+                           **({"onnx": onnx_meta} if sub == onnx_dir else {}))
+    if onnx_meta["int8"] and onnx_meta["int8"]["refused"]:  # the FP32 export is in place; INT8 is not
+        raise Int8Refused(onnx_meta["int8"]["refused"])
+    return diffs
+
+
+def export_width(cfg, data, ofa_dir, out_dir, width):
+    available = trained_widths(ofa_dir)
+    if not available:
+        raise UserError(f"{ofa_dir}: no trained width here; run `{MAKERS['ofa']}` first")
+    if round(width, 4) not in [round(w, 4) for w in available]:
+        raise UserError(f"--width_mult {width}: not trained in {ofa_dir} (trained: {available}); "
+                        f"run `python tools/ofa_compress.py --width_mult_list ... {width}`")
+    source = width_dir(ofa_dir, width)
+    manifest = read_manifest(source, "ofa")
+    check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
+    ofa_model, state = load_supernet_width(source)
+    set_width(ofa_model, width)
+    model = build_sub_model(source, width, state)
+    return write_export(out_dir, model, data, cfg, manifest, f"supernet at width {width}", ofa_logits(ofa_model),
+                        width)
+
+
+def export_teacher(cfg, data, teacher_dir, out_dir, stage="teacher"):
+    """The teacher, or a student (same format, ``stage="student"``), at full width."""
+    manifest = read_manifest(teacher_dir, stage)
+    check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)
+    teacher = load_pretrained(model_class_for(teacher_dir, stage), teacher_dir, flag=stage)
+    teacher.eval()
+    state = {k: v.numpy() for k, v in teacher.state_dict().items()}
+    model = build_sub_model(teacher_dir, 1.0, state)
+    return write_export(out_dir, model, data, cfg, manifest, stage,
+                        partial(numpy_logits, teacher), 1.0)

@@ -1,0 +1,361 @@
+"""Accuracy, size and speed of the teacher and every exported width, measured side by side.
+
+Each model x backend x precision is measured in a process of its own: Paddle Inference FP32 (with
+the dynamic graph beside it) and INT8 (post-training quantization, oneDNN); ONNX Runtime on
+paddle2onnx's ``model.onnx`` as exported ("unfused"), on the fused ``model.opt.onnx`` (FP32) and on
+the INT8 copy ``model.int8.onnx``. Batch-1 latency is per real test sentence in the test set's
+order and lengths (p50/p95/p99 after a warm-up, ``timing``'s percentile); batch throughput is the
+median of repeated runs over length-sorted and unsorted batches. ``report`` renders the figures.
+"""
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+
+import numpy as np
+import paddle
+
+from ner_compress.measure import timing
+from ner_compress.models.families import load_config
+from ner_compress.data.vocab import copy_vocab
+from ner_compress.core.artifacts import MANIFEST, read_manifest
+from ner_compress.deploy.backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger, StaticTagger,
+                       default_backend, load_tagger, onnx_path_for)
+from ner_compress.deploy.inference import Tagger
+from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
+from ner_compress.data.entity_scores import entity_scores
+from ner_compress.models.modeling import width_plan
+from ner_compress.deploy.export import max_abs_diff, trained_widths
+
+
+def export_dirs(output_dir):
+    """[(name, export dir)]: the teacher first, then widths from widest to narrowest; then the same
+    for the student (``student``, ``student width W``)."""
+    root = os.path.join(output_dir, "export")
+    found = []
+    for model, prefix in (("teacher", ""), ("student", "student_")):
+        if os.path.isdir(os.path.join(root, model, "static")):
+            found.append((model, os.path.join(root, model)))
+        widths = sorted(trained_widths(root, "static", f"{prefix}width_"), reverse=True)
+        found += [(f"{prefix.replace('_', ' ')}width {w}", os.path.join(root, f"{prefix}width_{w}")) for w in widths]
+    return found
+
+
+# --- backends --------------------------------------------------------------------------------
+
+class CalibrationLoader(paddle.io.DataLoader):
+    """Feed dicts for ``PostTrainingQuantization``, which on Paddle 2.6.2 only takes a
+    ``paddle.io.DataLoader`` and calls it (``loader()``) for an iterable of feeds."""
+
+    def __init__(self, feeds):  # no super().__init__: nothing to load, the feeds are ready
+        self.feeds = feeds
+
+    def __call__(self):
+        return iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+def int8_unavailable(static_dir):
+    """Why ``quantize_int8`` cannot run on this export, or ``None``: Paddle 3.3's post-training
+    quantization builds old-IR programs and fails on a PIR ``model.json`` (measured, 3.3.1)."""
+    program, _ = static_model_files(static_dir)
+    if program.endswith(PIR_PROGRAM):
+        return f"INT8 skipped: post-training quantization cannot read a PIR program ({program})"
+    return None
+
+
+def quantize_int8(static_dir, out_dir, calibration_feeds):
+    """Post-training INT8 quantization of a static model (matmul weights and activations)."""
+    from paddle.static.quantization import PostTrainingQuantization
+
+    program, params = (os.path.basename(path) for path in static_model_files(static_dir))
+    paddle.enable_static()
+    try:
+        ptq = PostTrainingQuantization(
+            executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=static_dir,
+            model_filename=program, params_filename=params,
+            data_loader=CalibrationLoader(calibration_feeds), batch_nums=len(calibration_feeds),
+            algo="hist", quantizable_op_type=["matmul_v2", "matmul", "mul"], onnx_format=True)
+        ptq.quantize()
+        ptq.save_quantized_model(out_dir, model_filename=program, params_filename=params)
+    finally:
+        paddle.disable_static()
+    copy_vocab(os.path.join(static_dir, "vocab.txt"), out_dir)  # with the lookup rule, if the model has one
+    shutil.copyfile(os.path.join(static_dir, "inference.json"), os.path.join(out_dir, "inference.json"))
+    return out_dir
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+def accuracy(tagger, sentences):
+    """Entity scores on ``sentences``; ``tags`` (the predictions) is dropped from saved rows."""
+    start = time.perf_counter()
+    pred = tagger.tag_sentences(sentences)
+    seconds = time.perf_counter() - start
+    return {**entity_scores([s.tags for s in sentences], pred), "test_seconds": seconds, "tags": pred}
+
+
+def latency_ms(tagger, sentences, warmup=10):
+    """p50/p95/p99 milliseconds per sentence at batch 1, text to tags, in the sentences' own order."""
+    calls = [lambda s=sentence: tagger.tag_sentences([s]) for sentence in sentences[:warmup] + sentences]
+    timings = timing.call_ms(calls, warmup=min(warmup, len(sentences)))
+    return {**timing.latency_summary(timings), "latency_sentences": len(timings)}
+
+
+def fixed_batches(tagger, sentences, batch_size, sort=True):
+    """Model inputs of ``batch_size`` windows, padded as the tagger pads them; length-sorted or in order."""
+    windows = tagger.windows(sentences)
+    order = list(range(len(windows)))
+    if sort:
+        order.sort(key=lambda i: len(windows[i].input_ids))
+    return [tagger.batch([windows[i] for i in order[j: j + batch_size]]) for j in range(0, len(order), batch_size)]
+
+
+def throughput(tagger, sentences, batch_size=32, repeats=3):
+    """Sentences/s and characters/s at ``batch_size`` over length-sorted batches (and unsorted:
+    ``unsorted_sentences_per_s``), median of ``repeats`` runs after one warm-up."""
+    result = batch_speed(tagger, sentences, fixed_batches(tagger, sentences, batch_size), repeats)
+    unsorted = batch_speed(tagger, sentences, fixed_batches(tagger, sentences, batch_size, sort=False), repeats)
+    result["unsorted_sentences_per_s"] = unsorted["sentences_per_s"]
+    return result
+
+
+def batch_speed(tagger, sentences, batches, repeats):
+    chars = sum(len(s.chars) for s in sentences)
+
+    def run_once():
+        for b in batches:
+            tagger.logits(b["input_ids"], b["token_type_ids"])
+
+    seconds = timing.median_seconds(run_once, repeats)
+    return {"sentences_per_s": len(sentences) / seconds, "chars_per_s": chars / seconds, "batch_seconds": seconds,
+            "tokens": int(sum(b["input_ids"].size for b in batches))}
+
+
+def tags_differ(rows_a, rows_b):
+    """Sentences whose predicted tags differ between two backends' ``accuracy`` results."""
+    return sum(a != b for a, b in zip(rows_a, rows_b))
+
+
+def sample_logits_diff(a, b, sentences, batch_size=32):
+    batch = fixed_batches(a, sentences[:batch_size], batch_size)[0]
+    return max_abs_diff(a.logits(batch["input_ids"], batch["token_type_ids"]),
+                        b.logits(batch["input_ids"], batch["token_type_ids"]))
+
+
+def model_shape(export_dir):
+    """Layer sizes of the exported model as built: its config, cut by ``width_plan`` (whole heads,
+    FFN neurons in the same ratio), the rule the model itself was shrunk by."""
+    config = load_config(os.path.join(export_dir, "dynamic"), "export")
+    plan = width_plan(config, float(getattr(config, "width_mult", 1.0)))
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": plan.heads,
+            "attn_inner": plan.attention_width, "ffn": plan.neurons, "labels": config.num_labels}
+
+
+def forward_flops(shape, batches):
+    """Multiply-adds x2 of one forward over padded batches: projections, attention, FFN, classifier."""
+    total = 0
+    for b in batches:
+        n, t = b["input_ids"].shape
+        per_layer = 2 * n * t * shape["hidden"] * (4 * shape["attn_inner"] + 2 * shape["ffn"]) \
+            + 4 * n * t * t * shape["attn_inner"]
+        total += shape["layers"] * per_layer + 2 * n * t * shape["hidden"] * shape["labels"]
+    return total
+
+
+def matmul_gflops(threads=None, size=1024, repeats=10):
+    """The machine's float32 matrix-multiply ceiling (numpy BLAS), median of repeats."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.rand(size, size).astype("float32")
+    b = np.random.rand(size, size).astype("float32")
+    with threadpool_limits(limits=threads or os.cpu_count()):
+        seconds = timing.median_seconds(lambda: a @ b, repeats)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("paddlepaddle", "paddlenlp", "paddleslim", "numpy", "onnxruntime", "paddle2onnx"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "versions": versions}
+
+
+def disk_bytes(static_dir):
+    return sum(os.path.getsize(path) for path in static_model_files(static_dir))
+
+
+def parameters(export_dir):
+    return read_manifest(os.path.join(export_dir, "static"), "export").get("parameters")
+
+
+# --- one fresh process per model x backend x precision ---------------------------------------
+
+# precision_kind -> the file ONNX Runtime runs: paddle2onnx's graph as exported, the fused graph (the
+# FP32 that is deployed; model.onnx when the export wrote no fused graph) and the INT8 copy
+ORT_GRAPHS = {"onnxruntime-unfused": ONNX_FILE, "onnxruntime-fp32": FUSED_FILE, "onnxruntime-int8": INT8_FILE}
+FUSION_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu")
+
+
+def variants(export_dir, backends):
+    """The (backend, precision_kind) pairs one export has files for, in the order they are measured."""
+    onnx_dir = os.path.join(export_dir, ONNX_DIR)
+    found = [("paddle", "fp32")] if "paddle" in backends else []
+    found += [("paddle", "int8")] * ("paddle" in backends and not int8_unavailable(os.path.join(export_dir, "static")))
+    if "onnxruntime" in backends:
+        fused = os.path.isfile(os.path.join(onnx_dir, FUSED_FILE))
+        found += [("onnxruntime", "onnxruntime-unfused")] * fused + [("onnxruntime", "onnxruntime-fp32")]
+        found += [("onnxruntime", "onnxruntime-int8")] * os.path.isfile(os.path.join(onnx_dir, INT8_FILE))
+    return found
+
+
+def onnx_manifest(export_dir):
+    """The export's ``onnx`` manifest entry (fusion, int8), {} for an export without one."""
+    path = os.path.join(export_dir, ONNX_DIR, MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("onnx") or {}
+
+
+def fusion_counts(export_dir, graph_file):
+    """Fused op counts of the graph ONNX Runtime runs (the INT8 copy inherits its source's); None unfused."""
+    meta = onnx_manifest(export_dir)
+    source = (meta.get("int8") or {}).get("source") if graph_file == INT8_FILE else graph_file
+    fused = (meta.get("fusion") or {}).get("fused")
+    if source != FUSED_FILE or not fused:
+        return None
+    return {op: fused.get(op, 0) for op in FUSION_OPS}
+
+
+def tagger_for(kind, export_dir, work_dir, opts):
+    """The tagger of one precision_kind and the row's file figures (bytes on disk, ONNX graph, fusions)."""
+    static_dir = os.path.join(export_dir, "static")
+    if kind == "fp32":
+        return (StaticTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"]),
+                {"disk_bytes": disk_bytes(static_dir)})
+    if kind == "int8":
+        feeds = calibration(Tagger(static_dir, opts["batch_size"]), opts["calibration_sentences"], opts["batch_size"])
+        int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{slug(os.path.basename(export_dir))}-int8"),
+                                 feeds)
+        return (StaticTagger(int8_dir, threads=opts["threads"], batch_size=opts["batch_size"], int8=True),
+                {"disk_bytes": disk_bytes(int8_dir)})
+    path = onnx_path_for(static_dir, "int8" if kind == "onnxruntime-int8" else "fp32")
+    if kind == "onnxruntime-unfused":
+        path = os.path.join(os.path.dirname(path), ONNX_FILE)
+    tagger = OnnxTagger(static_dir, path, threads=opts["threads"], batch_size=opts["batch_size"])
+    return tagger, {"disk_bytes": os.path.getsize(path), "graph": os.path.basename(path),
+                    "fusion": fusion_counts(export_dir, os.path.basename(path))}
+
+
+def measure_variant(job):
+    """Every figure of one (model, backend, precision_kind): accuracy with its tags, batch-1 latency,
+    batch throughput; Paddle FP32 adds the dynamic graph and the FLOP rate, ONNX Runtime FP32 its
+    logit difference from Paddle Inference (measured after the timings)."""
+    name, export_dir, kind, opts = job["name"], job["export_dir"], job["kind"], job["opts"]
+    sentences, shape = job["sentences"], model_shape(export_dir)
+    tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts)
+    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
+           "layers": shape["layers"], "heads": shape["heads"], "ffn_neurons": shape["ffn"],
+           "backend": job["backend"], "precision_kind": kind, "pid": os.getpid(),
+           "dtype": "int8" if kind.endswith("int8") else "fp32", **files, **accuracy(tagger, sentences)}
+    speed_row(tagger, row, sentences, opts)
+    speed = sentences[: opts["speed_sentences"]]
+    if kind == "fp32":
+        row["gflops_achieved"] = forward_flops(shape, fixed_batches(tagger, speed, opts["batch_size"])) \
+            / row["batch_seconds"] / 1e9
+        row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts["batch_size"]), speed,
+                                                    opts["batch_size"], opts["repeats"])["sentences_per_s"]
+    if kind in ("onnxruntime-unfused", "onnxruntime-fp32"):
+        paddle = StaticTagger(os.path.join(export_dir, "static"), threads=opts["threads"])
+        row["max_abs_diff_vs_paddle"] = sample_logits_diff(paddle, tagger, sentences)
+    return row
+
+
+def measure_in_fresh_processes(models, sentences, work_dir, opts, progress):
+    """``measure_variant`` of every model x backend x precision, each in a process of its own, one at a
+    time (so that no row runs after another's predictor threads and caches). The processes are forked
+    from a server that has only imported this module: a fresh process without the import each time."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [{"name": name, "export_dir": directory, "backend": backend, "kind": kind, "sentences": sentences,
+             "work_dir": work_dir, "opts": opts} for name, directory in models
+            for backend, kind in variants(directory, opts["backends"])]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # __main__: else each child re-imports it
+    rows = []
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        for job, row in zip(jobs, pool.map(measure_variant, jobs)):
+            progress(f"{job['name']}: {job['kind']} measured")
+            rows.append(row)
+    return compare_tags(rows)
+
+
+def compare_tags(rows):
+    """``sentences_differing_from_paddle``: each row's tags against its model's Paddle Inference FP32
+    tags (left out when Paddle was not measured); the tags themselves are dropped."""
+    reference = {r["model"]: r["tags"] for r in rows if r["precision_kind"] == "fp32"}
+    for row in rows:
+        tags = row.pop("tags")
+        if row["model"] in reference:
+            row["sentences_differing_from_paddle"] = tags_differ(tags, reference[row["model"]])
+    return rows
+
+
+def speed_row(tagger, row, sentences, opts):
+    """``row`` plus batch-1 latency (a batch-1 copy of ``tagger``'s predictor) and batch throughput."""
+    batch_size, tagger.batch_size = tagger.batch_size, 1
+    row.update(latency_ms(tagger, sentences[: opts["latency_sentences"]]))
+    tagger.batch_size = batch_size
+    row.update(throughput(tagger, sentences[: opts["speed_sentences"]], batch_size, opts["repeats"]))
+    return row
+
+
+def calibration(tagger, sentences, batch_size):
+    return [{"input_ids": b["input_ids"], "token_type_ids": b["token_type_ids"]}
+            for b in fixed_batches(tagger, sentences, batch_size)]
+
+
+def slug(name):
+    return name.replace(" ", "_")
+
+
+def export_dir_width(name):
+    """1.0 for "teacher" and "student", W for "width W" and "student width W"."""
+    last = name.split()[-1]
+    return float(last) if last[0].isdigit() else 1.0
+
+
+def summary_row(name, export_dir, sentences, threads=None, device="cpu", latency_sentences=300,
+                backend=None):
+    """The short figures ``run_pipeline.py`` prints: ``backend`` (default: ``backends.default_backend``),
+    accuracy and batch-1 latency over real test sentences."""
+    backend = backend or default_backend(device)
+    tagger = load_tagger(os.path.join(export_dir, "static"), backend, device, threads)
+    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
+           "backend": backend}
+    row.update(accuracy(tagger, sentences))
+    row.pop("tags")
+    tagger.batch_size = 1
+    row.update(latency_ms(tagger, sentences[:latency_sentences]))
+    return row
+
+

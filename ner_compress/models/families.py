@@ -1,0 +1,100 @@
+"""The encoder families every stage takes: BERT, ERNIE 3.0, RoBERTa and ELECTRA.
+
+RoBERTa-wwm-ext and MacBERT ship as BERT-shaped checkpoints and load as ``bert``. Each family
+gets one NER class: PaddleNLP's ``XForTokenClassification`` plus the encoder options our configs
+record (``width_mult``: heads and neurons cut by ``modeling.width_plan``; ``normalize_before``:
+pre-LN; ``local_conv_kernel``: a convolution after the embeddings). The family is the config's
+``model_type``, recorded in every manifest, so a later stage rebuilds the same class and never
+assumes BERT.
+"""
+import json
+import os
+import types
+
+from paddlenlp.transformers import (BertConfig, BertForTokenClassification, BertTokenizer, ElectraConfig,
+                                    ElectraForTokenClassification, ElectraTokenizer, ErnieConfig,
+                                    ErnieForTokenClassification, ErnieTokenizer, RobertaChineseTokenizer,
+                                    RobertaConfig, RobertaForTokenClassification)
+
+from ner_compress.core.errors import UserError
+
+
+def encoder_layers(model):
+    """The encoder layers inside a token classifier (``model.bert``, ``model.ernie``, ...)."""
+    return model.base_model.encoder.layers
+
+
+def configure_encoder(model, config):
+    """Apply the options our configs record; called by every family's class after building it."""
+    from ner_compress.models.modeling import shrink_encoder, use_local_context, use_pre_layer_norm
+
+    if getattr(config, "local_conv_kernel", 0):
+        use_local_context(model, int(config.local_conv_kernel))
+    if getattr(config, "normalize_before", False):
+        use_pre_layer_norm(model)
+    width_mult = float(getattr(config, "width_mult", 1.0))
+    if width_mult < 1.0:
+        shrink_encoder(model, width_mult)
+
+
+def _ner_class(base):
+    """``Pruned<Base>``: ``base`` whose ``__init__`` then applies ``configure_encoder``."""
+    def body(namespace):
+        def __init__(self, config):
+            base.__init__(self, config)
+            configure_encoder(self, config)
+        namespace.update({"__init__": __init__, "__module__": __name__})
+    return types.new_class(f"Pruned{base.__name__}", (base,), exec_body=body)
+
+
+PrunedBertForTokenClassification = _ner_class(BertForTokenClassification)
+PrunedErnieForTokenClassification = _ner_class(ErnieForTokenClassification)
+PrunedRobertaForTokenClassification = _ner_class(RobertaForTokenClassification)
+PrunedElectraForTokenClassification = _ner_class(ElectraForTokenClassification)
+
+
+# model_type -> (config class, NER class, tokenizer class saved beside the weights)
+FAMILIES = {
+    "bert": (BertConfig, PrunedBertForTokenClassification, BertTokenizer),
+    "ernie": (ErnieConfig, PrunedErnieForTokenClassification, ErnieTokenizer),
+    "roberta": (RobertaConfig, PrunedRobertaForTokenClassification, RobertaChineseTokenizer),
+    "electra": (ElectraConfig, PrunedElectraForTokenClassification, ElectraTokenizer),
+}
+
+
+def family(model_type, flag="--model_type"):
+    if model_type not in FAMILIES:
+        raise UserError(f"{flag} {model_type}: unsupported architecture; use one of {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def model_type_of(directory, flag="--model_name_or_path"):
+    """The ``model_type`` a saved model directory's config.json records."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {directory}: no config.json in that directory")
+    with open(path, encoding="utf-8") as fh:
+        model_type = json.load(fh).get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"{flag} {directory}: architecture {model_type!r} is not supported; "
+                        f"use one of {', '.join(FAMILIES)}")
+    return model_type
+
+
+def load_config(directory, flag="--model_name_or_path"):
+    return FAMILIES[model_type_of(directory, flag)][0].from_pretrained(directory)
+
+
+def model_class_for(directory, flag="--model_name_or_path"):
+    return FAMILIES[model_type_of(directory, flag)][1]
+
+
+def save_tokenizer(model, vocab_file, directory):
+    """The family's own tokenizer over the vocabulary the characters were mapped with, its special
+    tokens named as the lookup rule names them, and the rule itself beside it."""
+    from ner_compress.data.vocab import copy_vocab, load_lookup
+
+    specials = (load_lookup(vocab_file) or {}).get("special_tokens", {})
+    names = {f"{role}_token": token for role, token in specials.items()}
+    FAMILIES[model.config.model_type][2](vocab_file, **names).save_pretrained(directory)
+    copy_vocab(vocab_file, directory)  # the exact file the ids came from, whatever the tokenizer writes

@@ -1,0 +1,233 @@
+"""Building the teacher, and what a width keeps of it.
+
+A width-``w`` sub-model keeps the hidden size and the head size; it keeps ``w`` of the
+heads (snapped to whole heads) and the same share of the feed-forward neurons (``width_plan``).
+The config carries ``width_mult`` and the family's NER class (``architectures``) shrinks its
+layers to match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
+"""
+import math
+import os
+import types
+from dataclasses import dataclass
+
+import paddle
+from paddle import nn
+from ner_compress.models.families import (PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
+                            load_config, model_class_for)
+from ner_compress.models.e5_pretrained import resolve_model_path
+from ner_compress.core.errors import UserError
+
+SAFE_WEIGHTS = "model.safetensors"
+PICKLED_WEIGHTS = "model_state.pdparams"
+
+
+def teacher_config(cfg, labels, vocab_size, pad_id):
+    """A fresh model's config in the family ``cfg.model_type`` (ELECTRA: ``embedding_size`` may differ
+    from the hidden size; ERNIE 3.0 style task-type embeddings with ``use_task_id``)."""
+    config_class = family(cfg.model_type)[0]
+    extra = {"embedding_size": cfg.embedding_size or cfg.hidden_size} if cfg.model_type == "electra" else {}
+    if cfg.model_type == "ernie":
+        extra = {"use_task_id": True, "task_type_vocab_size": 3}
+    return config_class(
+        **extra,
+        vocab_size=vocab_size,
+        pad_token_id=pad_id,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+        max_position_embeddings=max(512, cfg.max_seq_length),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        normalize_before=cfg.normalize_before,
+        local_conv_kernel=cfg.local_conv_kernel,
+    )
+
+
+def load_pretrained(cls, name_or_dir, allow_pickle=False, flag="--model_name_or_path", **kwargs):
+    """``cls.from_pretrained`` that reads safetensors, and pickled ``.pdparams`` only when allowed.
+
+    Unpickling runs arbitrary code from the file, so a directory without ``model.safetensors``
+    (or a hub name, whose PaddleNLP weights are pickled) needs ``--allow_pickle``.
+    """
+    local = os.path.isdir(name_or_dir)
+    if local and not os.path.isfile(os.path.join(name_or_dir, SAFE_WEIGHTS)):
+        if not os.path.isfile(os.path.join(name_or_dir, PICKLED_WEIGHTS)):
+            raise UserError(f"{flag} {name_or_dir}: no {SAFE_WEIGHTS} or {PICKLED_WEIGHTS} in that directory")
+        if not allow_pickle:
+            raise UserError(f"{flag} {name_or_dir}: weights are pickled ({PICKLED_WEIGHTS}); pass --allow_pickle "
+                            f"if you trust the source")
+    elif not local and not allow_pickle:
+        raise UserError(f"{flag} {name_or_dir}: hub weights are pickled .pdparams; pass --allow_pickle to "
+                        f"download and load them, or give a local directory with {SAFE_WEIGHTS}")
+    try:
+        return cls.from_pretrained(name_or_dir, use_safetensors=local and not allow_pickle or None, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise UserError(f"{flag} {name_or_dir}: cannot load ({err})")
+
+
+def check_checkpoint_labels(directory, labels):
+    """A token-classification checkpoint trained on other labels is refused; a bare encoder (no
+    labels, or PaddleNLP's placeholder LABEL_i) gets a fresh classifier for ours."""
+    config = load_config(directory)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    if names and not all(str(n).startswith("LABEL_") for n in names) and names != list(labels):
+        raise UserError(f"--model_name_or_path {directory}: its labels {names} differ from the data's {list(labels)}; "
+                        f"fine-tune from its encoder instead (a checkpoint without id2label)")
+
+
+def check_pretrained_layers(cfg, directory):
+    layers = int(load_config(directory).num_hidden_layers)
+    if cfg.pretrained_layers and cfg.pretrained_layers > layers:
+        raise UserError(f"--pretrained_layers {cfg.pretrained_layers}: {directory} has only {layers} encoder layers; "
+                        f"keep at most {layers}")
+
+
+def build_teacher(cfg, labels, vocab_size, pad_id):
+    """A fresh BERT from the config, or pretrained weights from a PaddleNLP name or directory.
+
+    ``pad_id`` is the vocabulary's [PAD]: the attention mask is built from it."""
+    if not cfg.model_name_or_path:
+        return family(cfg.model_type)[1](teacher_config(cfg, labels, vocab_size, pad_id))
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
+    local = os.path.isdir(source)
+    if local:
+        check_checkpoint_labels(source, labels)
+        check_pretrained_layers(cfg, source)
+    cls = model_class_for(source) if local else family(cfg.model_type)[1]
+    kept = {"num_hidden_layers": cfg.pretrained_layers} if cfg.pretrained_layers else {}
+    model = load_pretrained(cls, source, cfg.allow_pickle, **kept,  # layers past the first N are left unread
+                            num_labels=len(labels), id2label=dict(enumerate(labels)),
+                            label2id={label: i for i, label in enumerate(labels)},
+                            ignore_mismatched_sizes=True)  # a placeholder classifier; real labels were checked
+    if model.config.vocab_size != vocab_size:
+        raise UserError(f"--model_name_or_path {cfg.model_name_or_path}: vocab size {model.config.vocab_size} "
+                        f"differs from --vocab_file ({vocab_size}); use the model's own vocabulary")
+    model.config.pad_token_id = pad_id
+    model.base_model.pad_token_id = pad_id
+    return model
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """What a width keeps of every encoder layer: whole heads, and FFN neurons in the same ratio."""
+    requested: float
+    heads: int
+    num_heads: int
+    head_dim: int
+    neurons: int
+
+    @property
+    def effective(self):
+        return self.heads / self.num_heads
+
+    @property
+    def attention_width(self):
+        """Columns of the q/k/v projections: whole heads only."""
+        return self.heads * self.head_dim
+
+
+def width_plan(config, width):
+    """The one rule for a width: heads = ``width`` x heads rounded to the nearest whole head
+    (1.0 0.8333 0.6667 0.5 on 12 heads: 12, 10, 8, 6), neurons in the same effective ratio.
+
+    Supernet, export and ``PrunedBertForTokenClassification`` all cut by this plan, so a width
+    that does not land on whole heads is snapped the same way everywhere."""
+    num_heads = int(config.num_attention_heads)
+    heads = int(math.floor(num_heads * float(width) + 0.5))
+    if not 0 < width <= 1 or heads < 1:
+        raise UserError(f"--width_mult {width}: keeps no attention head of {num_heads} (widths must be in "
+                        f"[{0.5 / num_heads:.3g}, 1] for this model)")
+    neurons = int(math.floor(config.intermediate_size * heads / num_heads + 0.5))
+    return WidthPlan(float(width), heads, num_heads, config.hidden_size // num_heads, neurons)
+
+
+def _linear(in_features, out_features):
+    return nn.Linear(in_features, out_features)
+
+
+def shrink_encoder(model, width_mult):
+    """Cut heads and feed-forward neurons of every encoder layer as ``width_plan`` says."""
+    plan = width_plan(model.config, width_mult)
+    hidden = model.config.hidden_size
+    for layer in encoder_layers(model):
+        attn = layer.self_attn
+        attn.num_heads = plan.heads
+        attn.q_proj = _linear(hidden, plan.attention_width)
+        attn.k_proj = _linear(hidden, plan.attention_width)
+        attn.v_proj = _linear(hidden, plan.attention_width)
+        attn.out_proj = _linear(plan.attention_width, hidden)
+        layer.linear1 = _linear(hidden, plan.neurons)
+        layer.linear2 = _linear(plan.neurons, hidden)
+    return model
+
+
+def use_pre_layer_norm(model):
+    """Pre-LN encoder: each layer normalises its input, and one LayerNorm closes the encoder.
+    PaddleNLP's BERT is post-LN only; pre-LN trains stably at higher learning rates."""
+    layers = encoder_layers(model)
+    for layer in layers:
+        layer.normalize_before = True
+    model.base_model.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=layers[0].norm1._epsilon)
+    return model
+
+
+def use_local_context(model, kernel):
+    """A residual 1-D convolution over ``kernel`` neighbouring characters after the embeddings.
+
+    A transformer from random weights has no notion of locality and learns character n-grams
+    slowly; the convolution gives it them from the first step. Padding is zeroed before it, so a
+    sentence's scores do not depend on how far its batch was padded."""
+    embeddings = model.base_model.embeddings
+    channels = embeddings.layer_norm.weight.shape[0]  # ELECTRA: the embedding size
+    embeddings.local_conv = nn.Conv1D(channels, channels, kernel, padding=kernel // 2)
+    embeddings.local_pad_id = int(model.config.pad_token_id)
+    embeddings.forward = types.MethodType(_local_context_forward, embeddings)
+    return model
+
+
+def _local_context_forward(self, input_ids=None, *args, **kwargs):
+    hidden = type(self).forward(self, input_ids, *args, **kwargs)
+    if input_ids is None:  # called with inputs_embeds: no ids to find padding by, every position counts
+        keep = paddle.ones_like(hidden[:, :, :1])
+    else:
+        keep = (input_ids != self.local_pad_id).astype(hidden.dtype).unsqueeze(-1)
+    # channels first: Paddle Inference's oneDNN conv mislays NLC outputs (2.6.2: LayerNorm shape error)
+    context = self.local_conv((hidden * keep).transpose([0, 2, 1])).transpose([0, 2, 1])
+    return hidden + context
+
+
+def sub_model_state(supernet_state, sub_model):
+    """Slice supernet weights (keys with ``.fn``) to the leading rows/columns the sub-model has.
+
+    Heads and neurons were reordered by importance before distillation, so the leading
+    slice is exactly what the supernet computes at that width.
+    """
+    target = sub_model.state_dict()
+    sliced = {}
+    for key, value in supernet_state.items():
+        name = key.replace(".fn.", ".")
+        if name not in target:
+            raise UserError(f"supernet weight {key} has no place in the sub-model; was it made by another model?")
+        shape = target[name].shape
+        value = value.numpy() if isinstance(value, paddle.Tensor) else value
+        sliced[name] = value[tuple(slice(0, d) for d in shape)]
+        if list(sliced[name].shape) != list(shape):
+            raise UserError(f"supernet weight {key} {list(value.shape)} is smaller than the sub-model's {shape}")
+    missing = sorted(set(target) - set(sliced))
+    if missing:
+        raise UserError(f"supernet weights lack {missing[:3]}...; the ofa/ directory is incomplete")
+    return sliced
+
+
+def numpy_logits(model, input_ids, token_type_ids):
+    """Logits of a dynamic-graph model for numpy ids, without building a backward graph."""
+    with paddle.no_grad():
+        return model(input_ids=paddle.to_tensor(input_ids), token_type_ids=paddle.to_tensor(token_type_ids)).numpy()
+
+
+def count_parameters(model):
+    return int(sum(p.numel().item() if hasattr(p.numel(), "item") else p.numel() for p in model.parameters()))
