@@ -79,8 +79,8 @@ def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     from ner_compress.deploy import export
     from ner_compress.compress import supernet
     from ner_compress.deploy.backends import StaticTagger
-    from ner_compress.deploy.inference import window_log_probs
-    from ner_compress.data.corpus import prepare_data
+    from ner_compress.data.window_scores import window_log_probs
+    from ner_compress.models.model_data import prepare_data
     from ner_compress.core.config import Config
 
     static = StaticTagger(os.path.join(output_dir, "export", f"width_{width}", "static"))

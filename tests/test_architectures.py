@@ -115,7 +115,8 @@ def test_a_model_directory_brings_its_own_vocabulary_one_id_per_character(tmp_pa
     """A vocabulary without 京 (ERNIE's and BERT's differ in such characters): every family maps
     each character to exactly one id, an unknown one to [UNK], so labels stay aligned."""
     from ner_compress.core.config import Config
-    from ner_compress.data.corpus import CharEncoder, load_vocab, prepare_data
+    from ner_compress.data.vocab import CharEncoder, load_vocab
+    from ner_compress.models.model_data import prepare_data
 
     lines = open(vocab_file, encoding="utf-8").read().split("\n")
     lines[lines.index("京")] = "[unused_jing]"

@@ -57,7 +57,7 @@ def test_onnx_runtime_and_paddle_tag_the_same_entities(export_dir, varied_texts)
 def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_texts, backend):
     from ner_compress.deploy.backends import load_tagger
     from ner_compress.data.corpus import Sentence
-    from ner_compress.deploy.inference import bucket_length, model_inputs
+    from ner_compress.data.window_scores import bucket_length, model_inputs
 
     tagger = load_tagger(str(export_dir / "static"), backend)
     pad = tagger.encoder.pad_id
@@ -82,7 +82,7 @@ def test_bucketed_padding_keeps_logits_on_real_positions(export_dir, varied_text
 
 
 def test_bucket_lengths():
-    from ner_compress.deploy.inference import bucket_length
+    from ner_compress.data.window_scores import bucket_length
 
     assert [bucket_length(n) for n in (1, 16, 17, 48, 120, 128)] == [16, 16, 32, 48, 128, 128]
     assert bucket_length(17, 0) == 17

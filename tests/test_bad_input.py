@@ -179,17 +179,38 @@ def test_validate_rejects(overrides):
 
 
 def test_validate_accepts_defaults_and_edges():
-    config.validate(Config())
-    config.validate(Config(width_mult_list=[1.0, 0.125], width_mult=1.0, hidden_size=32, num_attention_heads=4))
-    config.validate(Config(width_mult_list=[1.0, 0.8333, 0.6667, 0.5]))  # the reference list on 12 heads
-    config.validate(Config(local_conv_kernel=3))
+    from ner_compress.models.modeling import check_model_options
+
+    for cfg in (Config(), Config(width_mult_list=[1.0, 0.125], width_mult=1.0, hidden_size=32, num_attention_heads=4),
+                Config(width_mult_list=[1.0, 0.8333, 0.6667, 0.5]),  # the reference list on 12 heads
+                Config(local_conv_kernel=3), Config(model_type="electra")):
+        config.validate(cfg)
+        check_model_options(cfg)
 
 
 @pytest.mark.parametrize("width", [0.01, 0.1])
-def test_validate_refuses_a_width_that_keeps_no_head(width):
+def test_model_options_refuse_a_width_that_keeps_no_head(width):
+    from ner_compress.models.modeling import check_model_options
+
+    cfg = Config(width_mult_list=[1.0, width], hidden_size=32, num_attention_heads=4)
+    config.validate(cfg)  # the core cannot tell: the rule is the model's width plan
     with pytest.raises(UserError) as err:
-        config.validate(Config(width_mult_list=[1.0, width], hidden_size=32, num_attention_heads=4))
+        check_model_options(cfg)
     assert f"--width_mult {width}: keeps no attention head of 4" in str(err.value)
+
+
+def test_model_options_refuse_an_unknown_family():
+    from ner_compress.models.modeling import check_model_options
+
+    with pytest.raises(UserError, match="--model_type gpt: unsupported architecture; use one of bert, ernie"):
+        check_model_options(Config(model_type="gpt"))
+
+
+def test_every_stage_command_checks_the_model_options():
+    from ner_compress.commands import stages
+
+    with pytest.raises(UserError, match="--model_type gpt"):
+        stages.train_teacher_cli(["--model_type", "gpt"])
 
 
 def test_resolve_config_validates(write_file):

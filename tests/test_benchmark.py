@@ -76,7 +76,7 @@ def test_flops_count_the_heads_and_neurons_a_snapped_width_keeps(tmp_path):
     from paddlenlp.transformers import BertConfig
 
     from ner_compress.measure import benchmark
-    from ner_compress.models.modeling import PrunedBertForTokenClassification
+    from ner_compress.models.families import PrunedBertForTokenClassification
 
     config = BertConfig(vocab_size=40, hidden_size=96, num_hidden_layers=1, num_attention_heads=12,
                         intermediate_size=3072, num_labels=7)

@@ -6,6 +6,7 @@ from conftest import random_bio_tags
 from ner_compress.data import corpus as data
 from ner_compress.core import resources
 from ner_compress.core.config import Config
+from ner_compress.data.vocab import CharEncoder, load_vocab
 from ner_compress.data.corpus import IGNORE_INDEX, Sentence
 
 MSRA_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
@@ -20,7 +21,7 @@ def vocab_lines(vocab_file):
 
 @pytest.fixture(scope="module")
 def encoder(vocab_file):
-    return data.CharEncoder(data.load_vocab(vocab_file))
+    return CharEncoder(load_vocab(vocab_file))
 
 
 # --- reading ---------------------------------------------------------------------------------

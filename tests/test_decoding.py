@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LABELS
-from ner_compress.data import corpus as data, decoding
+from ner_compress.data import decoding
+from ner_compress.data import window_scores
 from ner_compress.deploy import inference
+from ner_compress.data.vocab import CharEncoder, load_vocab
 from ner_compress.data.corpus import Sentence
 from ner_compress.data.decoding import Decoder
 
@@ -72,9 +74,9 @@ class ContextTagger(inference.Tagger):
     def __init__(self, vocab, max_seq_length):  # no model directory: only what Tagger needs
         self.labels = TINY_LABELS
         self.max_seq_length = max_seq_length
-        self.encoder = data.CharEncoder(vocab)
+        self.encoder = CharEncoder(vocab)
         self.batch_size = 4
-        self.bucket = inference.BUCKET
+        self.bucket = window_scores.BUCKET
         self.decoder = Decoder(self.labels, "argmax")
         self.bei, self.jing = vocab["北"], vocab["京"]
 
@@ -91,7 +93,7 @@ class ContextTagger(inference.Tagger):
 @pytest.mark.parametrize("offset", range(0, 16))
 def test_entity_across_a_window_boundary_is_recovered_whole(vocab_file, offset):
     """Max length 18 (16 characters a window): 北京 at every offset, across every edge."""
-    tagger = ContextTagger(data.load_vocab(vocab_file), 18)
+    tagger = ContextTagger(load_vocab(vocab_file), 18)
     text = "我" * (14 + offset) + "北京" + "我" * 30
     (result,) = tagger.predict([text])
     assert result["entities"] == [{"type": "LOC", "start": 14 + offset, "end": 16 + offset, "text": "北京"}]
@@ -104,7 +106,7 @@ def test_evaluation_and_prediction_decode_the_same_way(vocab_file):
     from ner_compress.data.entity_scores import extract_entities
     from ner_compress.compress.training import evaluate
 
-    vocab = data.load_vocab(vocab_file)
+    vocab = load_vocab(vocab_file)
     tagger = ContextTagger(vocab, 18)
     tagger.decoder = Decoder(TINY_LABELS, "viterbi")
     texts = ["我在北京", "北京北京我北", "京北京" * 9]
@@ -114,6 +116,6 @@ def test_evaluation_and_prediction_decode_the_same_way(vocab_file):
     scores = evaluate(tagger.logits, fake, tagger.windows(dev), 4, "viterbi")
     predicted = tagger.predict(texts)
     assert scores["predicted"] == sum(len(r["entities"]) for r in predicted) > 3
-    tags = inference.tag_sentences(tagger.logits, dev, tagger.windows(dev), 4, tagger.encoder.pad_id,
+    tags = window_scores.tag_sentences(tagger.logits, dev, tagger.windows(dev), 4, tagger.encoder.pad_id,
                                    tagger.decoder)
     assert [extract_entities(t, g) for t, g in zip(texts, tags)] == [r["entities"] for r in predicted]

@@ -48,7 +48,7 @@ def test_reloaded_teacher_reproduces_its_recorded_dev_scores(pipeline_dir):
     """The exported static teacher, decoded as predict.py decodes, scores dev exactly as training did."""
     from ner_compress.deploy.backends import StaticTagger
     from ner_compress.core.config import Config
-    from ner_compress.data.corpus import prepare_data
+    from ner_compress.models.model_data import prepare_data
     from ner_compress.compress.training import evaluate
 
     manifest = json.load(open(pipeline_dir / "teacher" / "manifest.json"))
@@ -64,7 +64,7 @@ def test_reloaded_teacher_reproduces_its_recorded_dev_scores(pipeline_dir):
 
 def test_exported_dynamic_model_reloads_at_half_width(pipeline_dir):
     import ner_compress  # noqa: F401
-    from ner_compress.models.modeling import PrunedBertForTokenClassification
+    from ner_compress.models.families import PrunedBertForTokenClassification
 
     model = PrunedBertForTokenClassification.from_pretrained(str(pipeline_dir / "export" / "width_0.5" / "dynamic"))
     layer = model.bert.encoder.layers[0]
@@ -78,7 +78,7 @@ def rigged_static_model(directory, vocab_file, favourite):
 
     from ner_compress.deploy import export
     from ner_compress.deploy.backends import export_onnx, onnx_path_for
-    from ner_compress.models.modeling import PrunedBertForTokenClassification
+    from ner_compress.models.families import PrunedBertForTokenClassification
 
     model = PrunedBertForTokenClassification(BertConfig(
         vocab_size=21128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

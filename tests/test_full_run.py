@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, run_tool
 from ner_compress.commands import stage_pool
-from ner_compress.core.checkpoint import StopRequested, stop_on_signals
+from ner_compress.core.checkpoint import stop_on_signals
+from ner_compress.core.errors import StopRequested
 from ner_compress.core.config import Config
 from ner_compress.core.errors import UserError, run_cli
 

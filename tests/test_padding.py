@@ -39,7 +39,7 @@ def test_the_model_masks_the_vocabularys_pad(moved_pad_run):
 def test_dev_evaluation_and_the_exported_predictor_agree(moved_pad_run):
     from ner_compress.deploy.backends import StaticTagger
     from ner_compress.core.config import Config
-    from ner_compress.data.corpus import prepare_data
+    from ner_compress.models.model_data import prepare_data
     from ner_compress.compress.training import evaluate
 
     manifest = json.load(open(moved_pad_run / "teacher" / "manifest.json"))

@@ -12,6 +12,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -403,3 +405,16 @@ def test_load_test_tool_drives_the_server_with_locust(model_dir, tmp_path):
     assert abuse_target["met"] is True
     assert level["p50_ms"] <= level["p99_ms"] and level["sentences_per_s"] > 0
     assert (tmp_path / "report" / "loadtest.md").read_text(encoding="utf-8").count("| teacher | 2 |") == 1
+
+
+def test_the_onnx_runtime_server_path_loads_neither_paddlenlp_nor_paddleslim(model_dir):
+    code = ("import sys\n"
+            "from ner_compress.serve import service\n"
+            "from ner_compress.deploy.backends import load_tagger\n"
+            f"tagger = load_tagger({str(model_dir)!r}, backend='onnxruntime')\n"
+            "print(tagger.predict(['李明在北京']))\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'paddlenlp', 'paddleslim'}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

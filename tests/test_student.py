@@ -170,7 +170,7 @@ def test_projection_is_trained_but_absent_from_the_student_and_its_export(compos
 def test_student_and_its_width_reload_and_pass_parity(composed):
     from paddlenlp.transformers import BertForTokenClassification
 
-    from ner_compress.models.modeling import PrunedBertForTokenClassification
+    from ner_compress.models.families import PrunedBertForTokenClassification
 
     model = BertForTokenClassification.from_pretrained(str(composed / "student"))
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32

@@ -7,9 +7,10 @@ import pytest
 
 from conftest import random_bio_tags
 from ner_compress.data import corpus as data
-from ner_compress.models import modeling
+from ner_compress.models import families, modeling
 from ner_compress.compress import supernet
 from ner_compress.core.config import Config
+from ner_compress.data.vocab import CharEncoder, load_vocab
 from ner_compress.data.corpus import Sentence
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
@@ -25,7 +26,7 @@ def windows(vocab_file):
         n = rng.randint(4, 30)
         tags = random_bio_tags(rng, n)
         sentences.append(Sentence(list(rng.choice(alphabet, n)), tags))
-    encoder = data.CharEncoder(data.load_vocab(vocab_file))
+    encoder = CharEncoder(load_vocab(vocab_file))
     return data.encode(sentences, encoder, {label: i for i, label in enumerate(LABELS)}, 64)
 
 
@@ -187,7 +188,7 @@ def _pruned_from_supernet(tiny_bert, batches, width):
     supernet.reorder_by_importance(ofa_model.model, batches)
     config = copy.deepcopy(tiny_bert.config)
     config.width_mult = width
-    sub = modeling.PrunedBertForTokenClassification(config)
+    sub = families.PrunedBertForTokenClassification(config)
     sub.set_state_dict(modeling.sub_model_state(ofa_model.model.state_dict(), sub))
     sub.eval()
     return ofa_model, sub
@@ -215,7 +216,7 @@ def test_sub_model_state_refuses_a_foreign_state(tiny_bert):
 
     config = copy.deepcopy(tiny_bert.config)
     config.width_mult = 0.5
-    sub = modeling.PrunedBertForTokenClassification(config)
+    sub = families.PrunedBertForTokenClassification(config)
     state = {k: v for k, v in tiny_bert.state_dict().items()}
     state["bert.extra.weight"] = np.zeros([2], "float32")
     with pytest.raises(UserError, match="bert.extra.weight"):
@@ -232,9 +233,9 @@ def test_pruned_model_save_and_reload(tiny_bert, batches, tmp_path, safe):
     sub.save_pretrained(str(tmp_path), safe_serialization=safe)
     if safe:
         assert (tmp_path / modeling.SAFE_WEIGHTS).is_file()
-        reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+        reloaded = modeling.load_pretrained(families.PrunedBertForTokenClassification, str(tmp_path))
     else:
-        reloaded = modeling.PrunedBertForTokenClassification.from_pretrained(str(tmp_path))
+        reloaded = families.PrunedBertForTokenClassification.from_pretrained(str(tmp_path))
     reloaded.eval()
     assert float(reloaded.config.width_mult) == 0.5
     assert reloaded.bert.encoder.layers[1].self_attn.num_heads == 2
@@ -303,7 +304,7 @@ def test_pre_layer_norm_teacher_is_its_own_full_width_supernet_and_reloads(tmp_p
     batch = {"input_ids": ids, "token_type_ids": paddle.zeros_like(ids)}
     np.testing.assert_allclose(logits_at(ofa_model, 1.0, batch), _logits(teacher, batch), atol=1e-5)
     teacher.save_pretrained(str(tmp_path), safe_serialization=True)
-    reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+    reloaded = modeling.load_pretrained(families.PrunedBertForTokenClassification, str(tmp_path))
     reloaded.eval()
     np.testing.assert_array_equal(_logits(reloaded, batch), _logits(teacher, batch))
     # pre-LN: the first LayerNorm runs before attention (post-LN: after it)
@@ -338,7 +339,7 @@ def test_local_context_teacher_is_its_own_full_width_supernet_and_ignores_paddin
     np.testing.assert_allclose(_logits(teacher, {"input_ids": padded, "token_type_ids": paddle.zeros_like(padded)})
                                [:, :11], _logits(teacher, batch), atol=1e-5)
     teacher.save_pretrained(str(tmp_path), safe_serialization=True)
-    reloaded = modeling.load_pretrained(modeling.PrunedBertForTokenClassification, str(tmp_path))
+    reloaded = modeling.load_pretrained(families.PrunedBertForTokenClassification, str(tmp_path))
     reloaded.eval()
     np.testing.assert_array_equal(_logits(reloaded, batch), _logits(teacher, batch))
 

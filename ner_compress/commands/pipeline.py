@@ -13,13 +13,12 @@ from ner_compress.commands import stage_pool
 from ner_compress.compress import student, supernet
 from ner_compress.models.families import load_config
 from ner_compress.core.artifacts import MANIFEST, write_json
-from ner_compress.core.config import parse_config
 from ner_compress.models.e5_pretrained import resolve_model_path
 from ner_compress.core.errors import Int8Refused
 from ner_compress.models.modeling import teacher_config
-from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start, export_dir,
-                       ofa_dir, pruned_teacher_config, run_export, run_ofa, run_student, run_teacher, student_dir,
-                       teacher_dir)
+from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start,
+                                          export_dir, ofa_dir, parse_stage_config, pruned_teacher_config, run_export,
+                                          run_ofa, run_student, run_teacher, student_dir, teacher_dir)
 
 log = logging.getLogger("ner_compress")
 
@@ -121,6 +120,6 @@ def training_speeds(cfg):
 def run_all_cli(argv=None):
     names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + ["run_student", "stage_processes"])
                    - {"width_mult"})
-    cfg, _ = parse_config("Run every stage on one config and print the test-set table.", names, argv,
+    cfg, _ = parse_stage_config("Run every stage on one config and print the test-set table.", names, argv,
                           default_config=DEMO_CONFIG)
     run_all(cfg)

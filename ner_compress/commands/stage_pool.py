@@ -18,7 +18,8 @@ from dataclasses import replace
 
 from ner_compress.core import parallel
 from ner_compress.compress import training
-from ner_compress.core.checkpoint import StopRequested, stop_on_signals
+from ner_compress.core.checkpoint import stop_on_signals
+from ner_compress.core.errors import StopRequested
 from ner_compress.core.errors import UserError, run_cli
 
 log = logging.getLogger("ner_compress")

@@ -16,10 +16,10 @@ from ner_compress.compress import student, supernet, training, vocab_pruning
 from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.config import parse_config
-from ner_compress.data.corpus import prepare_data
+from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
-from ner_compress.models.modeling import load_pretrained
+from ner_compress.models.modeling import check_model_options, load_pretrained
 
 log = logging.getLogger("ner_compress")
 
@@ -47,6 +47,13 @@ STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "student_learning_rate", "student_num_train_epochs", "student_max_steps", "student_eval_steps",
     "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
 SOURCES = ("teacher", "student")  # what a width supernet can be made of (--from)
+
+
+def parse_stage_config(description, names, argv=None, **kwargs):
+    """``parse_config``, then the checks that need the model families (the core config cannot make them)."""
+    cfg, args = parse_config(description, names, argv, **kwargs)
+    check_model_options(cfg)
+    return cfg, args
 
 
 def teacher_dir(cfg):
@@ -209,7 +216,7 @@ def benchmark_cli(argv=None):
         parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
         parser.add_argument("--backend", default=None, help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime "
                             "(model.onnx, fused model.opt.onnx, INT8 model.int8.onnx); default: both")
-    cfg, args = parse_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
+    cfg, args = parse_stage_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
                              ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
                              inherit=recorded_config("teacher"))
     opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
@@ -219,14 +226,14 @@ def benchmark_cli(argv=None):
 
 
 def train_teacher_cli(argv=None):
-    cfg, _ = parse_config("Fine-tune the BERT teacher; best dev F1 goes to DIR/teacher/.", TEACHER_FLAGS, argv)
+    cfg, _ = parse_stage_config("Fine-tune the BERT teacher; best dev F1 goes to DIR/teacher/.", TEACHER_FLAGS, argv)
     run_teacher(pruned_teacher_config(cfg))
 
 
 def prune_vocab_cli(argv=None):
     def extra(parser):
         parser.add_argument("--out", help="the pruned model directory to write (default: DIR/pruned_model)")
-    cfg, args = parse_config("Cut a local model directory's vocabulary to the characters of the training corpus "
+    cfg, args = parse_stage_config("Cut a local model directory's vocabulary to the characters of the training corpus "
                              "(plus --keep_chars_file and the special tokens).",
                              DATA_FLAGS + ["model_name_or_path", "keep_chars_file"], argv, extra=extra)
     training.setup_logging()
@@ -235,7 +242,7 @@ def prune_vocab_cli(argv=None):
 
 
 def distill_cli(argv=None):
-    cfg, _ = parse_config("Distil the teacher into a shallower or narrower student; best dev F1 goes to "
+    cfg, _ = parse_stage_config("Distil the teacher into a shallower or narrower student; best dev F1 goes to "
                           "DIR/student/.", STUDENT_FLAGS, argv, inherit=recorded_config("teacher"))
     run_student(cfg)
 
@@ -246,7 +253,7 @@ def add_source_flag(parser):
 
 
 def ofa_compress_cli(argv=None):
-    cfg, args = parse_config("Distil the teacher (or --from student) into an OFA width supernet; best per width "
+    cfg, args = parse_stage_config("Distil the teacher (or --from student) into an OFA width supernet; best per width "
                              "goes to DIR/ofa/ (DIR/student_ofa/).", OFA_FLAGS, argv, extra=add_source_flag,
                              inherit=recorded_config("teacher"))
     run_ofa(cfg, source=args.source)
@@ -257,7 +264,7 @@ def export_cli(argv=None):
         parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
         parser.add_argument("--student", action="store_true", help="export the student instead of a width")
         add_source_flag(parser)
-    cfg, args = parse_config("Cut a width out of the supernet; save dynamic and static graph under DIR/export/.",
+    cfg, args = parse_stage_config("Cut a width out of the supernet; save dynamic and static graph under DIR/export/.",
                              EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
     if args.teacher and args.student:
         raise UserError("--teacher and --student: export one model at a time")

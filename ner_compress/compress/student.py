@@ -21,8 +21,8 @@ from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss,
 from ner_compress.core.errors import UserError
 from ner_compress.compress.matches import features, layer_map, parse_matches
 from ner_compress.models.modeling import count_parameters
-from ner_compress.compress.training import (best_model_eval, count_batches, global_token_count, make_optimizer, save_teacher, set_seed,
-                       total_steps, train_loop)
+from ner_compress.compress.training import (best_model_eval, count_batches, global_token_count, make_optimizer,
+                                            save_teacher, set_seed, total_steps, train_loop)
 
 log = logging.getLogger("ner_compress")
 SIZE_FLAGS = {"num_hidden_layers": "student_num_layers", "hidden_size": "student_hidden_size",

@@ -2,7 +2,7 @@
 
 Distillation (``WidthDistiller``): the teacher runs once per step under ``no_grad``; every width
 matches its hidden states (masked MSE over real characters) and its soft labels. Widths are cut
-by ``modeling.width_plan`` (whole heads). The OFA forwards come from ``paddlenlp.transformers.ofa_utils`` (scaled attention, head
+by ``width_plan`` (whole heads). The OFA forwards come from ``paddlenlp.transformers.ofa_utils`` (scaled attention, head
 masks) and ``trainer_compress.auto_model_dynabert_forward`` (the BERT forward OFA needs).
 They are bound per instance, never on the classes, so the teacher's class and the exported
 sub-model keep the stock PaddleNLP forwards. PaddleSlim's ``nlp_utils`` is never imported: it
@@ -11,7 +11,6 @@ patches the classes with an attention that drops the 1/sqrt(head_dim) scale.
 import copy
 import logging
 import os
-import shutil
 import types
 
 import numpy as np
@@ -33,10 +32,10 @@ from ner_compress.core.artifacts import atomic_dir, write_manifest
 from ner_compress.core.checkpoint import Checkpointer, resume_path, save_weights
 from ner_compress.data.corpus import collate
 from ner_compress.compress.distill_losses import FeatureRecorder, masked_mse, real_token_mask, soft_cross_entropy_sum
-from ner_compress.models.modeling import width_plan
+from ner_compress.models.width_plan import width_plan
 from ner_compress.data.vocab import copy_vocab
-from ner_compress.compress.training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors, token_loss,
-                       total_steps, train_loop)
+from ner_compress.compress.training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors,
+                                            token_loss, total_steps, train_loop)
 
 log = logging.getLogger("ner_compress")
 
@@ -48,7 +47,7 @@ def prepare_qkv_whole_heads(self, query, key, value, cache=None):
 
     Upstream scales ``num_heads`` by the expand ratio and divides it back after the forward:
     ``int(12 * 0.8333) = 9`` heads against 639 projection columns, and ``int(8 / 0.6667) = 11``
-    heads at the next full-width step. Cut by ``modeling.width_plan``, the projection holds
+    heads at the next full-width step. Cut by ``width_plan``, the projection holds
     whole heads, so its width says how many. Encoder self-attention only (no cache).
     """
     q = self.q_proj(query)

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from ner_compress.core import parallel, runtime
 from ner_compress.models.families import save_tokenizer
 from ner_compress.core.artifacts import atomic_dir, write_manifest
-from ner_compress.core.checkpoint import Checkpointer, StopRequested, resume_path, stop_on_signals
+from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
+from ner_compress.core.errors import StopRequested
 from ner_compress.data.corpus import IGNORE_INDEX, collate, train_batches
 from ner_compress.data.decoding import Decoder
-from ner_compress.deploy.inference import sentence_log_probs
+from ner_compress.data.window_scores import sentence_log_probs
 from ner_compress.core.errors import UserError
 from ner_compress.data.entity_scores import entity_scores
 from ner_compress.models.modeling import build_teacher, count_parameters, numpy_logits

@@ -5,7 +5,7 @@ corpus uses few of them (bert-base-chinese: 21,128 rows; an XLM-R vocabulary: 25
 model). Pruning keeps the rows of the characters of the training corpus (its train and dev
 splits), of an optional ``--keep_chars_file``, and of the special tokens; new ids are the kept old
 ones in order, gaps closed. Which row a character uses is the model directory's own lookup
-(``data.CharEncoder.char_id``, built by ``prepare_data``), so on kept characters the pruned model
+(``vocab.CharEncoder.char_id``, built by ``prepare_data``), so on kept characters the pruned model
 computes what the unpruned one does, and a dropped character gets ``[UNK]``'s row. Every other
 tensor with a vocabulary axis (an MLM head's decoder weight or bias, tied or not) is cut to the
 same rows, as TextPruner prunes the LM head, so the directory stays consistent for any head.
@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from ner_compress.core import parallel
 from ner_compress.models.families import model_type_of
 from ner_compress.core.artifacts import MANIFEST, WEIGHT_SUFFIXES, atomic_dir, read_manifest, write_json, write_manifest
-from ner_compress.data.corpus import prepare_data
+from ner_compress.models.model_data import prepare_data
 from ner_compress.models.e5_pretrained import resolve_model_path
 from ner_compress.core.errors import UserError
 from ner_compress.models.modeling import SAFE_WEIGHTS
@@ -170,7 +170,7 @@ def token_id_fields(config):
 
 
 def vocab_lines(directory):
-    """Line i is token i, read as ``data.load_vocab`` reads it."""
+    """Line i is token i, read as ``vocab.load_vocab`` reads it."""
     with open(os.path.join(directory, VOCAB), encoding="utf-8") as fh:
         return [line.rstrip("\n") for line in fh]
 

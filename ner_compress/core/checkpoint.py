@@ -163,15 +163,6 @@ def resume_path(cfg, checkpointer):
     return None
 
 
-class StopRequested(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was written at ``step``."""
-
-    def __init__(self, signum, step=None, path=None, detail=None):
-        detail = detail or f"at step {step}; checkpoint {path}"
-        super().__init__(f"stopped by {signal.Signals(signum).name} {detail}; continue with --resume")
-        self.signum, self.step, self.path = signum, step, path
-
-
 @contextmanager
 def stop_on_signals():
     """Record SIGINT/SIGTERM instead of dying mid-step; the loop checks ``flag['signum']``."""

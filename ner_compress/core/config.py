@@ -224,9 +224,6 @@ def validate(cfg):
         raise UserError(f"--width_mult_list {cfg.width_mult_list}: each width must be in (0, 1]")
     if not 0 < cfg.width_mult <= 1:
         raise UserError(f"--width_mult {cfg.width_mult}: must be in (0, 1]")
-    from ner_compress.models.families import family
-
-    family(cfg.model_type)
     if cfg.decoding not in ("viterbi", "argmax"):
         raise UserError(f"--decoding {cfg.decoding}: use viterbi or argmax")
     if cfg.local_conv_kernel < 0 or (cfg.local_conv_kernel and cfg.local_conv_kernel % 2 == 0):
@@ -246,11 +243,6 @@ def validate(cfg):
     if cfg.pretrained_layers is not None and (cfg.pretrained_layers < 1 or not cfg.model_name_or_path):
         raise UserError(f"--pretrained_layers {cfg.pretrained_layers}: needs --model_name_or_path and at least 1 "
                         f"layer (or leave it unset to keep every layer)")
-    if not cfg.model_name_or_path:  # a pretrained teacher's head count is checked once it is loaded
-        from ner_compress.models.modeling import width_plan
-
-        for width in cfg.width_mult_list:
-            width_plan(cfg, width)
 
 
 def parse_config(description, names, argv=None, extra=None, inherit=None, default_config=None):

@@ -1,4 +1,6 @@
-"""One exception type for every problem a user can fix, and the CLI wrapper that reports it."""
+"""One exception type for every problem a user can fix, the stop a signal asks for, and the CLI wrapper that
+reports both."""
+import signal
 import sys
 
 
@@ -8,6 +10,15 @@ class UserError(Exception):
 
 class Int8Refused(UserError):
     """An INT8 copy that lost more F1 than allowed: the FP32 export is complete, the INT8 file is not written."""
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written at ``step``."""
+
+    def __init__(self, signum, step=None, path=None, detail=None):
+        detail = detail or f"at step {step}; checkpoint {path}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {detail}; continue with --resume")
+        self.signum, self.step, self.path = signum, step, path
 
 
 def run_cli(main):
@@ -20,10 +31,6 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:
-        from ner_compress.core.checkpoint import StopRequested
-
-        if not isinstance(err, StopRequested):
-            raise
+    except StopRequested as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)

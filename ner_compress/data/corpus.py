@@ -13,9 +13,8 @@ from typing import List
 import numpy as np
 
 from ner_compress.core import resources
-from ner_compress.models.e5_pretrained import resolve_model_path
 from ner_compress.core.errors import UserError
-from ner_compress.data.vocab import CharEncoder, copy_vocab, load_encoder, load_vocab  # noqa: F401  (the vocabulary side)
+from ner_compress.data.vocab import CharEncoder, load_encoder
 
 IGNORE_INDEX = -100
 MSRA_TRAIN_SENTENCES = 50289  # dh_msra.txt: the first 50,289 are train, the last 5,000 test
@@ -281,29 +280,8 @@ class NerData:
                 for split in ("train", "dev", "test")}
 
 
-def model_vocab(cfg):
-    """The vocabulary of a local ``--model_name_or_path`` directory, if it has one: a pretrained
-    model's ids only mean something with its own vocabulary (ERNIE's differs from BERT's)."""
-    if not cfg.model_name_or_path:
-        return None
-    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
-    if os.path.isdir(source):
-        path = os.path.join(source, "vocab.txt")
-        return path if os.path.isfile(path) else None
-    if cfg.model_type == "bert":
-        return None  # bert-base-chinese's vocabulary is the default one
-    return _hub_vocab(cfg)
-
-
-def _hub_vocab(cfg):  # pragma: no cover - needs internet (the GPU recipes)
-    from paddlenlp.transformers import AutoTokenizer
-
-    directory = os.path.join(resources.cache_dir(cfg.cache_dir), "tokenizers", cfg.model_name_or_path)
-    AutoTokenizer.from_pretrained(cfg.model_name_or_path).save_pretrained(directory)
-    return os.path.join(directory, "vocab.txt")
-
-
-def prepare_data(cfg):
-    vocab_file = resources.vocab_path(cfg.vocab_file or model_vocab(cfg), cfg.cache_dir)
+def ner_data(cfg, vocab_file):
+    """The corpus as ``cfg`` reads it, encoded with ``vocab_file`` (a path or a cached name) and its lookup rule."""
+    vocab_file = resources.vocab_path(vocab_file, cfg.cache_dir)
     return NerData(load_splits(cfg), vocab_file, resources.file_digest(vocab_file), load_encoder(vocab_file),
                    cfg.max_seq_length)

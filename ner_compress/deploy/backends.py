@@ -4,16 +4,15 @@ Each backend only implements ``logits(input_ids, token_type_ids) -> numpy``; win
 bucketed padding, decoding and entity extraction live in ``inference.Tagger``. ``load_tagger``
 picks one by name; ``DEFAULT_BACKEND`` is the faster one on CPU as measured (README, "Backends").
 """
-import json
 import os
 
 import numpy as np
 import paddle.inference as paddle_infer
 
 from ner_compress.core.errors import UserError
-from ner_compress.deploy.inference import Tagger, bucket_length, read_meta
+from ner_compress.data.window_scores import bucket_length
+from ner_compress.deploy.inference import Tagger, read_meta
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
-from ner_compress.models.modeling import numpy_logits
 
 BACKENDS = ("paddle", "onnxruntime")
 DEFAULT_BACKEND = "onnxruntime"
@@ -144,7 +143,7 @@ class DynamicTagger(Tagger):
     """The exported dynamic-graph model, for the static-vs-dynamic comparison."""
 
     def __init__(self, export_dir, batch_size=32, decoding="viterbi"):
-        from ner_compress.models.families import model_class_for
+        from ner_compress.models.families import model_class_for  # PaddleNLP: only this backend needs it
 
         super().__init__(os.path.join(export_dir, "static"), batch_size, decoding)
         dynamic = os.path.join(export_dir, "dynamic")
@@ -152,6 +151,8 @@ class DynamicTagger(Tagger):
         self.model.eval()
 
     def logits(self, input_ids, token_type_ids):
+        from ner_compress.models.modeling import numpy_logits
+
         return numpy_logits(self.model, input_ids, token_type_ids)
 
 

@@ -17,15 +17,16 @@ from paddle.static import InputSpec
 from paddleslim.nas.ofa import OFA
 
 from ner_compress.core.artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
-from ner_compress.data.corpus import collate, copy_vocab
+from ner_compress.data.corpus import collate
+from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.errors import Int8Refused, UserError
 from ner_compress.deploy.backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from ner_compress.deploy.onnx_variants import write_variants
-from ner_compress.deploy.inference import INFERENCE_META, MODEL_PREFIX
+from ner_compress.core.static_files import MODEL_PREFIX
+from ner_compress.deploy.inference import INFERENCE_META
 from ner_compress.core.checkpoint import load_weights
 from ner_compress.models.families import load_config, model_class_for, save_tokenizer
-from ner_compress.models.modeling import (count_parameters, load_pretrained, numpy_logits,
-                       sub_model_state, width_plan)
+from ner_compress.models.modeling import count_parameters, load_pretrained, numpy_logits, sub_model_state, width_plan
 from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
 
 log = logging.getLogger("ner_compress")

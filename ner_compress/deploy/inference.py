@@ -10,19 +10,16 @@ positions, so the real positions' logits do not change, and a backend sees few d
 import json
 import os
 
-import numpy as np
 
-from ner_compress.data.corpus import Sentence, encode, eval_batches, load_encoder, padded, stitch_scores
-from ner_compress.data.decoding import Decoder, log_softmax
 from ner_compress.core.errors import UserError
+from ner_compress.core.static_files import PROGRAM_FILES, program_file
+from ner_compress.data.corpus import Sentence, encode
+from ner_compress.data.vocab import load_encoder
+from ner_compress.data.decoding import Decoder
 from ner_compress.data.entity_scores import extract_entities
-from ner_compress.core.static_files import MODEL_PREFIX, PROGRAM_FILES, program_file  # noqa: F401  (MODEL_PREFIX: re-exported)
+from ner_compress.data.window_scores import BUCKET, model_inputs, tag_sentences
 
 INFERENCE_META = "inference.json"
-# Paddle Inference's oneDNN rebuilds its primitives for every new input shape (about 5 ms at
-# batch 1 on the demo model); multiples of 16 leave at most 8 lengths up to 128 and pad a
-# sentence by 8 positions on average
-BUCKET = 16
 
 
 def read_meta(model_dir):
@@ -32,46 +29,6 @@ def read_meta(model_dir):
                         f"{' or '.join(PROGRAM_FILES)}); run `python tools/export.py` first")
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def bucket_length(length, multiple=BUCKET):
-    """``length`` rounded up to a multiple of ``multiple`` (no rounding when ``multiple`` is 0)."""
-    return -(-length // multiple) * multiple if multiple else length
-
-
-def model_inputs(windows, pad_id, multiple=BUCKET):
-    """What a backend is fed for ``windows``: ids padded on the right with ``pad_id`` up to the
-    ``bucket_length`` of the longest (no labels: this runs once per request)."""
-    width = bucket_length(max(len(w.input_ids) for w in windows), multiple)
-    input_ids = padded([w.input_ids for w in windows], pad_id, width)
-    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids)}
-
-
-def window_log_probs(logits_fn, windows, batch_size, pad_id, bucket=BUCKET):
-    """Log-probabilities [characters, labels] per window (positions 1..n), in the windows' order.
-
-    ``logits_fn(input_ids, token_type_ids)`` takes and returns numpy arrays (a predictor, ONNX
-    Runtime, or ``modeling.numpy_logits``); batches are padded with ``pad_id``, the vocabulary's
-    [PAD], to a multiple of ``bucket`` positions (0: to the longest window only).
-    """
-    out = [None] * len(windows)
-    for idx in eval_batches(windows, batch_size):
-        batch = model_inputs([windows[i] for i in idx], pad_id, bucket)
-        scores = log_softmax(logits_fn(batch["input_ids"], batch["token_type_ids"]))
-        for row, i in enumerate(idx):
-            out[i] = scores[row, 1: len(windows[i].input_ids) - 1]
-    return out
-
-
-def sentence_log_probs(logits_fn, sentences, windows, batch_size, pad_id, bucket=BUCKET):
-    """Log-probabilities [characters, labels] per sentence, stitched from its windows."""
-    scores = window_log_probs(logits_fn, windows, batch_size, pad_id, bucket)
-    return stitch_scores([len(s.chars) for s in sentences], windows, scores)
-
-
-def tag_sentences(logits_fn, sentences, windows, batch_size, pad_id, decoder, bucket=BUCKET):
-    """BIO tags per sentence: window scores stitched per sentence, then decoded whole."""
-    return [decoder(s) for s in sentence_log_probs(logits_fn, sentences, windows, batch_size, pad_id, bucket)]
 
 
 class Tagger:

@@ -13,7 +13,7 @@ from onnx import TensorProto
 from ner_compress.deploy.backends import INT8_FILE
 from ner_compress.data.decoding import Decoder
 from ner_compress.core.errors import UserError
-from ner_compress.deploy.inference import model_inputs, sentence_log_probs
+from ner_compress.data.window_scores import model_inputs, sentence_log_probs
 from ner_compress.data.entity_scores import entity_scores
 
 log = logging.getLogger("ner_compress")

@@ -21,12 +21,12 @@ from ner_compress.measure import timing
 from ner_compress.models.families import load_config
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.artifacts import MANIFEST, read_manifest
-from ner_compress.deploy.backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger, StaticTagger,
-                       default_backend, load_tagger, onnx_path_for)
+from ner_compress.deploy.backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
+                                          StaticTagger, default_backend, load_tagger, onnx_path_for)
 from ner_compress.deploy.inference import Tagger
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
 from ner_compress.data.entity_scores import entity_scores
-from ner_compress.models.modeling import width_plan
+from ner_compress.models.width_plan import width_plan
 from ner_compress.deploy.export import max_abs_diff, trained_widths
 
 

@@ -1,4 +1,5 @@
-"""The HTTP server (``python -m ner_compress.serve``) as a child process on a free local port: start, wait until ready, stop.
+"""The HTTP server (``python -m ner_compress.serve``) as a child process on a free local port: start, wait
+until ready, stop.
 
 Used by the load test and the server tests, so both talk to the real server over HTTP.
 """
@@ -46,8 +47,8 @@ class ServerProcess:
     def __init__(self, model_dir, *flags, log_path=None, python=sys.executable, host="127.0.0.1"):
         self.host, self.port = host, free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.command = [python, "-m", SERVE_MODULE, "--model_dir", str(model_dir), "--host", host, "--port", str(self.port),
-                        *map(str, flags)]
+        self.command = [python, "-m", SERVE_MODULE, "--model_dir", str(model_dir), "--host", host,
+                        "--port", str(self.port), *map(str, flags)]
         self.log_path = log_path
         self.process = None
         self.observed = []  # (seconds since start, /health status, /ready status) while waiting

@@ -2,7 +2,7 @@
 
 RoBERTa-wwm-ext and MacBERT ship as BERT-shaped checkpoints and load as ``bert``. Each family
 gets one NER class: PaddleNLP's ``XForTokenClassification`` plus the encoder options our configs
-record (``width_mult``: heads and neurons cut by ``modeling.width_plan``; ``normalize_before``:
+record (``width_mult``: heads and neurons cut by ``width_plan``; ``normalize_before``:
 pre-LN; ``local_conv_kernel``: a convolution after the embeddings). The family is the config's
 ``model_type``, recorded in every manifest, so a later stage rebuilds the same class and never
 assumes BERT.
@@ -17,24 +17,7 @@ from paddlenlp.transformers import (BertConfig, BertForTokenClassification, Bert
                                     RobertaConfig, RobertaForTokenClassification)
 
 from ner_compress.core.errors import UserError
-
-
-def encoder_layers(model):
-    """The encoder layers inside a token classifier (``model.bert``, ``model.ernie``, ...)."""
-    return model.base_model.encoder.layers
-
-
-def configure_encoder(model, config):
-    """Apply the options our configs record; called by every family's class after building it."""
-    from ner_compress.models.modeling import shrink_encoder, use_local_context, use_pre_layer_norm
-
-    if getattr(config, "local_conv_kernel", 0):
-        use_local_context(model, int(config.local_conv_kernel))
-    if getattr(config, "normalize_before", False):
-        use_pre_layer_norm(model)
-    width_mult = float(getattr(config, "width_mult", 1.0))
-    if width_mult < 1.0:
-        shrink_encoder(model, width_mult)
+from ner_compress.models.encoder_changes import configure_encoder
 
 
 def _ner_class(base):

@@ -1,24 +1,29 @@
-"""Building the teacher, and what a width keeps of it.
+"""Building the teacher (fresh or from pretrained weights, safetensors unless pickles are allowed), slicing
+supernet weights into a sub-model, and small helpers on a built model.
 
-A width-``w`` sub-model keeps the hidden size and the head size; it keeps ``w`` of the
-heads (snapped to whole heads) and the same share of the feed-forward neurons (``width_plan``).
-The config carries ``width_mult`` and the family's NER class (``architectures``) shrinks its
-layers to match: ``save_pretrained`` / ``from_pretrained`` round-trip the exported model.
+The config carries ``width_mult`` and the family's NER class (``families``) shrinks its layers to match
+(``encoder_changes``), so ``save_pretrained`` / ``from_pretrained`` round-trip an exported width.
 """
-import math
 import os
-import types
-from dataclasses import dataclass
 
 import paddle
-from paddle import nn
-from ner_compress.models.families import (PrunedBertForTokenClassification, encoder_layers, family,  # noqa: F401
-                            load_config, model_class_for)
-from ner_compress.models.e5_pretrained import resolve_model_path
+
 from ner_compress.core.errors import UserError
+from ner_compress.models.e5_pretrained import resolve_model_path
+from ner_compress.models.families import family, load_config, model_class_for
+from ner_compress.models.width_plan import width_plan
 
 SAFE_WEIGHTS = "model.safetensors"
 PICKLED_WEIGHTS = "model_state.pdparams"
+
+
+def check_model_options(cfg):
+    """What the core config cannot check alone: the family exists, and a fresh model's widths keep whole
+    heads (a pretrained teacher's head count is checked once it is loaded)."""
+    family(cfg.model_type)
+    if not cfg.model_name_or_path:
+        for width in cfg.width_mult_list:
+            width_plan(cfg, width)
 
 
 def teacher_config(cfg, labels, vocab_size, pad_id):
@@ -109,95 +114,6 @@ def build_teacher(cfg, labels, vocab_size, pad_id):
     model.config.pad_token_id = pad_id
     model.base_model.pad_token_id = pad_id
     return model
-
-
-@dataclass(frozen=True)
-class WidthPlan:
-    """What a width keeps of every encoder layer: whole heads, and FFN neurons in the same ratio."""
-    requested: float
-    heads: int
-    num_heads: int
-    head_dim: int
-    neurons: int
-
-    @property
-    def effective(self):
-        return self.heads / self.num_heads
-
-    @property
-    def attention_width(self):
-        """Columns of the q/k/v projections: whole heads only."""
-        return self.heads * self.head_dim
-
-
-def width_plan(config, width):
-    """The one rule for a width: heads = ``width`` x heads rounded to the nearest whole head
-    (1.0 0.8333 0.6667 0.5 on 12 heads: 12, 10, 8, 6), neurons in the same effective ratio.
-
-    Supernet, export and ``PrunedBertForTokenClassification`` all cut by this plan, so a width
-    that does not land on whole heads is snapped the same way everywhere."""
-    num_heads = int(config.num_attention_heads)
-    heads = int(math.floor(num_heads * float(width) + 0.5))
-    if not 0 < width <= 1 or heads < 1:
-        raise UserError(f"--width_mult {width}: keeps no attention head of {num_heads} (widths must be in "
-                        f"[{0.5 / num_heads:.3g}, 1] for this model)")
-    neurons = int(math.floor(config.intermediate_size * heads / num_heads + 0.5))
-    return WidthPlan(float(width), heads, num_heads, config.hidden_size // num_heads, neurons)
-
-
-def _linear(in_features, out_features):
-    return nn.Linear(in_features, out_features)
-
-
-def shrink_encoder(model, width_mult):
-    """Cut heads and feed-forward neurons of every encoder layer as ``width_plan`` says."""
-    plan = width_plan(model.config, width_mult)
-    hidden = model.config.hidden_size
-    for layer in encoder_layers(model):
-        attn = layer.self_attn
-        attn.num_heads = plan.heads
-        attn.q_proj = _linear(hidden, plan.attention_width)
-        attn.k_proj = _linear(hidden, plan.attention_width)
-        attn.v_proj = _linear(hidden, plan.attention_width)
-        attn.out_proj = _linear(plan.attention_width, hidden)
-        layer.linear1 = _linear(hidden, plan.neurons)
-        layer.linear2 = _linear(plan.neurons, hidden)
-    return model
-
-
-def use_pre_layer_norm(model):
-    """Pre-LN encoder: each layer normalises its input, and one LayerNorm closes the encoder.
-    PaddleNLP's BERT is post-LN only; pre-LN trains stably at higher learning rates."""
-    layers = encoder_layers(model)
-    for layer in layers:
-        layer.normalize_before = True
-    model.base_model.encoder.norm = nn.LayerNorm(model.config.hidden_size, epsilon=layers[0].norm1._epsilon)
-    return model
-
-
-def use_local_context(model, kernel):
-    """A residual 1-D convolution over ``kernel`` neighbouring characters after the embeddings.
-
-    A transformer from random weights has no notion of locality and learns character n-grams
-    slowly; the convolution gives it them from the first step. Padding is zeroed before it, so a
-    sentence's scores do not depend on how far its batch was padded."""
-    embeddings = model.base_model.embeddings
-    channels = embeddings.layer_norm.weight.shape[0]  # ELECTRA: the embedding size
-    embeddings.local_conv = nn.Conv1D(channels, channels, kernel, padding=kernel // 2)
-    embeddings.local_pad_id = int(model.config.pad_token_id)
-    embeddings.forward = types.MethodType(_local_context_forward, embeddings)
-    return model
-
-
-def _local_context_forward(self, input_ids=None, *args, **kwargs):
-    hidden = type(self).forward(self, input_ids, *args, **kwargs)
-    if input_ids is None:  # called with inputs_embeds: no ids to find padding by, every position counts
-        keep = paddle.ones_like(hidden[:, :, :1])
-    else:
-        keep = (input_ids != self.local_pad_id).astype(hidden.dtype).unsqueeze(-1)
-    # channels first: Paddle Inference's oneDNN conv mislays NLC outputs (2.6.2: LayerNorm shape error)
-    context = self.local_conv((hidden * keep).transpose([0, 2, 1])).transpose([0, 2, 1])
-    return hidden + context
 
 
 def sub_model_state(supernet_state, sub_model):

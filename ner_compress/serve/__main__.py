@@ -20,5 +20,10 @@ def main(argv=None):
     serve(ServeOptions(**vars(parser.parse_args(argv))))
 
 
-if __name__ == "__main__":
+def cli():
+    """The ``ner-compress-serve`` console script of an installed package."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
