@@ -6,6 +6,8 @@ import paddle
 import pytest
 from conftest import TINY, train_near_random_teacher
 from conftest import run_tool as run
+
+from ner_compress.core import layout
 # Paddle 3 exports a PIR program, which post-training INT8 quantization cannot read (benchmark.int8_unavailable)
 INT8 = {"int8"} if paddle.__version__.startswith("2.") else set()
 
@@ -53,7 +55,8 @@ def assert_figures_are_of_the_rows_export(out, row):
     from ner_compress.core.config import Config, load_yaml
     from ner_compress.data.corpus import load_splits
 
-    export_dir = dict(benchmark.export_dirs(str(out)))[row["model"]]
+    export_dir = next(layout.export_dir(str(out), ref) for ref in layout.exported_models(str(out))
+                      if ref.name == row["model"])
     static = os.path.join(export_dir, "static")
     assert row["disk_bytes"] == sum(os.path.getsize(os.path.join(static, f"model{ext}"))
                                     for ext in (".pdmodel", ".pdiparams"))
@@ -98,8 +101,8 @@ def test_each_backend_and_precision_present_is_a_row_measured_in_a_process_of_it
 
     out, results = bench
     rows = results["rows"]
-    expected = [(name, kind) for name, directory in benchmark.export_dirs(str(out))
-                for _, kind in benchmark.variants(directory, BACKENDS)]
+    expected = [(ref.name, kind) for ref in layout.exported_models(str(out))
+                for _, kind in benchmark.variants(layout.export_dir(str(out), ref), BACKENDS)]
     assert [(r["model"], r["precision_kind"]) for r in rows] == expected
     assert {"onnxruntime-unfused", "onnxruntime-int8"} <= {kind for _, kind in expected}  # the export wrote both
     assert len({r["pid"] for r in rows}) == len(rows) and os.getpid() not in {r["pid"] for r in rows}

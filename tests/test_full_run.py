@@ -144,13 +144,13 @@ def test_a_student_that_cannot_map_fails_before_the_teacher_trains(tmp_path):
 def assert_scores_are_each_exports_own(out, rows):
     """Each row's scores are its own export's, re-measured on the test set through the row's backend."""
     from ner_compress.deploy.backends import load_tagger
-    from ner_compress.measure.benchmark import export_dirs
+    from ner_compress.core import layout
     from ner_compress.core.config import load_yaml
     from ner_compress.data.corpus import load_splits
     from ner_compress.data.entity_scores import entity_scores
 
     test = load_splits(Config(**load_yaml(TINY))).test
-    directories = dict(export_dirs(str(out)))
+    directories = {ref.name: layout.export_dir(str(out), ref) for ref in layout.exported_models(str(out))}
     for row in rows:
         tagger = load_tagger(os.path.join(directories[row["model"]], "static"), row["backend"], "cpu", None)
         scores = entity_scores([s.tags for s in test], tagger.tag_sentences(test))

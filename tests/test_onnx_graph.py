@@ -78,7 +78,7 @@ def test_unrewritten_graph_gets_no_attention(tmp_path, vocab_file):
 
 def test_a_failing_optimizer_falls_back_with_the_reason_recorded(tmp_path, vocab_file, monkeypatch):
     from ner_compress.deploy import onnx_graph, onnx_variants
-    from ner_compress.deploy.export import check_parity
+    from ner_compress.deploy.parity import check_parity
     from ner_compress.models.width_plan import width_plan
 
     model = model_of("bert", 0.5)
@@ -99,7 +99,7 @@ def test_a_failing_optimizer_falls_back_with_the_reason_recorded(tmp_path, vocab
 def test_a_fused_graph_that_breaks_parity_is_not_kept(tmp_path, vocab_file):
     from ner_compress.deploy import onnx_variants
     from ner_compress.deploy.backends import StaticTagger
-    from ner_compress.deploy.export import check_parity
+    from ner_compress.deploy.parity import check_parity
     from ner_compress.models.width_plan import width_plan
 
     model = model_of("bert")

@@ -114,19 +114,20 @@ def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
     """run_pipeline keeps the FP32 export and logs the refusal; any other error still stops it."""
     from ner_compress.commands import pipeline as full_run
     from ner_compress.core.errors import Int8Refused, UserError
+    from ner_compress.core.layout import ModelRef
 
-    def refuse(cfg, width, data, source="teacher"):
+    def refuse(cfg, ref, data):
         raise Int8Refused("--int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points")
 
     warnings = []  # captured here: the project's logger may not propagate to pytest's handler
     monkeypatch.setattr(full_run.log, "warning", lambda fmt, *args: warnings.append(fmt % args))
     monkeypatch.setattr(full_run, "run_export", refuse)
-    full_run.export_keeping_fp32(None, 0.5, None)
+    full_run.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
     assert warnings == ["INT8 not kept: --int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points"]
 
-    def broken(cfg, width, data, source="teacher"):
+    def broken(cfg, ref, data):
         raise UserError("export parity failed")
 
     monkeypatch.setattr(full_run, "run_export", broken)
     with pytest.raises(UserError, match="export parity failed"):
-        full_run.export_keeping_fp32(None, 0.5, None)
+        full_run.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, TINY_LABELS, launch, max_weight_diff, run_tool, \
     tool_command, wait_for
-from ner_compress.measure import benchmark
+from ner_compress.core import layout
 from ner_compress.commands import stages as pipeline
 from ner_compress.compress import student
 from ner_compress.core.config import Config
@@ -183,7 +183,7 @@ def test_student_and_its_width_reload_and_pass_parity(composed):
     assert reloaded.bert.encoder.layers[0].self_attn.num_heads == 1
     ofa = json.load(open(composed / "student_ofa" / "width_0.5" / "manifest.json"))
     assert ofa["inputs"]["teacher"]["stage"] == "student"  # the supernet's teacher is the student
-    assert [name for name, _ in benchmark.export_dirs(str(composed))] == ["student", "student width 0.5"]
+    assert [ref.name for ref in layout.exported_models(str(composed))] == ["student", "student width 0.5"]
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(composed, tmp_path):

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import TINY_LABELS, random_bio_tags, run_tool
 from ner_compress.commands import stages as pipeline
+from ner_compress.core import layout
 from ner_compress.compress import vocab_pruning
 from ner_compress.models.families import FAMILIES, model_class_for, save_tokenizer
 from ner_compress.core.artifacts import read_manifest
@@ -209,10 +210,10 @@ def test_pipeline_hook_prunes_once_and_the_teacher_fine_tunes_from_it(tmp_path):
                                 "--dev_file", more.dev_file, "--max_seq_length", "64", "--max_steps", "2",
                                 "--eval_steps", "2", "--per_device_train_batch_size", "4",
                                 "--output_dir", cfg.output_dir])
-    teacher = read_manifest(pipeline.teacher_dir(cfg), "teacher")
+    teacher = read_manifest(layout.stage_dir(cfg.output_dir, "teacher"), "teacher")
     assert teacher["config"]["model_name_or_path"] == target
     assert teacher["vocab_sha256"] == read_manifest(target, vocab_pruning.STAGE)["vocab_sha256"]
-    weights = load_file(os.path.join(pipeline.teacher_dir(cfg), SAFE_WEIGHTS))
+    weights = load_file(os.path.join(layout.stage_dir(cfg.output_dir, "teacher"), SAFE_WEIGHTS))
     assert weights["bert.embeddings.word_embeddings.weight"].shape[0] == len(SPECIALS) + len(CORPUS_CHARS) + 5
 
 

@@ -8,17 +8,19 @@ import json
 import logging
 import os
 
-from ner_compress.measure import benchmark, report
 from ner_compress.commands import stage_pool
-from ner_compress.compress import student, supernet
-from ner_compress.models.families import load_config
-from ner_compress.core.artifacts import MANIFEST, write_json
-from ner_compress.models.e5_pretrained import resolve_model_path
-from ner_compress.core.errors import Int8Refused
-from ner_compress.models.modeling import teacher_config
 from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start,
-                                          export_dir, ofa_dir, parse_stage_config, pruned_teacher_config, run_export,
-                                          run_ofa, run_student, run_teacher, student_dir, teacher_dir)
+                                          parse_stage_config, pruned_teacher_config, run_export, run_ofa,
+                                          run_student, run_teacher)
+from ner_compress.compress import student
+from ner_compress.core import layout
+from ner_compress.core.artifacts import MANIFEST, write_json
+from ner_compress.core.errors import Int8Refused
+from ner_compress.core.layout import ModelRef
+from ner_compress.measure import benchmark, report
+from ner_compress.models.e5_pretrained import resolve_model_path
+from ner_compress.models.families import load_config
+from ner_compress.models.modeling import teacher_config
 
 log = logging.getLogger("ner_compress")
 
@@ -27,10 +29,10 @@ def widths(cfg):
     return sorted(cfg.width_mult_list, reverse=True)
 
 
-def export_keeping_fp32(cfg, width, data, source="teacher"):
+def export_keeping_fp32(cfg, ref, data):
     """``run_export``; a refused INT8 copy is a warning here: the run goes on with the FP32 export."""
     try:
-        run_export(cfg, width, data, source)
+        run_export(cfg, ref, data)
     except Int8Refused as refusal:
         log.warning("INT8 not kept: %s", refusal)
 
@@ -40,7 +42,7 @@ def teacher_widths(cfg, data=None):
     data = data or _start(cfg)
     run_ofa(cfg, data)
     for width in [None, *widths(cfg)]:
-        export_keeping_fp32(cfg, width, data)
+        export_keeping_fp32(cfg, ModelRef("teacher", width), data)
 
 
 def student_widths(cfg, data=None):
@@ -49,16 +51,7 @@ def student_widths(cfg, data=None):
     run_student(cfg, data)
     run_ofa(cfg, data, "student")
     for width in [None, *widths(cfg)]:
-        export_keeping_fp32(cfg, width, data, "student")
-
-
-def models(cfg):
-    """(table name, export directory) of every model the run makes."""
-    rows = [("teacher", export_dir(cfg))] + [(f"width {w}", export_dir(cfg, w)) for w in widths(cfg)]
-    if cfg.run_student:
-        rows += [("student", export_dir(cfg, None, "student"))]
-        rows += [(f"student width {w}", export_dir(cfg, w, "student")) for w in widths(cfg)]
-    return rows
+        export_keeping_fp32(cfg, ModelRef("student", width), data)
 
 
 def check_student_plan(cfg, data):
@@ -85,16 +78,16 @@ def run_all(cfg):
         branches.append(("student and its widths", student_widths))
     stage_pool.run_branches(cfg, branches, data)
     log.info("measuring %d test sentences per model", len(data.splits.test))
-    rows = [benchmark.summary_row(name, directory, data.splits.test, cfg.cpu_threads, cfg.device)
-            for name, directory in models(cfg)]
+    rows = [benchmark.summary_row(ref, layout.export_dir(cfg.output_dir, ref), data.splits.test, cfg.cpu_threads,
+                                  cfg.device) for ref in layout.planned_models(cfg.width_mult_list, cfg.run_student)]
     speeds = training_speeds(cfg)
     text = report.summary_table(rows) + "\n\n" + "\n".join(
         f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
         f"evaluation, {v['cpu_threads']} CPU thread(s))" for stage, v in speeds.items())
-    os.makedirs(os.path.join(cfg.output_dir, "report"), exist_ok=True)
-    write_json(os.path.join(cfg.output_dir, "report", "pipeline.json"),
-               {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
-    with open(os.path.join(cfg.output_dir, "report", "pipeline.md"), "w", encoding="utf-8") as fh:
+    report_dir = layout.report_dir(cfg.output_dir)
+    os.makedirs(report_dir, exist_ok=True)
+    write_json(os.path.join(report_dir, "pipeline.json"), {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
+    with open(os.path.join(report_dir, "pipeline.md"), "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
     print(text)
     return rows
@@ -102,10 +95,11 @@ def run_all(cfg):
 
 def training_speeds(cfg):
     """Sentences/s of each training stage and its CPU threads, as its manifest recorded them."""
-    top = max(cfg.width_mult_list)
-    stages = {"teacher": teacher_dir(cfg), "ofa": supernet.width_dir(ofa_dir(cfg), top)}
+    top, out = max(cfg.width_mult_list), cfg.output_dir
+    stages = {"teacher": layout.stage_dir(out, "teacher"), "ofa": layout.width_dir(layout.ofa_dir(out), top)}
     if cfg.run_student:
-        stages.update({"student": student_dir(cfg), "student ofa": supernet.width_dir(ofa_dir(cfg, "student"), top)})
+        stages.update({"student": layout.stage_dir(out, "student"),
+                       "student ofa": layout.width_dir(layout.ofa_dir(out, "student"), top)})
     speeds = {}
     for stage, directory in stages.items():
         path = os.path.join(directory, MANIFEST)

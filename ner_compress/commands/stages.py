@@ -1,8 +1,5 @@
-"""The stages as functions of a Config, and the command lines that call them (all of them in
-order: ``full_run``).
-
-``DIR/teacher`` -> ``DIR/ofa/width_W`` -> ``DIR/export/{teacher,width_W}/{dynamic,static}``;
-``DIR/teacher`` -> ``DIR/student`` -> ``DIR/student_ofa/width_W`` -> ``DIR/export/{student,student_width_W}``.
+"""The stages as functions of a Config, and the command lines that call them (all of them in order:
+``commands.pipeline``). Where each stage reads and writes: ``core.layout``.
 """
 import json
 import logging
@@ -11,10 +8,11 @@ import sys
 
 from ner_compress.measure import benchmark, report
 from ner_compress.deploy import export
-from ner_compress.core import parallel, runtime
+from ner_compress.core import layout, parallel, runtime
 from ner_compress.compress import student, supernet, training, vocab_pruning
 from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
+from ner_compress.core.layout import SOURCES, ModelRef
 from ner_compress.core.config import parse_config
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
@@ -46,7 +44,6 @@ STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
     "intermediate_matches", "student_temperature", "student_lambda_logit", "student_hard_label_weight",
     "student_learning_rate", "student_num_train_epochs", "student_max_steps", "student_eval_steps",
     "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
-SOURCES = ("teacher", "student")  # what a width supernet can be made of (--from)
 
 
 def parse_stage_config(description, names, argv=None, **kwargs):
@@ -54,24 +51,6 @@ def parse_stage_config(description, names, argv=None, **kwargs):
     cfg, args = parse_config(description, names, argv, **kwargs)
     check_model_options(cfg)
     return cfg, args
-
-
-def teacher_dir(cfg):
-    return os.path.join(cfg.output_dir, "teacher")
-
-
-def student_dir(cfg):
-    return os.path.join(cfg.output_dir, "student")
-
-
-def ofa_dir(cfg, source="teacher"):
-    return os.path.join(cfg.output_dir, "ofa" if source == "teacher" else f"{source}_ofa")
-
-
-def export_dir(cfg, width=None, source="teacher"):
-    prefix = "" if source == "teacher" else f"{source}_"
-    name = source if width is None else f"{prefix}width_{round(width, 4)}"
-    return os.path.join(cfg.output_dir, "export", name)
 
 
 def recorded_config(stage_dir):
@@ -84,10 +63,6 @@ def recorded_config(stage_dir):
             recorded = json.load(fh).get("config", {})
         return {k: v for k, v in recorded.items() if k not in NOT_INHERITED}
     return inherit
-
-
-def checkpoint_dir(cfg, stage):
-    return os.path.join(cfg.output_dir, "checkpoints", stage)
 
 
 def _start(cfg):
@@ -111,32 +86,34 @@ def pruned_teacher_config(cfg):
 
 def run_teacher(cfg, data=None):
     data = data or _start(cfg)
-    return training.train_teacher(cfg, data, teacher_dir(cfg), checkpoint_dir(cfg, "teacher"))
+    return training.train_teacher(cfg, data, layout.stage_dir(cfg.output_dir, "teacher"),
+                                  layout.checkpoint_dir(cfg.output_dir, "teacher"))
 
 
 def run_student(cfg, data=None):
     """Distil DIR/teacher into the configured student (DIR/student/)."""
-    teacher_manifest = read_manifest(teacher_dir(cfg), "teacher")
-    student.plan(cfg, load_config(teacher_dir(cfg), "teacher"))  # a bad shape or match fails before data
+    teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
+    teacher_manifest = read_manifest(teacher_dir, "teacher")
+    student.plan(cfg, load_config(teacher_dir, "teacher"))  # a bad shape or match fails before data
     data = data or _start(cfg)
-    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir(cfg))
-    teacher = load_pretrained(model_class_for(teacher_dir(cfg), "teacher"), teacher_dir(cfg), flag="teacher")
-    return student.train_student(cfg, data, teacher, teacher_manifest, student_dir(cfg),
-                                 checkpoint_dir(cfg, "student"))
+    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir)
+    teacher = load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher")
+    return student.train_student(cfg, data, teacher, teacher_manifest, layout.stage_dir(cfg.output_dir, "student"),
+                                 layout.checkpoint_dir(cfg.output_dir, "student"))
 
 
 def run_ofa(cfg, data=None, source="teacher"):
     """The width supernet of ``source`` (teacher or student), distilled from ``source`` itself:
     its hidden states are matched layer by layer, so they must have the supernet's depth and size."""
-    source_dir = os.path.join(cfg.output_dir, source)
+    source_dir = layout.stage_dir(cfg.output_dir, source)
     teacher_manifest = read_manifest(source_dir, source)
     data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, source_dir)
     teacher = load_pretrained(model_class_for(source_dir, source), source_dir, flag=source)
     training.set_seed(cfg.seed)
-    out_dir = ofa_dir(cfg, source)
+    out_dir = layout.ofa_dir(cfg.output_dir, source)
     best, history = supernet.distill(cfg, data, teacher, teacher_manifest, out_dir,
-                                     checkpoint_dir(cfg, os.path.basename(out_dir)))
+                                     layout.checkpoint_dir(cfg.output_dir, os.path.basename(out_dir)))
     if not parallel.is_writer():
         return best, history
     summary = {"stage": "ofa-summary", "widths": sorted(best), "best": best,
@@ -148,13 +125,14 @@ def run_ofa(cfg, data=None, source="teacher"):
     return best, history
 
 
-def run_export(cfg, width=None, data=None, source="teacher"):
-    """Export one width of ``source``'s supernet (or ``source`` itself when ``width`` is None)."""
+def run_export(cfg, ref, data=None):
+    """Export one model: a width of its source's supernet, or the source itself (``ref.width`` None)."""
     data = data or _start(cfg)
-    if width is None:
-        return export.export_teacher(cfg, data, os.path.join(cfg.output_dir, source), export_dir(cfg, None, source),
-                                     stage=source)
-    return export.export_width(cfg, data, ofa_dir(cfg, source), export_dir(cfg, width, source), width)
+    out_dir = layout.export_dir(cfg.output_dir, ref)
+    if ref.width is None:
+        return export.export_teacher(cfg, data, layout.stage_dir(cfg.output_dir, ref.source), out_dir,
+                                     stage=ref.source)
+    return export.export_width(cfg, data, layout.ofa_dir(cfg.output_dir, ref.source), out_dir, ref.width)
 
 
 def run_benchmark(cfg, opts, command):
@@ -163,16 +141,10 @@ def run_benchmark(cfg, opts, command):
 
     data = _start(cfg)
     if opts["export_missing"]:
-        if not os.path.isdir(os.path.join(export_dir(cfg), "static")):
-            run_export(cfg, None, data)
-        for width in export.trained_widths(ofa_dir(cfg)):
-            if not os.path.isdir(os.path.join(export_dir(cfg, width), "static")):
-                run_export(cfg, width, data)
-        if os.path.isfile(os.path.join(student_dir(cfg), MANIFEST)):
-            for width in [None, *export.trained_widths(ofa_dir(cfg, "student"))]:
-                if not os.path.isdir(os.path.join(export_dir(cfg, width, "student"), "static")):
-                    run_export(cfg, width, data, "student")
-    models = benchmark.export_dirs(cfg.output_dir)
+        for ref in layout.trained_models(cfg.output_dir):
+            if not layout.is_exported(cfg.output_dir, ref):
+                run_export(cfg, ref, data)
+    models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in layout.exported_models(cfg.output_dir)]
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
                         f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
@@ -180,7 +152,7 @@ def run_benchmark(cfg, opts, command):
         for _, directory in models:
             check_backend(backend, os.path.join(directory, "static"))
     pruned = vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
-    report_dir = os.path.join(cfg.output_dir, "report")
+    report_dir = layout.report_dir(cfg.output_dir)
     work_dir = os.path.join(report_dir, "models")
     os.makedirs(work_dir, exist_ok=True)
     sentences = data.splits.test
@@ -269,7 +241,7 @@ def export_cli(argv=None):
     if args.teacher and args.student:
         raise UserError("--teacher and --student: export one model at a time")
     if args.teacher or args.student:
-        run_export(cfg, None, source="student" if args.student else "teacher")
+        run_export(cfg, ModelRef("student" if args.student else "teacher"))
     else:
-        run_export(cfg, cfg.width_mult, source=args.source)
+        run_export(cfg, ModelRef(args.source, cfg.width_mult))
 

@@ -11,7 +11,6 @@ import logging
 import os
 from functools import partial
 
-import numpy as np
 import paddle
 from paddle.static import InputSpec
 from paddleslim.nas.ofa import OFA
@@ -22,25 +21,20 @@ from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.errors import Int8Refused, UserError
 from ner_compress.deploy.backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from ner_compress.deploy.onnx_variants import write_variants
+from ner_compress.deploy.parity import check_parity
 from ner_compress.core.static_files import MODEL_PREFIX
 from ner_compress.deploy.inference import INFERENCE_META
+from ner_compress.core import layout
 from ner_compress.core.checkpoint import load_weights
+from ner_compress.core.layout import trained_widths
 from ner_compress.models.families import load_config, model_class_for, save_tokenizer
-from ner_compress.models.modeling import count_parameters, load_pretrained, numpy_logits, sub_model_state, width_plan
-from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet, width_dir
+from ner_compress.models.modeling import count_parameters, load_pretrained, numpy_logits, sub_model_state
+from ner_compress.models.width_plan import width_plan
+from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet
 
 log = logging.getLogger("ner_compress")
-PARITY_TOLERANCE = 1e-4
 INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
               InputSpec([None, None], "int64", name="token_type_ids")]
-
-
-def trained_widths(parent, marker="manifest.json", prefix="width_"):
-    """Widths W with a finished ``parent/<prefix>W/<marker>`` (ofa/ by default, export/ with "static")."""
-    if not os.path.isdir(parent):
-        return []
-    return sorted(float(name[len(prefix):]) for name in os.listdir(parent)
-                  if name.startswith(prefix) and os.path.exists(os.path.join(parent, name, marker)))
 
 
 def load_supernet_width(source_dir):
@@ -86,21 +80,6 @@ def save_static(model, static_dir, labels, max_seq_length, vocab_file):
                {"labels": list(labels), "max_seq_length": max_seq_length})
 
 
-def max_abs_diff(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-
-
-def check_parity(reference_name, reference, others):
-    """Every logits array in ``others`` within ``PARITY_TOLERANCE`` of ``reference``; otherwise a
-    one-line refusal naming the output that drifted (the tools exit 2, no traceback)."""
-    diffs = {name: max_abs_diff(reference, value) for name, value in others.items()}
-    for name, diff in diffs.items():
-        if not diff < PARITY_TOLERANCE:
-            raise UserError(f"export parity failed: {name} differs from {reference_name} by {diff:.2e} "
-                            f"(tolerance {PARITY_TOLERANCE:.0e}); the export is not written")
-    return diffs
-
-
 def sample_inputs(data, n=16):
     windows = data.windows("dev")[:n]
     batch = collate(windows, data.encoder.pad_id)
@@ -144,13 +123,13 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
 
 
 def export_width(cfg, data, ofa_dir, out_dir, width):
-    available = trained_widths(ofa_dir)
+    available = sorted(trained_widths(ofa_dir))
     if not available:
         raise UserError(f"{ofa_dir}: no trained width here; run `{MAKERS['ofa']}` first")
     if round(width, 4) not in [round(w, 4) for w in available]:
         raise UserError(f"--width_mult {width}: not trained in {ofa_dir} (trained: {available}); "
                         f"run `python tools/ofa_compress.py --width_mult_list ... {width}`")
-    source = width_dir(ofa_dir, width)
+    source = layout.width_dir(ofa_dir, width)
     manifest = read_manifest(source, "ofa")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
     ofa_model, state = load_supernet_width(source)

@@ -27,20 +27,7 @@ from ner_compress.deploy.inference import Tagger
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
 from ner_compress.data.entity_scores import entity_scores
 from ner_compress.models.width_plan import width_plan
-from ner_compress.deploy.export import max_abs_diff, trained_widths
-
-
-def export_dirs(output_dir):
-    """[(name, export dir)]: the teacher first, then widths from widest to narrowest; then the same
-    for the student (``student``, ``student width W``)."""
-    root = os.path.join(output_dir, "export")
-    found = []
-    for model, prefix in (("teacher", ""), ("student", "student_")):
-        if os.path.isdir(os.path.join(root, model, "static")):
-            found.append((model, os.path.join(root, model)))
-        widths = sorted(trained_widths(root, "static", f"{prefix}width_"), reverse=True)
-        found += [(f"{prefix.replace('_', ' ')}width {w}", os.path.join(root, f"{prefix}width_{w}")) for w in widths]
-    return found
+from ner_compress.deploy.parity import max_abs_diff
 
 
 # --- backends --------------------------------------------------------------------------------
@@ -254,8 +241,7 @@ def tagger_for(kind, export_dir, work_dir, opts):
                 {"disk_bytes": disk_bytes(static_dir)})
     if kind == "int8":
         feeds = calibration(Tagger(static_dir, opts["batch_size"]), opts["calibration_sentences"], opts["batch_size"])
-        int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{slug(os.path.basename(export_dir))}-int8"),
-                                 feeds)
+        int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{os.path.basename(export_dir)}-int8"), feeds)
         return (StaticTagger(int8_dir, threads=opts["threads"], batch_size=opts["batch_size"], int8=True),
                 {"disk_bytes": disk_bytes(int8_dir)})
     path = onnx_path_for(static_dir, "int8" if kind == "onnxruntime-int8" else "fp32")
@@ -270,11 +256,10 @@ def measure_variant(job):
     """Every figure of one (model, backend, precision_kind): accuracy with its tags, batch-1 latency,
     batch throughput; Paddle FP32 adds the dynamic graph and the FLOP rate, ONNX Runtime FP32 its
     logit difference from Paddle Inference (measured after the timings)."""
-    name, export_dir, kind, opts = job["name"], job["export_dir"], job["kind"], job["opts"]
+    ref, export_dir, kind, opts = job["model"], job["export_dir"], job["kind"], job["opts"]
     sentences, shape = job["sentences"], model_shape(export_dir)
     tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts)
-    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
-           "layers": shape["layers"], "heads": shape["heads"], "ffn_neurons": shape["ffn"],
+    row = {**model_fields(ref), "parameters": parameters(export_dir), "layers": shape["layers"], "heads": shape["heads"], "ffn_neurons": shape["ffn"],
            "backend": job["backend"], "precision_kind": kind, "pid": os.getpid(),
            "dtype": "int8" if kind.endswith("int8") else "fp32", **files, **accuracy(tagger, sentences)}
     speed_row(tagger, row, sentences, opts)
@@ -296,15 +281,15 @@ def measure_in_fresh_processes(models, sentences, work_dir, opts, progress):
     from a server that has only imported this module: a fresh process without the import each time."""
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [{"name": name, "export_dir": directory, "backend": backend, "kind": kind, "sentences": sentences,
-             "work_dir": work_dir, "opts": opts} for name, directory in models
+    jobs = [{"model": ref, "export_dir": directory, "backend": backend, "kind": kind, "sentences": sentences,
+             "work_dir": work_dir, "opts": opts} for ref, directory in models
             for backend, kind in variants(directory, opts["backends"])]
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])  # __main__: else each child re-imports it
     rows = []
     with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
         for job, row in zip(jobs, pool.map(measure_variant, jobs)):
-            progress(f"{job['name']}: {job['kind']} measured")
+            progress(f"{job['model'].name}: {job['kind']} measured")
             rows.append(row)
     return compare_tags(rows)
 
@@ -334,24 +319,18 @@ def calibration(tagger, sentences, batch_size):
             for b in fixed_batches(tagger, sentences, batch_size)]
 
 
-def slug(name):
-    return name.replace(" ", "_")
+def model_fields(ref):
+    """What a row says of its model: the table name, its source and width."""
+    return {"model": ref.name, "source": ref.source, "width_mult": ref.width_mult}
 
 
-def export_dir_width(name):
-    """1.0 for "teacher" and "student", W for "width W" and "student width W"."""
-    last = name.split()[-1]
-    return float(last) if last[0].isdigit() else 1.0
-
-
-def summary_row(name, export_dir, sentences, threads=None, device="cpu", latency_sentences=300,
+def summary_row(ref, export_dir, sentences, threads=None, device="cpu", latency_sentences=300,
                 backend=None):
     """The short figures ``run_pipeline.py`` prints: ``backend`` (default: ``backends.default_backend``),
     accuracy and batch-1 latency over real test sentences."""
     backend = backend or default_backend(device)
     tagger = load_tagger(os.path.join(export_dir, "static"), backend, device, threads)
-    row = {"model": name, "width_mult": export_dir_width(name), "parameters": parameters(export_dir),
-           "backend": backend}
+    row = {**model_fields(ref), "parameters": parameters(export_dir), "backend": backend}
     row.update(accuracy(tagger, sentences))
     row.pop("tags")
     tagger.batch_size = 1

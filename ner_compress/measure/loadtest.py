@@ -17,8 +17,10 @@ import threading
 
 import numpy as np
 
-from ner_compress.measure import timing
+from ner_compress.core import layout
 from ner_compress.core.errors import UserError
+from ner_compress.core.layout import ModelRef
+from ner_compress.measure import timing
 from ner_compress.measure.server_process import ServerProcess
 from ner_compress.measure.server_probes import abuse_checks
 
@@ -33,8 +35,8 @@ def models_to_test(output_dir, model_dirs=None):
     width 0.5 exported under ``output_dir``."""
     if model_dirs:
         return [(os.path.basename(os.path.dirname(os.path.abspath(d))), d) for d in model_dirs]
-    found = [(name, os.path.join(output_dir, "export", sub, "static"))
-             for name, sub in (("teacher", "teacher"), ("width 0.5", "width_0.5"))]
+    found = [(ref.name, os.path.join(layout.export_dir(output_dir, ref), "static"))
+             for ref in (ModelRef("teacher"), ModelRef("teacher", 0.5))]
     found = [(name, path) for name, path in found if os.path.isdir(path)]
     if not found:
         raise UserError(f"--output_dir {output_dir}: no export/teacher/static or export/width_0.5/static; run "

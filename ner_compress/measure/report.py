@@ -1,7 +1,11 @@
 """The benchmark's figures as targets, Markdown tables and a Pareto plot (``benchmark`` measures them)."""
+from ner_compress.compress.vocab_pruning import summary as pruning_summary
+from ner_compress.core.layout import ModelRef
 from ner_compress.deploy.backends import DEFAULT_BACKEND
 from ner_compress.measure.benchmark import FUSION_OPS
-from ner_compress.compress.vocab_pruning import summary as pruning_summary
+
+TEACHER, HALF = ModelRef("teacher").name, ModelRef("teacher", 0.5).name  # the models the targets name
+STUDENT, STUDENT_HALF = ModelRef("student").name, ModelRef("student", 0.5).name
 
 KIND = {"paddle": "fp32", "onnxruntime": "onnxruntime-fp32"}  # each backend's FP32 (ONNX Runtime: fused graph)
 KINDS = {"paddle": ("fp32", "int8"), "onnxruntime": ("onnxruntime-unfused", "onnxruntime-fp32", "onnxruntime-int8")}
@@ -14,7 +18,7 @@ def backend_of(kind):
 
 def own_fp32(rows, row):
     """The FP32 row a row is compared with: its own model's (``model``) or the teacher's, same backend."""
-    return {m: find(rows, m, KIND[backend_of(row["precision_kind"])]) for m in (row["model"], "teacher")}
+    return {m: find(rows, m, KIND[backend_of(row["precision_kind"])]) for m in (row["model"], TEACHER)}
 
 
 def annotate(rows):
@@ -22,7 +26,7 @@ def annotate(rows):
     (batch 32, batch-1 p50), and for INT8 the F1 points lost against the same model's FP32."""
     for row in rows:
         fp32 = own_fp32(rows, row)
-        teacher, same = fp32["teacher"], fp32[row["model"]]
+        teacher, same = fp32[TEACHER], fp32[row["model"]]
         if teacher:
             row["f1_share_of_teacher"] = row["f1"] / teacher["f1"] if teacher["f1"] else None
             row["speedup_b32"] = row["sentences_per_s"] / teacher["sentences_per_s"]
@@ -43,22 +47,22 @@ def check(checks, target, measured, met):
 def targets(rows, backend=DEFAULT_BACKEND):
     """The issues' targets, each met or missed; a target whose rows were not measured is left out.
     Latency and throughput ratios are on ``backend`` (falling back to whichever was measured)."""
-    if not find(rows, "teacher", KIND[backend]):
-        backend = next((b for b, kind in KIND.items() if find(rows, "teacher", kind)), backend)
-    teacher, half = find(rows, "teacher", KIND[backend]), find(rows, "width 0.5", KIND[backend])
-    paddle_teacher, paddle_half = find(rows, "teacher", "fp32"), find(rows, "width 0.5", "fp32")
-    half_int8, checks = find(rows, "width 0.5", "int8"), []
+    if not find(rows, TEACHER, KIND[backend]):
+        backend = next((b for b, kind in KIND.items() if find(rows, TEACHER, kind)), backend)
+    teacher, half = find(rows, TEACHER, KIND[backend]), find(rows, HALF, KIND[backend])
+    paddle_teacher, paddle_half = find(rows, TEACHER, "fp32"), find(rows, HALF, "fp32")
+    half_int8, checks = find(rows, HALF, "int8"), []
     if half:
-        check(checks, f"width 0.5 {backend}: batch-1 p50 <= 1.5 ms on real sentences",
+        check(checks, f"{HALF} {backend}: batch-1 p50 <= 1.5 ms on real sentences",
               f"{half['latency_ms_p50']:.2f} ms", half["latency_ms_p50"] <= 1.5)
     if teacher and half:
         ratio = teacher["latency_ms_p50"] / half["latency_ms_p50"]
-        check(checks, f"width 0.5 {backend}: batch-1 p50 >= 1.7x lower than the teacher's", f"{ratio:.2f}x",
+        check(checks, f"{HALF} {backend}: batch-1 p50 >= 1.7x lower than the teacher's", f"{ratio:.2f}x",
               ratio >= 1.7)
         ratio = half["sentences_per_s"] / teacher["sentences_per_s"]
-        check(checks, f"width 0.5 {backend}: batch-32 throughput >= 1.8x the teacher's", f"{ratio:.2f}x",
+        check(checks, f"{HALF} {backend}: batch-32 throughput >= 1.8x the teacher's", f"{ratio:.2f}x",
               ratio >= 1.8)
-    for model in ("teacher", "width 0.5"):
+    for model in (TEACHER, HALF):
         paddle, ort = find(rows, model, "fp32"), find(rows, model, "onnxruntime-fp32")
         if paddle and ort:
             ratio = paddle["latency_ms_p50"] / ort["latency_ms_p50"]
@@ -71,13 +75,13 @@ def targets(rows, backend=DEFAULT_BACKEND):
     if paddle_teacher and paddle_half:
         ratio = paddle_half["sentences_per_s"] / paddle_teacher["sentences_per_s"]
         share = paddle_half["f1"] / paddle_teacher["f1"] if paddle_teacher["f1"] else 0.0
-        check(checks, "width 0.5 FP32: >= 2.5x teacher static throughput at batch 32", f"{ratio:.2f}x", ratio >= 2.5)
-        check(checks, "width 0.5 FP32: >= 99% of teacher F1", f"{share:.2%}", share >= 0.99)
+        check(checks, f"{HALF} FP32: >= 2.5x teacher static throughput at batch 32", f"{ratio:.2f}x", ratio >= 2.5)
+        check(checks, f"{HALF} FP32: >= 99% of teacher F1", f"{share:.2%}", share >= 0.99)
     if paddle_teacher and half_int8 and paddle_half:
         ratio = half_int8["sentences_per_s"] / paddle_teacher["sentences_per_s"]
         gap = abs(paddle_half["f1"] - half_int8["f1"]) * 100
-        check(checks, "width 0.5 INT8: >= 4x FP32 teacher throughput", f"{ratio:.2f}x", ratio >= 4)
-        check(checks, "width 0.5 INT8: F1 within 1 point of FP32 width 0.5", f"{gap:.2f} points", gap <= 1)
+        check(checks, f"{HALF} INT8: >= 4x FP32 teacher throughput", f"{ratio:.2f}x", ratio >= 4)
+        check(checks, f"{HALF} INT8: F1 within 1 point of FP32 {HALF}", f"{gap:.2f} points", gap <= 1)
     if paddle_teacher:
         ratio = paddle_teacher["sentences_per_s"] / paddle_teacher["dynamic_sentences_per_s"]
         check(checks, "static predictor: >= 3x dynamic throughput at batch 32 (teacher)", f"{ratio:.2f}x",
@@ -87,9 +91,9 @@ def targets(rows, backend=DEFAULT_BACKEND):
 
 def student_targets(rows, backend=DEFAULT_BACKEND):
     """Issue 9's targets for the half-depth student and its width 0.5, against the teacher on ``backend``."""
-    kind = KIND[backend] if find(rows, "teacher", KIND[backend]) else "fp32"
-    teacher, checks = find(rows, "teacher", kind), []
-    for model, speed, latency, share in (("student", 1.8, 1.6, 0.98), ("student width 0.5", 3.0, 2.0, 0.97)):
+    kind = KIND[backend] if find(rows, TEACHER, KIND[backend]) else "fp32"
+    teacher, checks = find(rows, TEACHER, kind), []
+    for model, speed, latency, share in ((STUDENT, 1.8, 1.6, 0.98), (STUDENT_HALF, 3.0, 2.0, 0.97)):
         row = find(rows, model, kind)
         if not (teacher and row):
             continue
@@ -105,11 +109,11 @@ def student_targets(rows, backend=DEFAULT_BACKEND):
 def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
     """The model with the fewest parameters that keeps ``share`` of the teacher's F1 on ``backend``,
     as one check with its size and speed-ups (issue 9's chart summary); [] without a teacher row."""
-    kind = KIND[backend] if find(rows, "teacher", KIND[backend]) else "fp32"
-    teacher = find(rows, "teacher", kind)
+    kind = KIND[backend] if find(rows, TEACHER, KIND[backend]) else "fp32"
+    teacher = find(rows, TEACHER, kind)
     if not teacher or not teacher["f1"]:
         return []
-    keep = [r for r in rows if r["precision_kind"] == kind and r["model"] != "teacher"
+    keep = [r for r in rows if r["precision_kind"] == kind and r["model"] != TEACHER
             and r.get("parameters") and r["f1"] >= share * teacher["f1"]]
     checks = []
     if not keep:
@@ -127,9 +131,9 @@ def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
 def best_within(rows, share=0.97, backend=DEFAULT_BACKEND, speed=5.0):
     """The fastest row at batch 32 on ``backend`` (any width, depth, precision) keeping ``share`` of the
     FP32 teacher's F1, as one check against ``speed`` x that teacher's throughput; [] without a teacher."""
-    if not find(rows, "teacher", KIND[backend]):
-        backend = next((b for b in KIND if find(rows, "teacher", KIND[b])), backend)
-    teacher = find(rows, "teacher", KIND[backend])
+    if not find(rows, TEACHER, KIND[backend]):
+        backend = next((b for b in KIND if find(rows, TEACHER, KIND[b])), backend)
+    teacher = find(rows, TEACHER, KIND[backend])
     if not teacher or not teacher["f1"]:
         return []
     keep = [r for r in rows if r["precision_kind"] in KINDS[backend] and r["f1"] >= share * teacher["f1"]]
@@ -148,7 +152,7 @@ def deployment_targets(rows):
     ONNX Runtime INT8 >= 1.5x its model's fused FP32 at batch 32 and batch 1 within 1 F1 point; the best
     model within 97% of the teacher's F1."""
     checks = []
-    fused, unfused = find(rows, "teacher", "onnxruntime-fp32"), find(rows, "teacher", "onnxruntime-unfused")
+    fused, unfused = find(rows, TEACHER, "onnxruntime-fp32"), find(rows, TEACHER, "onnxruntime-unfused")
     if fused and unfused:
         layers, counts = fused["layers"], fused["fusion"]
         want = {"Attention": layers, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 2 * layers,
@@ -258,7 +262,7 @@ def plot_pareto(rows, path):
             ax.annotate(r["model"], (r["sentences_per_s"], r["f1"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for kind in KIND.values():
-        teacher = find(rows, "teacher", kind)
+        teacher = find(rows, TEACHER, kind)
         if teacher:
             ax.scatter([teacher["sentences_per_s"]], [teacher["f1"]], s=160, facecolors="none", edgecolors="red",
                        label=f"teacher ({kind})")

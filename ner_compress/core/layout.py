@@ -1,0 +1,105 @@
+"""Where every artifact lives under ``--output_dir``, and what each model is called: the one place that knows.
+
+    output_dir/
+      pruned_model/                  the pretrained model, vocabulary cut to the corpus (``prune_vocab``)
+      teacher/  student/             fine-tuned teacher, distilled student (best dev F1; manifest.json)
+      ofa/width_W/                   the teacher's width supernet, best per width
+      student_ofa/width_W/           the student's
+      export/<model>/                dynamic/, static/, onnx/ of one model (``ModelRef.dir_name``)
+      checkpoints/<stage>/           resumable training state
+      report/                        the benchmark's results.json, report.md, pareto.png
+
+A model is a ``ModelRef``: what it was made of (the teacher or the student) and the width cut from that
+source's supernet (``None``: the source itself). Tables, the benchmark, the load test and every stage take
+names and directories from it; nothing else builds or parses them.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from ner_compress.core.artifacts import MANIFEST
+
+SOURCES = ("teacher", "student")  # what a width supernet can be made of (``--from``)
+
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    source: str = "teacher"
+    width: Optional[float] = None
+
+    @property
+    def name(self):
+        """The table name: teacher, width 0.5, student, student width 0.5."""
+        if self.width is None:
+            return self.source
+        return f"width {self.width}" if self.source == "teacher" else f"{self.source} width {self.width}"
+
+    @property
+    def dir_name(self):
+        return self.name.replace(" ", "_")
+
+    @property
+    def width_mult(self):
+        return 1.0 if self.width is None else self.width
+
+
+def stage_dir(output_dir, source):
+    """The trained teacher or student (``teacher/``, ``student/``)."""
+    return os.path.join(output_dir, source)
+
+
+def ofa_dir(output_dir, source="teacher"):
+    return os.path.join(output_dir, "ofa" if source == "teacher" else f"{source}_ofa")
+
+
+def width_dir(supernet_dir, width):
+    return os.path.join(supernet_dir, f"width_{round(width, 4)}")
+
+
+def export_dir(output_dir, ref):
+    return os.path.join(output_dir, "export", ref.dir_name)
+
+
+def checkpoint_dir(output_dir, stage):
+    return os.path.join(output_dir, "checkpoints", stage)
+
+
+def report_dir(output_dir):
+    return os.path.join(output_dir, "report")
+
+
+def trained_widths(supernet_dir):
+    """Widths W with a finished ``supernet_dir/width_W/manifest.json``, widest first."""
+    if not os.path.isdir(supernet_dir):
+        return []
+    prefix = os.path.basename(width_dir(supernet_dir, 1.0))[: -len("1.0")]
+    return sorted((float(name[len(prefix):]) for name in os.listdir(supernet_dir)
+                   if name.startswith(prefix) and os.path.isfile(os.path.join(supernet_dir, name, MANIFEST))),
+                  reverse=True)
+
+
+def planned_models(widths, with_student):
+    """Every model a run makes, in table order: the teacher, its widths (widest first), then the same for
+    the student."""
+    sources = SOURCES if with_student else SOURCES[:1]
+    return [ModelRef(source, width) for source in sources for width in [None, *sorted(widths, reverse=True)]]
+
+
+def trained_models(output_dir):
+    """Every model the stages under ``output_dir`` have finished (so it can be exported), in table order."""
+    found = []
+    for source in SOURCES:
+        if os.path.isfile(os.path.join(stage_dir(output_dir, source), MANIFEST)):
+            found.append(ModelRef(source))
+        found += [ModelRef(source, w) for w in trained_widths(ofa_dir(output_dir, source))]
+    return found
+
+
+def is_exported(output_dir, ref):
+    return os.path.isdir(os.path.join(export_dir(output_dir, ref), "static"))
+
+
+def exported_models(output_dir):
+    """The finished models under ``output_dir`` that have an ``export/<model>/static/``, in table order."""
+    return [ref for ref in trained_models(output_dir) if is_exported(output_dir, ref)]
