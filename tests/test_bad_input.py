@@ -1,4 +1,5 @@
 """Every problem a user can fix is a ``UserError`` that says where: file and line, key, or command."""
+import re
 import argparse
 import os
 
@@ -338,3 +339,22 @@ def test_later_stage_inherits_data_settings_but_not_resume(tmp_path):
     (tmp_path / "teacher" / "manifest.json").write_text(json.dumps({"config": recorded}))
     assert recorded_config("teacher")(str(tmp_path)) == {"train_limit": 400, "max_seq_length": 64}
     assert recorded_config("teacher")(str(tmp_path / "nowhere")) == {}
+
+
+def test_stage_flags_come_from_the_config_groups():
+    """A new Config field appears on the command lines of the stages whose group it joins, with no list to edit."""
+    import contextlib
+    import io
+    from dataclasses import fields
+
+    from ner_compress.commands import pipeline, stages
+
+    def flags(cli):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            cli(["--help"])
+        return set(re.findall(r"--(\w+)", out.getvalue()))
+
+    assert {f.name for f in fields(config.OfaOptions)} <= flags(stages.ofa_compress_cli)
+    assert not {f.name for f in fields(config.StudentOptions)} & flags(stages.ofa_compress_cli)
+    assert {f.name for f in fields(config.Config)} - {"width_mult"} <= flags(pipeline.run_all_cli)

@@ -15,6 +15,7 @@ from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, 
 from ner_compress.compress import student
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, write_json
+from ner_compress.core.config import PipelineOptions, group_fields
 from ner_compress.core.errors import Int8Refused
 from ner_compress.core.layout import ModelRef
 from ner_compress.measure import benchmark, report
@@ -112,8 +113,8 @@ def training_speeds(cfg):
 
 
 def run_all_cli(argv=None):
-    names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + ["run_student", "stage_processes"])
-                   - {"width_mult"})
+    names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + group_fields(PipelineOptions))
+                   - {"width_mult", "output_dir"})  # every width is exported; --output_dir is always there
     cfg, _ = parse_stage_config("Run every stage on one config and print the test-set table.", names, argv,
                           default_config=DEMO_CONFIG)
     run_all(cfg)

