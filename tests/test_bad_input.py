@@ -1,7 +1,7 @@
 """Every problem a user can fix is a ``UserError`` that says where: file and line, key, or command."""
-import re
 import argparse
 import os
+import re
 
 import pytest
 import yaml

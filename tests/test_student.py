@@ -115,6 +115,22 @@ def test_feature_losses_are_zero_for_identical_inputs_and_positive_otherwise(los
     assert float(attention_loss(loss, probs[:, :2], probs, mask)) > 1e-4
 
 
+def test_student_step_reads_a_frozen_teacher_copy_and_leaves_the_teacher_alone():
+    teacher = bert()
+    teacher.train()
+    model, _, matches, cfg = make_student(teacher, num_layers=2)
+    distiller = student.StudentDistiller(teacher, model, matches, cfg)
+    seen = []
+    distiller.teacher.register_forward_pre_hook(lambda layer, inputs: seen.append(layer.training))
+    model.train()
+    distiller.step(batch())
+    assert seen == [False]  # the copy runs once, dropout off
+    assert all(p.stop_gradient for p in distiller.teacher.parameters())
+    assert any(p.grad is not None for p in model.parameters())
+    assert teacher.training and not any(p.stop_gradient for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 def test_every_match_of_a_student_that_is_the_teacher_is_zero_and_positive_once_perturbed():
     teacher = bert()
     spec = [{"student_layer": s, "teacher_layer": s, "feature": f, "loss": loss}

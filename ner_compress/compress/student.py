@@ -7,7 +7,6 @@ cross-entropy on the logits and an optional hard-label term. Projections for hid
 another size live beside the student in ``StudentWithProjections``: they are checkpointed (resume
 is exact) but never saved with the student.
 """
-import copy
 import logging
 
 import paddle
@@ -15,14 +14,13 @@ import paddle.nn.functional as F
 from paddle import nn
 from ner_compress.core import parallel
 from ner_compress.models.families import FAMILIES
-from ner_compress.core.checkpoint import Checkpointer
 from ner_compress.data.corpus import IGNORE_INDEX
 from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss, real_token_mask, soft_cross_entropy_sum
 from ner_compress.core.errors import UserError
 from ner_compress.compress.matches import features, layer_map, parse_matches
 from ner_compress.models.modeling import count_parameters
-from ner_compress.compress.training import (best_model_eval, count_batches, global_token_count, make_optimizer,
-                                            save_teacher, set_seed, total_steps, train_loop)
+from ner_compress.compress.training import (Stage, best_model_eval, best_of, frozen_copy, global_token_count,
+                                            run_stage, set_seed)
 
 log = logging.getLogger("ner_compress")
 SIZE_FLAGS = {"num_hidden_layers": "student_num_layers", "hidden_size": "student_hidden_size",
@@ -103,10 +101,7 @@ class StudentDistiller:
     """Teacher copy in eval (once per step under ``no_grad``), the trainable student and its objective."""
 
     def __init__(self, teacher, student, matches, cfg):
-        self.teacher = copy.deepcopy(teacher)
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.stop_gradient = True
+        self.teacher = frozen_copy(teacher)
         self.model = StudentWithProjections(student, matches, teacher.config.hidden_size)
         self.matches = matches
         self.temperature, self.lambda_logit = cfg.student_temperature, cfg.student_lambda_logit
@@ -156,22 +151,14 @@ def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root
     student = FAMILIES[config.model_type][1](config)
     layers = init_from_teacher(student, teacher)
     distiller = StudentDistiller(teacher, student, matches, cfg)
-    model = distiller.model
-    train_w, dev_w = data.windows("train"), data.windows("dev")
-    steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
-    steps = total_steps(cfg.student_max_steps, cfg.student_num_train_epochs, steps_per_epoch)
-    optimizer, scheduler = make_optimizer(model.parameters(), model.named_parameters(), cfg.student_learning_rate,
-                                          cfg.weight_decay, cfg.warmup_ratio, steps)
     log.info("student: %d layers x %d hidden, %d heads, FFN %d: %d parameters (teacher %d), %d projection(s); "
              "matches %s", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.intermediate_size, count_parameters(student), count_parameters(teacher),
-             len(model.projections), [m.name for m in matches])
-    record = {"init_teacher_layers": layers, "matches": [vars(m) for m in matches]}
-    eval_fn = best_model_eval("student", student, data, dev_w, cfg, lambda state: save_teacher(
-        student, data, cfg, state["best"], out_dir, state.get("speed"), stage="student",
-        inputs={"teacher": teacher_manifest}, **record))
-    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
-    state = train_loop("student", cfg, model, optimizer, scheduler, train_w, steps, cfg.student_eval_steps,
-                       distiller.step, eval_fn, checkpointer, data.encoder.pad_id)
-    log.info("student: best dev F1 %.4f at step %d -> %s", state["best"]["dev_f1"], state["best"]["step"], out_dir)
-    return state["best"]
+             len(distiller.model.projections), [m.name for m in matches])
+    eval_fn = best_model_eval("student", student, data, cfg, out_dir, inputs={"teacher": teacher_manifest},
+                              init_teacher_layers=layers, matches=[vars(m) for m in matches])
+    state = run_stage(cfg, Stage(
+        name="student", model=distiller.model, data=data, learning_rate=cfg.student_learning_rate,
+        max_steps=cfg.student_max_steps, epochs=cfg.student_num_train_epochs, eval_steps=cfg.student_eval_steps,
+        step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root))
+    return best_of("student", state, out_dir)

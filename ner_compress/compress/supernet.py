@@ -29,13 +29,13 @@ from paddleslim.nas.ofa.convert_super import Convert, supernet
 
 from ner_compress.core import compat, parallel, runtime
 from ner_compress.core.artifacts import atomic_dir, write_manifest
-from ner_compress.core.checkpoint import Checkpointer, resume_path, save_weights
+from ner_compress.core.checkpoint import save_weights
 from ner_compress.data.corpus import collate
 from ner_compress.compress.distill_losses import FeatureRecorder, masked_mse, real_token_mask, soft_cross_entropy_sum
 from ner_compress.models.width_plan import width_plan
 from ner_compress.data.vocab import copy_vocab
-from ner_compress.compress.training import (count_batches, evaluate, global_token_count, make_optimizer, to_tensors,
-                                            token_loss, total_steps, train_loop)
+from ner_compress.compress.training import (Stage, evaluate, frozen_copy, global_token_count, run_stage, to_tensors,
+                                            token_loss)
 
 log = logging.getLogger("ner_compress")
 
@@ -122,10 +122,7 @@ class WidthDistiller:
     """
 
     def __init__(self, teacher, lambda_distill, lambda_logit):
-        self.teacher = copy.deepcopy(teacher)
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.stop_gradient = True
+        self.teacher = frozen_copy(teacher)
         self.ofa_model = OFA(to_supernet(copy.deepcopy(teacher)), elastic_order=["width"])
         self.config = teacher.config
         self.lambda_distill, self.lambda_logit = lambda_distill, lambda_logit
@@ -255,17 +252,14 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     width_plans(teacher.config, widths)
     distiller = WidthDistiller(teacher, cfg.lambda_distill, cfg.lambda_logit)
     ofa_model = distiller.ofa_model
-    dev_w, train_w = data.windows("dev"), data.windows("train")
-    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
-    if resume_path(cfg, checkpointer) is None and parallel.is_writer():
-        # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
-        log.info("%s: computing head and neuron importance on dev", name)
-        reorder_by_importance(ofa_model.model, importance_batches(
-            dev_w, cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id, cfg.seed))
-    steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
-    steps = total_steps(cfg.ofa_max_steps, cfg.ofa_num_train_epochs, steps_per_epoch)
-    optimizer, scheduler = make_optimizer(ofa_model.model.parameters(), ofa_model.model.named_parameters(),
-                                          cfg.ofa_learning_rate, cfg.weight_decay, cfg.warmup_ratio, steps)
+    dev_w = data.windows("dev")
+
+    def reorder(resuming):
+        if not resuming and parallel.is_writer():
+            # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
+            log.info("%s: computing head and neuron importance on dev", name)
+            reorder_by_importance(ofa_model.model, importance_batches(
+                dev_w, cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id, cfg.seed))
 
     def eval_fn(step, state):
         for width in widths:
@@ -278,6 +272,9 @@ def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
                                       "speed": state.get("speed", {})}
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
-    state = train_loop(name, cfg, ofa_model.model, optimizer, scheduler, train_w, steps, cfg.ofa_eval_steps,
-                       lambda batch: distiller.step(batch, widths), eval_fn, checkpointer, data.encoder.pad_id)
+    state = run_stage(cfg, Stage(
+        name=name, model=ofa_model.model, data=data, learning_rate=cfg.ofa_learning_rate,
+        max_steps=cfg.ofa_max_steps, epochs=cfg.ofa_num_train_epochs, eval_steps=cfg.ofa_eval_steps,
+        step_fn=lambda batch: distiller.step(batch, widths), eval_fn=eval_fn, checkpoint_root=checkpoint_root,
+        before_training=reorder))
     return {float(k): v for k, v in state["best"].items()}, state["history"]

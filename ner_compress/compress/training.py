@@ -1,16 +1,20 @@
-"""Teacher fine-tuning, and the training loop both stages share.
+"""Teacher fine-tuning, and the one runner every training stage (teacher, supernets, student) uses.
 
-The loop: AdamW with linear warm-up and decay, global-norm clipping, dev evaluation every
-``eval_steps``, checkpoints every ``save_steps``, at each epoch end and on SIGINT/SIGTERM,
-resumable with ``--resume``; several processes each read their shard of every global batch.
+A stage says what differs (``Stage``); ``run_stage`` does the rest: AdamW with linear warm-up and
+decay, global-norm clipping, dev evaluation every ``eval_steps``, checkpoints every ``save_steps``,
+at each epoch end and on SIGINT/SIGTERM, resumable with ``--resume``; several processes each read
+their shard of every global batch.
 """
+import copy
 import hashlib
 import logging
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable, Optional
 
 import numpy as np
 import paddle
@@ -89,12 +93,13 @@ def global_token_count(labels):
     return max(parallel.all_reduce_sum(int((labels != IGNORE_INDEX).astype("int64").sum())), 1.0)
 
 
-def make_optimizer(parameters, named_parameters, learning_rate, weight_decay, warmup_ratio, total_steps):
-    """AdamW with linear warm-up then linear decay; no weight decay on biases and norms."""
-    scheduler = LinearDecayWithWarmup(learning_rate, total_steps, warmup_ratio)
-    decay = {p.name for n, p in named_parameters if not any(k in n for k in ("bias", "norm"))}
+def make_optimizer(model, learning_rate, cfg, steps):
+    """AdamW on every parameter of ``model`` with linear warm-up then linear decay; no weight decay
+    on biases and norms."""
+    scheduler = LinearDecayWithWarmup(learning_rate, steps, cfg.warmup_ratio)
+    decay = {p.name for n, p in model.named_parameters() if not any(k in n for k in ("bias", "norm"))}
     optimizer = paddle.optimizer.AdamW(
-        learning_rate=scheduler, parameters=parameters, weight_decay=weight_decay,
+        learning_rate=scheduler, parameters=model.parameters(), weight_decay=cfg.weight_decay,
         apply_decay_param_fun=lambda name: name in decay, grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
     return optimizer, scheduler
 
@@ -147,54 +152,105 @@ def gold_nll(scores, sentences, label_to_id):
     return total / max(sum(len(sent.tags) for sent in sentences), 1)
 
 
-def train_loop(name, cfg, model, optimizer, scheduler, windows, steps, eval_steps, step_fn, eval_fn, checkpointer,
-               pad_id):
-    """Run ``step_fn(batch) -> {loss name: float}`` for ``steps`` steps, resuming if asked.
+@dataclass
+class Stage:
+    """What one training stage says; ``run_stage`` builds and runs the rest the same way for all."""
+    name: str  # of log lines, the progress bar and the final digest line
+    model: paddle.nn.Layer  # trained whole: every parameter optimised, checkpointed and broadcast
+    data: object  # corpus.NerData: trains on its train split
+    learning_rate: float
+    max_steps: int  # > 0: the step count, whatever ``epochs`` says
+    epochs: float
+    eval_steps: int
+    step_fn: Callable  # step_fn(batch) -> {loss name: float}, gradients accumulated
+    eval_fn: Callable  # eval_fn(step, state): scores dev, records the best in state["best"]
+    checkpoint_root: str
+    before_training: Optional[Callable] = None  # before_training(resuming), before the optimizer is built
 
-    ``eval_fn(step, state)`` evaluates on dev and records the best in ``state``. Returns ``state``
-    (``best``, ``history``, ``step``). Raises ``StopRequested`` after saving on SIGINT/SIGTERM.
-    """
-    state = {"step": 0, "best": {}, "history": []}
+
+@dataclass
+class Run:
+    """What ``run_stage`` built for a stage's loop."""
+    windows: list
+    steps: int
+    optimizer: paddle.optimizer.Optimizer
+    scheduler: LinearDecayWithWarmup
+    checkpointer: Checkpointer
+    resume: Optional[str]  # the checkpoint to continue from, None for a fresh start
+
+
+def run_stage(cfg, stage):
+    """Train windows -> step count -> checkpointer (and the checkpoint to resume) -> AdamW and its
+    schedule -> ``train_loop``. Returns the loop's state (``best``, ``history``, ``step``, ``speed``)."""
+    windows = stage.data.windows("train")
+    steps_per_epoch = count_batches(windows, cfg.per_device_train_batch_size)
+    steps = total_steps(stage.max_steps, stage.epochs, steps_per_epoch)
+    log.info("%s: %d parameters, %d train windows, %d steps (%.2f epochs), %d process(es)", stage.name,
+             count_parameters(stage.model), len(windows), steps, steps / steps_per_epoch, parallel.world_size())
+    checkpointer = Checkpointer(stage.checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     resume = resume_path(cfg, checkpointer)
-    if resume:
-        state = checkpointer.load(resume, model, optimizer)
+    if stage.before_training:
+        stage.before_training(resume is not None)
+    optimizer, scheduler = make_optimizer(stage.model, stage.learning_rate, cfg, steps)
+    return train_loop(cfg, stage, Run(windows, steps, optimizer, scheduler, checkpointer, resume))
+
+
+def train_loop(cfg, stage, run):
+    """``stage.step_fn`` for ``run.steps`` steps, from ``run.resume`` if set; ``stage.eval_fn`` every
+    ``stage.eval_steps``. Raises ``StopRequested`` after saving on SIGINT/SIGTERM."""
+    model = stage.model
+    state = {"step": 0, "best": {}, "history": []}
+    if run.resume:
+        state = run.checkpointer.load(run.resume, model, run.optimizer)
     parallel.broadcast_parameters(model)
-    bar = tqdm(total=steps, initial=state["step"], desc=name, mininterval=2, dynamic_ncols=True,
+    bar = tqdm(total=run.steps, initial=state["step"], desc=stage.name, mininterval=2, dynamic_ncols=True,
                disable=not (parallel.is_writer() and _PROGRESS["bars"]))
     model.train()
     timer = {"start": time.perf_counter(), "sentences": 0, "steps": 0}
     with stop_on_signals() as stop:
-        batches = iterate_steps(windows, cfg.per_device_train_batch_size, cfg.seed, steps, pad_id, state["step"])
+        batches = iterate_steps(run.windows, cfg.per_device_train_batch_size, cfg.seed, run.steps,
+                                stage.data.encoder.pad_id, state["step"])
         for step, (epoch, epoch_end, batch) in enumerate(batches, state["step"] + 1):
-            paddle.seed(cfg.seed + step)  # dropout depends on the step alone: resumable exactly
-            losses = step_fn(to_tensors(batch))
-            parallel.all_reduce_gradients(model.parameters())
-            optimizer.step()
-            scheduler.step()
-            optimizer.clear_grad()
-            state["step"] = step
-            timer["sentences"] += len(batch["input_ids"]) * parallel.world_size()
-            timer["steps"] += 1
-            state["speed"] = training_speed(timer)
-            state["history"].append({"step": step, **losses})
+            losses = train_step(cfg, stage, run, step, batch)
+            record_step(state, timer, step, losses, len(batch["input_ids"]))
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
             if step % cfg.logging_steps == 0:
-                log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", name, step, steps, epoch,
-                         optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
+                         run.optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                          state["speed"]["train_sentences_per_s"])
-            if step % eval_steps == 0 or step == steps:
+            if step % stage.eval_steps == 0 or step == run.steps:
                 model.eval()
-                eval_fn(step, state)
+                stage.eval_fn(step, state)
                 model.train()
-            if step % cfg.save_steps == 0 or epoch_end or step == steps or stop["signum"]:
-                path = checkpointer.save(step, model, optimizer, state)
+            if step % cfg.save_steps == 0 or epoch_end or step == run.steps or stop["signum"]:
+                path = run.checkpointer.save(step, model, run.optimizer, state)
                 parallel.barrier()
                 if stop["signum"]:
                     raise StopRequested(stop["signum"], step, path)
     bar.close()
-    print(f"{name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}", file=sys.stderr)
+    print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
+          file=sys.stderr)
     return state
+
+
+def train_step(cfg, stage, run, step, batch):
+    """One optimizer step on ``batch``; dropout depends on the step alone, so resuming is exact."""
+    paddle.seed(cfg.seed + step)
+    losses = stage.step_fn(to_tensors(batch))
+    parallel.all_reduce_gradients(stage.model.parameters())
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.clear_grad()
+    return losses
+
+
+def record_step(state, timer, step, losses, sentences):
+    state["step"] = step
+    timer["sentences"] += sentences * parallel.world_size()
+    timer["steps"] += 1
+    state["speed"] = training_speed(timer)
+    state["history"].append({"step": step, **losses})
 
 
 def training_speed(timer):
@@ -213,8 +269,17 @@ def parameters_digest(model):
     return digest.hexdigest()
 
 
-def save_teacher(model, data, cfg, metrics, out_dir, speed=None, stage="teacher", inputs=None, **extra):
-    """A loadable model directory; the student stage writes the same format (``stage="student"``)."""
+def frozen_copy(teacher):
+    """The teacher a distiller reads: a copy in eval mode without gradients (the caller's model is untouched)."""
+    frozen = copy.deepcopy(teacher)
+    frozen.eval()
+    for p in frozen.parameters():
+        p.stop_gradient = True
+    return frozen
+
+
+def save_model_dir(model, data, cfg, metrics, out_dir, stage, speed=None, inputs=None, **extra):
+    """A loadable model directory (weights, tokenizer, manifest of ``stage``), written atomically by rank 0."""
     if not parallel.is_writer():
         return
     with atomic_dir(out_dir) as tmp:
@@ -226,8 +291,11 @@ def save_teacher(model, data, cfg, metrics, out_dir, speed=None, stage="teacher"
                        architecture=model.config.model_type, runtime=runtime.report(), speed=speed or {}, **extra)
 
 
-def best_model_eval(name, model, data, dev_windows, cfg, save):
-    """``eval_fn`` for ``train_loop`` with one model: dev F1, and ``save(state)`` at each new best."""
+def best_model_eval(name, model, data, cfg, out_dir, **manifest):
+    """``eval_fn`` for a stage with one model: dev F1, and ``model`` saved to ``out_dir`` (``save_model_dir``
+    of stage ``name``, ``manifest`` added) at each new best."""
+    dev_windows = data.windows("dev")
+
     def eval_fn(step, state):
         # every rank scores the whole dev set with identical weights: one F1, one decision
         scores = evaluate(partial(numpy_logits, model), data, dev_windows, cfg.per_device_eval_batch_size,
@@ -236,21 +304,20 @@ def best_model_eval(name, model, data, dev_windows, cfg, save):
                  scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
             state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-            save(state)
+            save_model_dir(model, data, cfg, state["best"], out_dir, name, state.get("speed"), **manifest)
     return eval_fn
+
+
+def best_of(name, state, out_dir):
+    """The best dev result of a one-model stage, logged."""
+    log.info("%s: best dev F1 %.4f at step %d -> %s", name, state["best"]["dev_f1"], state["best"]["step"], out_dir)
+    return state["best"]
 
 
 def train_teacher(cfg, data, out_dir, checkpoint_root):
     """Fine-tune the teacher; the best dev-F1 model is (re)written to ``out_dir`` as it appears."""
     set_seed(cfg.seed)
     model = build_teacher(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
-    train_w, dev_w = data.windows("train"), data.windows("dev")
-    steps_per_epoch = count_batches(train_w, cfg.per_device_train_batch_size)
-    steps = total_steps(cfg.max_steps, cfg.num_train_epochs, steps_per_epoch)
-    optimizer, scheduler = make_optimizer(model.parameters(), model.named_parameters(), cfg.learning_rate,
-                                          cfg.weight_decay, cfg.warmup_ratio, steps)
-    log.info("teacher: %d parameters, %d train windows, %d steps (%.2f epochs), %d process(es)",
-             count_parameters(model), len(train_w), steps, steps / steps_per_epoch, parallel.world_size())
 
     def step_fn(batch):
         logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
@@ -259,10 +326,8 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
         (loss_sum / tokens).backward()
         return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}
 
-    eval_fn = best_model_eval("teacher", model, data, dev_w, cfg,
-                              lambda state: save_teacher(model, data, cfg, state["best"], out_dir, state.get("speed")))
-    checkpointer = Checkpointer(checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
-    state = train_loop("teacher", cfg, model, optimizer, scheduler, train_w, steps, cfg.eval_steps, step_fn,
-                       eval_fn, checkpointer, data.encoder.pad_id)
-    log.info("teacher: best dev F1 %.4f at step %d -> %s", state["best"]["dev_f1"], state["best"]["step"], out_dir)
-    return state["best"]
+    state = run_stage(cfg, Stage(
+        name="teacher", model=model, data=data, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
+        epochs=cfg.num_train_epochs, eval_steps=cfg.eval_steps, step_fn=step_fn,
+        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root))
+    return best_of("teacher", state, out_dir)
