@@ -37,3 +37,20 @@ def test_only_finished_stages_count_as_trained_and_only_exports_with_a_static_gr
         os.makedirs(os.path.join(layout.export_dir(out, ref), "static"))
     os.makedirs(layout.export_dir(out, ModelRef("teacher", 1.0)))  # no static/: not exported
     assert [r.name for r in layout.exported_models(out)] == ["teacher", "width 0.5"]
+
+
+def test_the_benchmark_measures_the_models_named_and_refuses_an_unknown_name(tmp_path):
+    import pytest
+
+    from ner_compress.commands.stages import chosen_models
+    from ner_compress.core.errors import UserError
+
+    out = str(tmp_path)
+    touch_manifest(layout.stage_dir(out, "teacher"))
+    touch_manifest(layout.width_dir(layout.ofa_dir(out), 0.5))
+    for ref in (ModelRef(), ModelRef("teacher", 0.5)):
+        os.makedirs(os.path.join(layout.export_dir(out, ref), "static"))
+    assert [r.name for r in chosen_models(out)] == ["teacher", "width 0.5"]
+    assert [r.name for r in chosen_models(out, ["width 0.5"])] == ["width 0.5"]
+    with pytest.raises(UserError, match=r"--models 'student': not exported under .*; exported: 'teacher', 'width 0.5'"):
+        chosen_models(out, ["student", "teacher"])

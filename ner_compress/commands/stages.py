@@ -124,6 +124,16 @@ def run_export(cfg, ref, data=None):
     return export.export_width(cfg, data, layout.ofa_dir(cfg.output_dir, ref.source), out_dir, ref.width)
 
 
+def chosen_models(output_dir, names=None):
+    """The exported models ``--models`` names (all of them without it); an unknown name is refused in one line."""
+    exported = layout.exported_models(output_dir)
+    unknown = sorted(set(names or ()) - {ref.name for ref in exported})
+    if unknown:
+        raise UserError(f"--models {' '.join(repr(n) for n in unknown)}: not exported under {output_dir}; exported: "
+                        f"{', '.join(repr(ref.name) for ref in exported) or 'none'}")
+    return [ref for ref in exported if not names or ref.name in names]
+
+
 def run_benchmark(cfg, opts, command):
     """Measure the teacher and every exported width; write DIR/report/{results.json,report.md,pareto.png}."""
     from tqdm import tqdm
@@ -133,7 +143,7 @@ def run_benchmark(cfg, opts, command):
         for ref in layout.trained_models(cfg.output_dir):
             if not layout.is_exported(cfg.output_dir, ref):
                 run_export(cfg, ref, data)
-    models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in layout.exported_models(cfg.output_dir)]
+    models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in chosen_models(cfg.output_dir, opts["models"])]
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
                         f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
@@ -177,11 +187,14 @@ def benchmark_cli(argv=None):
         parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
         parser.add_argument("--backend", default=None, help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime "
                             "(model.onnx, fused model.opt.onnx, INT8 model.int8.onnx); default: both")
+        parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                            help='only these models, named as in the table ("teacher", "width 0.5", "student"); '
+                                 "default: every exported one")
     cfg, args = parse_stage_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
                              ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
                              inherit=recorded_config("teacher"))
     opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
-                                          "latency_sentences", "calibration_sentences", "export_missing")}
+                                          "latency_sentences", "calibration_sentences", "export_missing", "models")}
     opts["backends"] = [args.backend] if args.backend else list(BACKENDS)
     run_benchmark(cfg, opts, "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
