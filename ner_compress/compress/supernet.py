@@ -27,7 +27,7 @@ from paddlenlp.transformers.ofa_utils import (
 from paddleslim.nas.ofa import OFA, utils
 from paddleslim.nas.ofa.convert_super import Convert, supernet
 
-from ner_compress.core import compat, parallel, runtime
+from ner_compress.core import compat, layout, parallel, runtime
 from ner_compress.core.artifacts import atomic_dir, write_manifest
 from ner_compress.core.checkpoint import save_weights
 from ner_compress.data.corpus import collate
@@ -211,10 +211,6 @@ def reorder_by_importance(model, batches):
     return head_importance, neuron_importance
 
 
-def width_dir(ofa_dir, width):
-    return os.path.join(ofa_dir, f"width_{round(width, 4)}")
-
-
 def plan_record(plan):
     """How a width was cut, for manifests: the requested ratio and what it kept."""
     return {"width_mult": plan.requested, "effective_width_mult": plan.effective, "heads": plan.heads,
@@ -234,7 +230,7 @@ def width_plans(config, widths):
 def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, ofa_dir):
     if not parallel.is_writer():
         return
-    with atomic_dir(width_dir(ofa_dir, width)) as tmp:
+    with atomic_dir(layout.width_dir(ofa_dir, width)) as tmp:
         save_weights(ofa_model.model.state_dict(), os.path.join(tmp, SUPERNET_WEIGHTS))
         teacher.config.save_pretrained(tmp)
         copy_vocab(data.vocab_file, tmp)
