@@ -41,7 +41,7 @@ def make_student(teacher, **sizes):
 
     cfg = Config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                  **{f"student_{k}": v for k, v in sizes.items()})
-    config, matches = student.plan(cfg, teacher.config)
+    config, matches = student.student_plan(cfg, teacher.config)
     model = BertForTokenClassification(config)
     model.eval()
     return model, student.init_from_teacher(model, teacher), matches, cfg

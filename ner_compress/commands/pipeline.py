@@ -65,7 +65,7 @@ def check_student_plan(cfg, data):
         planned = teacher_config(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
     else:
         return  # a hub name: checked once the teacher is there
-    student.plan(cfg, planned)
+    student.student_plan(cfg, planned)
 
 
 def run_all(cfg):

@@ -83,7 +83,7 @@ def run_student(cfg, data=None):
     """Distil DIR/teacher into the configured student (DIR/student/)."""
     teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
     teacher_manifest = read_manifest(teacher_dir, "teacher")
-    student.plan(cfg, load_config(teacher_dir, "teacher"))  # a bad shape or match fails before data
+    student.student_plan(cfg, load_config(teacher_dir, "teacher"))  # a bad shape or match fails before data
     data = data or _start(cfg)
     check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir)
     teacher = load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher")
@@ -101,7 +101,7 @@ def run_ofa(cfg, data=None, source="teacher"):
     teacher = load_pretrained(model_class_for(source_dir, source), source_dir, flag=source)
     training.set_seed(cfg.seed)
     out_dir = layout.ofa_dir(cfg.output_dir, source)
-    best, history = supernet.distill(cfg, data, teacher, teacher_manifest, out_dir,
+    best, history = supernet.train_supernet(cfg, data, teacher, teacher_manifest, out_dir,
                                      layout.checkpoint_dir(cfg.output_dir, os.path.basename(out_dir)))
     if not parallel.is_writer():
         return best, history
@@ -119,7 +119,7 @@ def run_export(cfg, ref, data=None):
     data = data or _start(cfg)
     out_dir = layout.export_dir(cfg.output_dir, ref)
     if ref.width is None:
-        return export.export_teacher(cfg, data, layout.stage_dir(cfg.output_dir, ref.source), out_dir,
+        return export.export_full_width(cfg, data, layout.stage_dir(cfg.output_dir, ref.source), out_dir,
                                      stage=ref.source)
     return export.export_width(cfg, data, layout.ofa_dir(cfg.output_dir, ref.source), out_dir, ref.width)
 

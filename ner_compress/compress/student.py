@@ -48,7 +48,7 @@ def student_config(cfg, teacher_config):
     return config
 
 
-def plan(cfg, teacher_config):
+def student_plan(cfg, teacher_config):
     """Student config and matches, checked before any data is read."""
     config = student_config(cfg, teacher_config)
     matches = parse_matches(cfg.intermediate_matches, config.num_hidden_layers,
@@ -145,7 +145,7 @@ class StudentDistiller:
 
 def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root):
     """Distil ``teacher`` into the configured student; the best dev-F1 student is (re)written to ``out_dir``."""
-    config, matches = plan(cfg, teacher.config)
+    config, matches = student_plan(cfg, teacher.config)
     teacher.eval()
     set_seed(cfg.seed)
     student = FAMILIES[config.model_type][1](config)

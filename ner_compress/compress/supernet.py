@@ -240,7 +240,7 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
                        **plan_record(width_plan(teacher.config, width)))
 
 
-def distill(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
+def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
     """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
     teacher.eval()
     name = os.path.basename(os.path.normpath(ofa_dir))  # ofa or student_ofa: which supernet a log line is of

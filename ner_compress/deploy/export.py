@@ -139,7 +139,7 @@ def export_width(cfg, data, ofa_dir, out_dir, width):
                         width)
 
 
-def export_teacher(cfg, data, teacher_dir, out_dir, stage="teacher"):
+def export_full_width(cfg, data, teacher_dir, out_dir, stage="teacher"):
     """The teacher, or a student (same format, ``stage="student"``), at full width."""
     manifest = read_manifest(teacher_dir, stage)
     check_same_inputs(manifest, data.labels, data.vocab_sha256, teacher_dir)

@@ -18,7 +18,7 @@ def backend_of(kind):
 
 def own_fp32(rows, row):
     """The FP32 row a row is compared with: its own model's (``model``) or the teacher's, same backend."""
-    return {m: find(rows, m, KIND[backend_of(row["precision_kind"])]) for m in (row["model"], TEACHER)}
+    return {m: find_row(rows, m, KIND[backend_of(row["precision_kind"])]) for m in (row["model"], TEACHER)}
 
 
 def annotate(rows):
@@ -36,91 +36,91 @@ def annotate(rows):
     return rows
 
 
-def find(rows, model, kind):
+def find_row(rows, model, kind):
     return next((r for r in rows if r["model"] == model and r["precision_kind"] == kind), None)
 
 
-def check(checks, target, measured, met):
+def add_target(checks, target, measured, met):
     checks.append({"target": target, "measured": measured, "met": bool(met)})
 
 
 def targets(rows, backend=DEFAULT_BACKEND):
     """The issues' targets, each met or missed; a target whose rows were not measured is left out.
     Latency and throughput ratios are on ``backend`` (falling back to whichever was measured)."""
-    if not find(rows, TEACHER, KIND[backend]):
-        backend = next((b for b, kind in KIND.items() if find(rows, TEACHER, kind)), backend)
-    teacher, half = find(rows, TEACHER, KIND[backend]), find(rows, HALF, KIND[backend])
-    paddle_teacher, paddle_half = find(rows, TEACHER, "fp32"), find(rows, HALF, "fp32")
-    half_int8, checks = find(rows, HALF, "int8"), []
+    if not find_row(rows, TEACHER, KIND[backend]):
+        backend = next((b for b, kind in KIND.items() if find_row(rows, TEACHER, kind)), backend)
+    teacher, half = find_row(rows, TEACHER, KIND[backend]), find_row(rows, HALF, KIND[backend])
+    paddle_teacher, paddle_half = find_row(rows, TEACHER, "fp32"), find_row(rows, HALF, "fp32")
+    half_int8, checks = find_row(rows, HALF, "int8"), []
     if half:
-        check(checks, f"{HALF} {backend}: batch-1 p50 <= 1.5 ms on real sentences",
+        add_target(checks, f"{HALF} {backend}: batch-1 p50 <= 1.5 ms on real sentences",
               f"{half['latency_ms_p50']:.2f} ms", half["latency_ms_p50"] <= 1.5)
     if teacher and half:
         ratio = teacher["latency_ms_p50"] / half["latency_ms_p50"]
-        check(checks, f"{HALF} {backend}: batch-1 p50 >= 1.7x lower than the teacher's", f"{ratio:.2f}x",
+        add_target(checks, f"{HALF} {backend}: batch-1 p50 >= 1.7x lower than the teacher's", f"{ratio:.2f}x",
               ratio >= 1.7)
         ratio = half["sentences_per_s"] / teacher["sentences_per_s"]
-        check(checks, f"{HALF} {backend}: batch-32 throughput >= 1.8x the teacher's", f"{ratio:.2f}x",
+        add_target(checks, f"{HALF} {backend}: batch-32 throughput >= 1.8x the teacher's", f"{ratio:.2f}x",
               ratio >= 1.8)
     for model in (TEACHER, HALF):
-        paddle, ort = find(rows, model, "fp32"), find(rows, model, "onnxruntime-fp32")
+        paddle, ort = find_row(rows, model, "fp32"), find_row(rows, model, "onnxruntime-fp32")
         if paddle and ort:
             ratio = paddle["latency_ms_p50"] / ort["latency_ms_p50"]
-            check(checks, f"{model} Paddle Inference: batch-1 p50 within 2x of ONNX Runtime's", f"{ratio:.2f}x",
+            add_target(checks, f"{model} Paddle Inference: batch-1 p50 within 2x of ONNX Runtime's", f"{ratio:.2f}x",
                   ratio <= 2)
     differing = [(r["model"], r["precision_kind"]) for r in rows
                  if not r["precision_kind"].endswith("int8") and r.get("sentences_differing_from_paddle")]
-    check(checks, "every FP32 backend: tags equal Paddle Inference's on the whole test set",
+    add_target(checks, "every FP32 backend: tags equal Paddle Inference's on the whole test set",
           "all equal" if not differing else f"differ: {differing}", not differing)
     if paddle_teacher and paddle_half:
         ratio = paddle_half["sentences_per_s"] / paddle_teacher["sentences_per_s"]
         share = paddle_half["f1"] / paddle_teacher["f1"] if paddle_teacher["f1"] else 0.0
-        check(checks, f"{HALF} FP32: >= 2.5x teacher static throughput at batch 32", f"{ratio:.2f}x", ratio >= 2.5)
-        check(checks, f"{HALF} FP32: >= 99% of teacher F1", f"{share:.2%}", share >= 0.99)
+        add_target(checks, f"{HALF} FP32: >= 2.5x teacher static throughput at batch 32", f"{ratio:.2f}x", ratio >= 2.5)
+        add_target(checks, f"{HALF} FP32: >= 99% of teacher F1", f"{share:.2%}", share >= 0.99)
     if paddle_teacher and half_int8 and paddle_half:
         ratio = half_int8["sentences_per_s"] / paddle_teacher["sentences_per_s"]
         gap = abs(paddle_half["f1"] - half_int8["f1"]) * 100
-        check(checks, f"{HALF} INT8: >= 4x FP32 teacher throughput", f"{ratio:.2f}x", ratio >= 4)
-        check(checks, f"{HALF} INT8: F1 within 1 point of FP32 {HALF}", f"{gap:.2f} points", gap <= 1)
+        add_target(checks, f"{HALF} INT8: >= 4x FP32 teacher throughput", f"{ratio:.2f}x", ratio >= 4)
+        add_target(checks, f"{HALF} INT8: F1 within 1 point of FP32 {HALF}", f"{gap:.2f} points", gap <= 1)
     if paddle_teacher:
         ratio = paddle_teacher["sentences_per_s"] / paddle_teacher["dynamic_sentences_per_s"]
-        check(checks, "static predictor: >= 3x dynamic throughput at batch 32 (teacher)", f"{ratio:.2f}x",
+        add_target(checks, "static predictor: >= 3x dynamic throughput at batch 32 (teacher)", f"{ratio:.2f}x",
               ratio >= 3)
     return checks
 
 
 def student_targets(rows, backend=DEFAULT_BACKEND):
     """Issue 9's targets for the half-depth student and its width 0.5, against the teacher on ``backend``."""
-    kind = KIND[backend] if find(rows, TEACHER, KIND[backend]) else "fp32"
-    teacher, checks = find(rows, TEACHER, kind), []
+    kind = KIND[backend] if find_row(rows, TEACHER, KIND[backend]) else "fp32"
+    teacher, checks = find_row(rows, TEACHER, kind), []
     for model, speed, latency, share in ((STUDENT, 1.8, 1.6, 0.98), (STUDENT_HALF, 3.0, 2.0, 0.97)):
-        row = find(rows, model, kind)
+        row = find_row(rows, model, kind)
         if not (teacher and row):
             continue
         ratio = row["sentences_per_s"] / teacher["sentences_per_s"]
-        check(checks, f"{model} {kind}: >= {speed}x teacher throughput at batch 32", f"{ratio:.2f}x", ratio >= speed)
+        add_target(checks, f"{model} {kind}: >= {speed}x teacher throughput at batch 32", f"{ratio:.2f}x", ratio >= speed)
         ratio = teacher["latency_ms_p50"] / row["latency_ms_p50"]
-        check(checks, f"{model} {kind}: >= {latency}x lower batch-1 p50", f"{ratio:.2f}x", ratio >= latency)
+        add_target(checks, f"{model} {kind}: >= {latency}x lower batch-1 p50", f"{ratio:.2f}x", ratio >= latency)
         ratio = row["f1"] / teacher["f1"] if teacher["f1"] else 0.0
-        check(checks, f"{model} {kind}: >= {share:.0%} of teacher F1", f"{ratio:.2%}", ratio >= share)
+        add_target(checks, f"{model} {kind}: >= {share:.0%} of teacher F1", f"{ratio:.2%}", ratio >= share)
     return checks
 
 
 def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
     """The model with the fewest parameters that keeps ``share`` of the teacher's F1 on ``backend``,
     as one check with its size and speed-ups (issue 9's chart summary); [] without a teacher row."""
-    kind = KIND[backend] if find(rows, TEACHER, KIND[backend]) else "fp32"
-    teacher = find(rows, TEACHER, kind)
+    kind = KIND[backend] if find_row(rows, TEACHER, KIND[backend]) else "fp32"
+    teacher = find_row(rows, TEACHER, kind)
     if not teacher or not teacher["f1"]:
         return []
     keep = [r for r in rows if r["precision_kind"] == kind and r["model"] != TEACHER
             and r.get("parameters") and r["f1"] >= share * teacher["f1"]]
     checks = []
     if not keep:
-        check(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})", "none", False)
+        add_target(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})", "none", False)
         return checks
     best = min(keep, key=lambda r: (r["parameters"], -r["sentences_per_s"]))
-    check(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})",
+    add_target(checks, f"smallest model keeping >= {share:.0%} of teacher F1 ({kind})",
           f"{best['model']}: {best['parameters']:,} parameters ({teacher['parameters'] / best['parameters']:.2f}x "
           f"fewer), F1 {best['f1'] / teacher['f1']:.2%}, batch-32 "
           f"{best['sentences_per_s'] / teacher['sentences_per_s']:.2f}x, batch-1 p50 "
@@ -131,16 +131,16 @@ def smallest_within(rows, share=0.95, backend=DEFAULT_BACKEND):
 def best_within(rows, share=0.97, backend=DEFAULT_BACKEND, speed=5.0):
     """The fastest row at batch 32 on ``backend`` (any width, depth, precision) keeping ``share`` of the
     FP32 teacher's F1, as one check against ``speed`` x that teacher's throughput; [] without a teacher."""
-    if not find(rows, TEACHER, KIND[backend]):
-        backend = next((b for b in KIND if find(rows, TEACHER, KIND[b])), backend)
-    teacher = find(rows, TEACHER, KIND[backend])
+    if not find_row(rows, TEACHER, KIND[backend]):
+        backend = next((b for b in KIND if find_row(rows, TEACHER, KIND[b])), backend)
+    teacher = find_row(rows, TEACHER, KIND[backend])
     if not teacher or not teacher["f1"]:
         return []
     keep = [r for r in rows if r["precision_kind"] in KINDS[backend] and r["f1"] >= share * teacher["f1"]]
     best = max(keep, key=lambda r: r["sentences_per_s"])  # the teacher itself is always in keep
     ratio = best["sentences_per_s"] / teacher["sentences_per_s"]
     checks = []
-    check(checks, f"best model within {share:.0%} of the FP32 teacher's F1 on {backend} (width x depth x "
+    add_target(checks, f"best model within {share:.0%} of the FP32 teacher's F1 on {backend} (width x depth x "
           f"precision): >= {speed:g}x its batch-32 throughput",
           f"{best['model']} {best['precision_kind']}: F1 {best['f1'] / teacher['f1']:.2%}, batch-32 {ratio:.2f}x "
           f"({best['sentences_per_s']:.0f} sent/s), batch-1 p50 {best['latency_ms_p50']:.2f} ms", ratio >= speed)
@@ -152,25 +152,25 @@ def deployment_targets(rows):
     ONNX Runtime INT8 >= 1.5x its model's fused FP32 at batch 32 and batch 1 within 1 F1 point; the best
     model within 97% of the teacher's F1."""
     checks = []
-    fused, unfused = find(rows, TEACHER, "onnxruntime-fp32"), find(rows, TEACHER, "onnxruntime-unfused")
+    fused, unfused = find_row(rows, TEACHER, "onnxruntime-fp32"), find_row(rows, TEACHER, "onnxruntime-unfused")
     if fused and unfused:
         layers, counts = fused["layers"], fused["fusion"]
         want = {"Attention": layers, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 2 * layers,
                 "BiasGelu": layers}
-        check(checks, "teacher fused graph: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu "
+        add_target(checks, "teacher fused graph: Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu "
               f"as in a standard BERT ({'/'.join(str(want[op]) for op in FUSION_OPS)})", fusion_text(counts),
               all(counts[op] >= n for op, n in want.items()))
         b32, b1 = (fused["sentences_per_s"] / unfused["sentences_per_s"],
                    unfused["latency_ms_p50"] / fused["latency_ms_p50"])
-        check(checks, "teacher onnxruntime: fused graph >= 1.1x the unfused model.onnx at batch 32",
+        add_target(checks, "teacher onnxruntime: fused graph >= 1.1x the unfused model.onnx at batch 32",
               f"{b32:.2f}x (batch-1 p50 {b1:.2f}x)", b32 >= 1.1)
     for row in (r for r in rows if r["precision_kind"] == "onnxruntime-int8"):
-        fp32 = find(rows, row["model"], "onnxruntime-fp32")
+        fp32 = find_row(rows, row["model"], "onnxruntime-fp32")
         if fp32:
             b32, b1 = (row["sentences_per_s"] / fp32["sentences_per_s"],
                        fp32["latency_ms_p50"] / row["latency_ms_p50"])
             drop = (fp32["f1"] - row["f1"]) * 100
-            check(checks, f"{row['model']} onnxruntime INT8: >= 1.5x its FP32 at batch 32 and batch 1, <= 1 F1 "
+            add_target(checks, f"{row['model']} onnxruntime INT8: >= 1.5x its FP32 at batch 32 and batch 1, <= 1 F1 "
                   "point lost", f"{b32:.2f}x / {b1:.2f}x, {drop:.2f} points", min(b32, b1) >= 1.5 and drop <= 1)
     return checks + best_within(rows)
 
@@ -262,7 +262,7 @@ def plot_pareto(rows, path):
             ax.annotate(r["model"], (r["sentences_per_s"], r["f1"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for kind in KIND.values():
-        teacher = find(rows, TEACHER, kind)
+        teacher = find_row(rows, TEACHER, kind)
         if teacher:
             ax.scatter([teacher["sentences_per_s"]], [teacher["f1"]], s=160, facecolors="none", edgecolors="red",
                        label=f"teacher ({kind})")
