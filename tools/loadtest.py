@@ -32,7 +32,7 @@ def main(argv=None):
         raise UserError("--clients, --seconds, --max_requests and --sentences: must be at least 1")
     from ner_compress.deploy.backends import DEFAULT_BACKEND
     from ner_compress.measure.loadtest import models_to_test, run
-    from ner_compress.serve.service import setup_logging
+    from ner_compress.core.runtime import setup_logging
 
     setup_logging("info")
     results = run({"output_dir": args.output_dir, "models": models_to_test(args.output_dir, args.model_dir),

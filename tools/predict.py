@@ -1,14 +1,13 @@
 #!/usr/bin/env python
 """Tag texts with an exported model (ONNX Runtime or Paddle Inference); one JSON object per text."""
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ner_compress.core.errors import UserError, run_cli  # noqa: E402
-from ner_compress.deploy.predict_io import DEFAULT_MAX_CHARS, read_lines  # noqa: E402
+from ner_compress.core.errors import run_cli  # noqa: E402
+from ner_compress.deploy.predict_io import DEFAULT_MAX_CHARS, emit, tag_input  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,21 +28,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def emit(records):
-    for record in records:
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-def tag_batch(tagger, batch):
-    texts = [text for _, text, error in batch if error is None]
-    results = iter(tagger.predict(texts))
-    out = []
-    for lineno, text, error in batch:
-        out.append({"line": lineno, "error": error} if error else {"line": lineno, **next(results)})
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     from ner_compress.deploy.backends import load_tagger
@@ -52,13 +36,8 @@ def main(argv=None):
                          args.precision)
     if args.text:
         emit(tagger.predict(args.text))
-        return
-    if args.input_file != "-" and not os.path.isfile(args.input_file):
-        raise UserError(f"--input_file {args.input_file}: no such file")
-    stream = sys.stdin.buffer if args.input_file == "-" else open(args.input_file, "rb")
-    with stream:
-        for batch in read_lines(stream, args.batch_size, args.max_chars):
-            emit(tag_batch(tagger, batch))
+    else:
+        tag_input(tagger, args.input_file, args.batch_size, args.max_chars)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,7 @@ def setup_logging(level=logging.INFO):
     from paddlenlp.utils.log import logger as paddlenlp_logger
 
     paddlenlp_logger.set_level("WARNING")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-    log.setLevel(level if parallel.is_writer() else logging.WARNING)
-    log.propagate = False
+    runtime.setup_logging(level if parallel.is_writer() else logging.WARNING)
 
 
 def set_device(device):

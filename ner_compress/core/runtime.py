@@ -15,12 +15,28 @@ MKL_VARIABLE = "MKL_DEBUG_CPU_TYPE"
 _STATE = {"mkl_fix": None, "threads": None, "logged": False}
 
 
-def cpu_vendor():
+def setup_logging(level=logging.INFO):
+    """Our lines on stderr in one format, for every tool and the server (``level``: a number or a name)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level.upper() if isinstance(level, str) else level)
+    log.propagate = False
+
+
+def cpuinfo_field(name, default=""):
+    """The first ``name : value`` of /proc/cpuinfo (``vendor_id``, ``model name``), else ``default``."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in fh if line.split(":", 1)[0].strip() == name),
+                        default)
     except OSError:
-        return ""
+        return default
+
+
+def cpu_vendor():
+    return cpuinfo_field("vendor_id")
 
 
 def prepare_environment():

@@ -4,6 +4,12 @@ Lines are read as bytes with a length cap; a line that is not UTF-8 or is too lo
 error record for that line (its excess is skipped without being held in memory) and the rest of
 the file goes on.
 """
+import json
+import os
+import sys
+
+from ner_compress.core.errors import UserError
+
 DEFAULT_MAX_CHARS = 100_000  # longer lines are refused per line, not by the run
 _CHUNK = 1 << 20
 
@@ -43,3 +49,28 @@ def read_lines(stream, batch_size, max_chars=DEFAULT_MAX_CHARS):
             batch = []
     if batch:
         yield batch
+
+
+def emit(records):
+    for record in records:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def tag_batch(tagger, batch):
+    texts = [text for _, text, error in batch if error is None]
+    results = iter(tagger.predict(texts))
+    out = []
+    for lineno, text, error in batch:
+        out.append({"line": lineno, "error": error} if error else {"line": lineno, **next(results)})
+    return out
+
+
+def tag_input(tagger, input_file, batch_size, max_chars):
+    """Tag a UTF-8 file ('-': stdin) line by line, writing one JSON record per line as its batch is done."""
+    if input_file != "-" and not os.path.isfile(input_file):
+        raise UserError(f"--input_file {input_file}: no such file")
+    stream = sys.stdin.buffer if input_file == "-" else open(input_file, "rb")
+    with stream:
+        for batch in read_lines(stream, batch_size, max_chars):
+            emit(tag_batch(tagger, batch))

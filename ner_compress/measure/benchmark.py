@@ -17,6 +17,7 @@ import time
 import numpy as np
 import paddle
 
+from ner_compress.core import runtime
 from ner_compress.measure import timing
 from ner_compress.models.families import load_config
 from ner_compress.data.vocab import copy_vocab
@@ -169,12 +170,7 @@ def matmul_gflops(threads=None, size=1024, repeats=10):
 
 
 def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = runtime.cpuinfo_field("model name", platform.processor())
     from importlib import metadata
 
     versions = {"python": platform.python_version()}

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from ner_compress.deploy.backends import check_backend, default_backend
+from ner_compress.core import runtime
 from ner_compress.core.errors import UserError
 
 OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
@@ -97,23 +98,13 @@ def check_descriptors(max_connections):
                         f"{RESERVED_DESCRIPTORS} reserved; lower it or raise `ulimit -n`")
 
 
-def setup_logging(level):
-    """Our lines (progress, access log, errors with tracebacks) on stderr, one format."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-    log.setLevel(level.upper())
-    log.propagate = False
-
-
 def app_from_environment():
     """uvicorn's app factory, in each worker process."""
     from ner_compress.deploy.backends import load_tagger
     from ner_compress.serve.http_api import create_app
 
     opts = ServeOptions(**json.loads(os.environ[OPTIONS_VARIABLE]))
-    setup_logging(opts.log_level)
+    runtime.setup_logging(opts.log_level)
 
     def tagger():
         return load_tagger(opts.model_dir, opts.backend, opts.device, opts.cpu_threads, opts.max_batch_size,
@@ -148,7 +139,7 @@ def serve(opts):
     import uvicorn
 
     check_options(opts)
-    setup_logging(opts.log_level)
+    runtime.setup_logging(opts.log_level)
     log.info("serving %s through %s %s (%s) on http://%s:%d", os.path.abspath(opts.model_dir), opts.backend,
              opts.precision, opts.device, opts.host, opts.port)
     os.environ[OPTIONS_VARIABLE] = json.dumps(asdict(opts))
