@@ -105,3 +105,11 @@ def test_module_is_small(name):
     with open(modules()[name], encoding="utf-8") as fh:
         assert sum(1 for _ in fh) <= MAX_LINES, f"{name}: split it (at most {MAX_LINES} lines)"
 
+
+
+def test_the_library_never_starts_a_tools_script():
+    """Command lines call the library, not the other way round (the server child runs ``-m ner_compress.serve``)."""
+    found = [name for name, path in modules().items()
+             for node in ast.walk(ast.parse(open(path, encoding="utf-8").read()))
+             if isinstance(node, ast.Constant) and node.value == "tools"]
+    assert found == []
