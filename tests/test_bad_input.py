@@ -336,9 +336,18 @@ def test_later_stage_inherits_data_settings_but_not_resume(tmp_path):
 
     (tmp_path / "teacher").mkdir()
     recorded = {"train_limit": 400, "max_seq_length": 64, "resume": True, "resume_from": "x", "output_dir": "y"}
-    (tmp_path / "teacher" / "manifest.json").write_text(json.dumps({"config": recorded}))
+    (tmp_path / "teacher" / "manifest.json").write_text(json.dumps({"stage": "teacher", "config": recorded}))
     assert recorded_config("teacher")(str(tmp_path)) == {"train_limit": 400, "max_seq_length": 64}
     assert recorded_config("teacher")(str(tmp_path / "nowhere")) == {}
+
+
+def test_a_later_stage_refuses_a_broken_teacher_manifest_in_one_line(tmp_path):
+    from ner_compress.commands.stages import recorded_config
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "manifest.json").write_text('{"stage": "teacher",\n "config": {')
+    with pytest.raises(UserError, match=r"teacher/manifest.json:2: unreadable manifest"):
+        recorded_config("teacher")(str(tmp_path))
 
 
 def test_stage_flags_come_from_the_config_groups():

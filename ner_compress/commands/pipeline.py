@@ -4,7 +4,6 @@ teacher -> { teacher's width supernet -> exports | student -> student's width su
 -> table. The two branches need only ``DIR/teacher`` and run side by side when the cores allow
 (``stage_pool``).
 """
-import json
 import logging
 import os
 
@@ -14,7 +13,7 @@ from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, 
                                           run_student, run_teacher)
 from ner_compress.compress import student
 from ner_compress.core import layout
-from ner_compress.core.artifacts import MANIFEST, write_json
+from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
 from ner_compress.core.config import PipelineOptions, group_fields
 from ner_compress.core.errors import Int8Refused
 from ner_compress.core.layout import ModelRef
@@ -97,18 +96,17 @@ def run_all(cfg):
 def training_speeds(cfg):
     """Sentences/s of each training stage and its CPU threads, as its manifest recorded them."""
     top, out = max(cfg.width_mult_list), cfg.output_dir
-    stages = {"teacher": layout.stage_dir(out, "teacher"), "ofa": layout.width_dir(layout.ofa_dir(out), top)}
+    stages = {"teacher": ("teacher", layout.stage_dir(out, "teacher")),
+              "ofa": ("ofa", layout.width_dir(layout.ofa_dir(out), top))}
     if cfg.run_student:
-        stages.update({"student": layout.stage_dir(out, "student"),
-                       "student ofa": layout.width_dir(layout.ofa_dir(out, "student"), top)})
+        stages.update({"student": ("student", layout.stage_dir(out, "student")),
+                       "student ofa": ("ofa", layout.width_dir(layout.ofa_dir(out, "student"), top))})
     speeds = {}
-    for stage, directory in stages.items():
-        path = os.path.join(directory, MANIFEST)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as fh:
-                manifest = json.load(fh)
+    for name, (stage, directory) in stages.items():
+        if os.path.isfile(os.path.join(directory, MANIFEST)):
+            manifest = read_manifest(directory, stage, verify_weights=False)
             if manifest.get("speed"):
-                speeds[stage] = {**manifest["speed"], "cpu_threads": manifest.get("runtime", {}).get("cpu_threads")}
+                speeds[name] = {**manifest["speed"], "cpu_threads": manifest.get("runtime", {}).get("cpu_threads")}
     return speeds
 
 

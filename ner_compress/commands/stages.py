@@ -1,7 +1,6 @@
 """The stages as functions of a Config, and the command lines that call them (all of them in order:
 ``commands.pipeline``). Where each stage reads and writes: ``core.layout``.
 """
-import json
 import logging
 import os
 import sys
@@ -42,14 +41,13 @@ def parse_stage_config(description, names, argv=None, **kwargs):
     return cfg, args
 
 
-def recorded_config(stage_dir):
-    """The resolved config a finished stage recorded, or {} when there is none yet."""
+def recorded_config(stage):
+    """The resolved config a finished stage (``teacher``) recorded, or {} when there is none yet."""
     def inherit(output_dir):
-        path = os.path.join(output_dir, stage_dir, MANIFEST)
-        if not os.path.isfile(path):
+        directory = layout.stage_dir(output_dir, stage)
+        if not os.path.isfile(os.path.join(directory, MANIFEST)):
             return {}
-        with open(path, encoding="utf-8") as fh:
-            recorded = json.load(fh).get("config", {})
+        recorded = read_manifest(directory, stage, verify_weights=False).get("config", {})
         return {k: v for k, v in recorded.items() if k not in NOT_INHERITED}
     return inherit
 
