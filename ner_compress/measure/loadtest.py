@@ -21,6 +21,7 @@ from ner_compress.core import layout
 from ner_compress.core.errors import UserError
 from ner_compress.core.layout import ModelRef
 from ner_compress.measure import timing
+from ner_compress.measure.targets import target, target_lines
 from ner_compress.measure.server_process import ServerProcess
 from ner_compress.measure.server_probes import abuse_checks
 
@@ -194,7 +195,7 @@ def targets(models):
                         "yes" if ok else "no", ok),
                        (f"{m['model']}, abusive requests: RSS within 200 MB of idle", f"{growth:+.0f} MB",
                         growth <= 200)]
-    return [{"target": t, "measured": v, "met": bool(ok)} for t, v, ok in checks]
+    return [target(*check) for check in checks]
 
 
 def markdown(results):
@@ -220,6 +221,4 @@ def markdown(results):
                       "| request | status | answer | RSS after MB |", "|---|---:|---|---:|"]
             lines += [f"| {row['case']} | {row['status']} | {row['answer']} | {row['rss_mb']:.0f} |"
                       for row in m["abuse"]]
-    lines += ["", "## Targets", ""]
-    lines += [f"- {t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**" for t in results["targets"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + target_lines(results["targets"])) + "\n"

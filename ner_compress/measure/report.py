@@ -3,6 +3,7 @@ from ner_compress.compress.vocab_pruning import summary as pruning_summary
 from ner_compress.core.layout import ModelRef
 from ner_compress.deploy.backends import DEFAULT_BACKEND
 from ner_compress.measure.benchmark import FUSION_OPS
+from ner_compress.measure.targets import target, target_lines
 
 TEACHER, HALF = ModelRef("teacher").name, ModelRef("teacher", 0.5).name  # the models the targets name
 STUDENT, STUDENT_HALF = ModelRef("student").name, ModelRef("student", 0.5).name
@@ -40,8 +41,8 @@ def find_row(rows, model, kind):
     return next((r for r in rows if r["model"] == model and r["precision_kind"] == kind), None)
 
 
-def add_target(checks, target, measured, met):
-    checks.append({"target": target, "measured": measured, "met": bool(met)})
+def add_target(checks, what, measured, met):
+    checks.append(target(what, measured, met))
 
 
 def targets(rows, backend=DEFAULT_BACKEND):
@@ -221,8 +222,7 @@ def markdown(results):
     if results.get("vocab_pruning"):
         lines += ["", f"Teacher vocabulary pruning: {pruning_summary(results['vocab_pruning'])} "
                   "(the table's parameters are after pruning)."]
-    lines += ["", "## Targets", ""]
-    lines += [f"- {t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**" for t in results["targets"]]
+    lines += target_lines(results["targets"])
     onnx = [r for r in rows if "max_abs_diff_vs_paddle" in r]
     if onnx:
         lines += ["", "ONNX Runtime vs Paddle Inference, max abs logit difference: " + ", ".join(
