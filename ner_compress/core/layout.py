@@ -20,6 +20,7 @@ from typing import Optional
 from ner_compress.core.artifacts import MANIFEST
 
 SOURCES = ("teacher", "student")  # what a width supernet can be made of (``--from``)
+WIDTH_PREFIX = "width_"  # ofa/width_0.5/
 
 
 
@@ -54,7 +55,7 @@ def ofa_dir(output_dir, source="teacher"):
 
 
 def width_dir(supernet_dir, width):
-    return os.path.join(supernet_dir, f"width_{round(width, 4)}")
+    return os.path.join(supernet_dir, f"{WIDTH_PREFIX}{round(width, 4)}")
 
 
 def export_dir(output_dir, ref):
@@ -73,9 +74,8 @@ def trained_widths(supernet_dir):
     """Widths W with a finished ``supernet_dir/width_W/manifest.json``, widest first."""
     if not os.path.isdir(supernet_dir):
         return []
-    prefix = os.path.basename(width_dir(supernet_dir, 1.0))[: -len("1.0")]
-    return sorted((float(name[len(prefix):]) for name in os.listdir(supernet_dir)
-                   if name.startswith(prefix) and os.path.isfile(os.path.join(supernet_dir, name, MANIFEST))),
+    return sorted((float(name[len(WIDTH_PREFIX):]) for name in os.listdir(supernet_dir)
+                   if name.startswith(WIDTH_PREFIX) and os.path.isfile(os.path.join(supernet_dir, name, MANIFEST))),
                   reverse=True)
 
 
