@@ -106,3 +106,40 @@ def test_missing_onnx_file_is_refused_with_the_command_that_writes_it(export_dir
     # the default backend needs the file too; Paddle Inference does not
     assert tool("predict.py", "--model_dir", static, "--text", "北京", check=False).returncode == 2
     assert tool("predict.py", "--model_dir", static, "--text", "北京", "--backend", "paddle").returncode == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "fp16"], "error: --precision fp16: Paddle Inference on GPU only; use --backend paddle --device gpu"),
+    (["--backend", "paddle", "--tensorrt"],
+     "error: --tensorrt: Paddle Inference on GPU only; use --backend paddle --device gpu"),
+    (["--device", "gpu", "--backend", "onnxruntime"],
+     "error: --backend onnxruntime: CPU only here; use --backend paddle with --device gpu"),
+    (["--device", "gpu", "--precision", "int8"],  # the GPU default backend is Paddle Inference
+     "error: --precision int8: ONNX Runtime's export only; use --backend onnxruntime (Paddle Inference INT8 is "
+     "measured by tools/benchmark.py)"),
+])
+def test_engine_choices_that_do_not_go_together_are_refused_in_one_line(export_dir, flags, message):
+    result = tool("predict.py", "--model_dir", export_dir / "static", "--text", "北京", *flags, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == message
+
+
+def test_a_gpu_predictor_on_a_cpu_build_is_refused_in_one_line(export_dir):
+    import paddle
+
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("this paddlepaddle has CUDA")
+    result = tool("predict.py", "--model_dir", export_dir / "static", "--text", "北京", "--device", "gpu",
+                  "--precision", "fp16", "--tensorrt", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device gpu: this paddlepaddle has no CUDA")
+
+
+def test_tensorrt_shape_ranges_cover_every_bucketed_batch():
+    from ner_compress.deploy.backends import INPUT_NAMES, tensorrt_shapes
+
+    low, high, best = tensorrt_shapes(max_batch_size=32, max_seq_length=120)
+    for name in INPUT_NAMES:
+        assert low[name] == [1, 16] and high[name] == [32, 128]  # 120 characters pad up to the 128 bucket
+        assert low[name] <= best[name] <= high[name]
+    assert tensorrt_shapes(4, 8)[1]["input_ids"] == [4, 16]  # never below one bucket

@@ -19,7 +19,10 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default=None,
                         help="onnxruntime (default on CPU: the export's onnx/model.onnx) or paddle (Paddle Inference)")
     parser.add_argument("--precision", default="fp32",
-                        help="fp32 (default) or int8: ONNX Runtime's onnx/model.int8.onnx from tools/export.py")
+                        help="fp32 (default), int8 (ONNX Runtime's onnx/model.int8.onnx from tools/export.py) or "
+                             "fp16 (Paddle Inference on GPU)")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="Paddle Inference on GPU: run through a TensorRT engine at --precision")
     parser.add_argument("--decoding", default="viterbi", help="viterbi (BIO-constrained, default) or argmax")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--cpu_threads", type=int, default=None, help="default: all cores")
@@ -33,7 +36,7 @@ def main(argv=None):
     from ner_compress.deploy.backends import load_tagger
 
     tagger = load_tagger(args.model_dir, args.backend, args.device, args.cpu_threads, args.batch_size, args.decoding,
-                         args.precision)
+                         args.precision, args.tensorrt)
     if args.text:
         emit(tagger.predict(args.text))
     else:

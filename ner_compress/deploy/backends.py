@@ -7,10 +7,11 @@ picks one by name; ``DEFAULT_BACKEND`` is the faster one on CPU as measured (REA
 import os
 
 import numpy as np
+import paddle
 import paddle.inference as paddle_infer
 
 from ner_compress.core.errors import UserError
-from ner_compress.data.window_scores import bucket_length
+from ner_compress.data.window_scores import BUCKET, bucket_length
 from ner_compress.deploy.inference import Tagger, read_meta
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
 
@@ -19,7 +20,13 @@ DEFAULT_BACKEND = "onnxruntime"
 ONNX_DIR, ONNX_FILE = "onnx", "model.onnx"  # paddle2onnx's graph: standard ONNX ops, any runtime
 FUSED_FILE = "model.opt.onnx"  # the same graph after ONNX Runtime's transformer fusions (its contrib ops)
 INT8_FILE = "model.int8.onnx"  # ner_compress.deploy.onnx_quant's INT8 copy of the fused graph
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
+# Paddle Inference on GPU: the precision of its CUDA kernels and, with TensorRT, of the engine it builds
+# (passed through as documented by Paddle Inference; no GPU was available to test them here)
+GPU_PRECISIONS = {"fp32": "Float32", "fp16": "Half"}
+TENSORRT_WORKSPACE_BYTES = 1 << 30
+TENSORRT_MIN_SUBGRAPH = 3  # smaller subgraphs stay on Paddle's kernels
+INPUT_NAMES = ("input_ids", "token_type_ids")
 # oneDNN stays on for CPU FP32 (Paddle 2.6.2's default). Measured on the demo exports, 2 threads,
 # quiet machine, median ms per call after each shape was seen once, native -> oneDNN: teacher
 # batch 1 2.81 -> 2.40, batch 32 44.2 -> 20.0, varied bucket lengths batch 1 5.12 -> 3.66, batch 32
@@ -28,12 +35,43 @@ PRECISIONS = ("fp32", "int8")
 MKLDNN_CACHE_SHAPES = 64
 
 
-def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True):
-    """Paddle Inference settings (``mkldnn`` only matters on CPU)."""
+def tensorrt_shapes(max_batch_size, max_seq_length):
+    """TensorRT's dynamic-shape ranges (minimum, maximum, optimum) of each input: bucketed batches run
+    from one sentence of one bucket to ``max_batch_size`` windows of ``max_seq_length``."""
+    longest = bucket_length(max_seq_length, BUCKET)
+    shapes = ([1, BUCKET], [max_batch_size, longest], [max_batch_size, max(BUCKET, longest // 2)])
+    return tuple({name: list(shape) for name in INPUT_NAMES} for shape in shapes)
+
+
+def check_gpu_build(tensorrt):
+    """Refuse in one line a GPU predictor this paddlepaddle build cannot make."""
+    if not paddle.device.is_compiled_with_cuda():
+        raise UserError("--device gpu: this paddlepaddle has no CUDA; install the stack's paddlepaddle-gpu "
+                        "(docs/stacks.md) or use --device cpu")
+    if tensorrt and paddle_infer.get_trt_compile_version() == (0, 0, 0):
+        raise UserError("--tensorrt: this paddlepaddle-gpu was built without TensorRT; install a TensorRT "
+                        "build of paddlepaddle-gpu or drop --tensorrt")
+
+
+def set_gpu(config, precision, tensorrt, max_batch_size, max_seq_length):
+    check_gpu_build(tensorrt)
+    kind = getattr(paddle_infer.PrecisionType, GPU_PRECISIONS[precision])
+    config.enable_use_gpu(256, 0, kind)
+    if tensorrt:
+        config.enable_tensorrt_engine(workspace_size=TENSORRT_WORKSPACE_BYTES, max_batch_size=max_batch_size,
+                                      min_subgraph_size=TENSORRT_MIN_SUBGRAPH, precision_mode=kind,
+                                      use_static=False, use_calib_mode=False)
+        config.set_trt_dynamic_shape_info(*tensorrt_shapes(max_batch_size, max_seq_length))
+
+
+def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True, precision="fp32", tensorrt=False,
+                     max_batch_size=32):
+    """Paddle Inference settings (``mkldnn`` only matters on CPU; ``precision`` fp16 and ``tensorrt``
+    only on GPU)."""
     program, params = static_model_files(model_dir)
     config = paddle_infer.Config(program, params)
     if device == "gpu":
-        config.enable_use_gpu(256, 0)
+        set_gpu(config, precision, tensorrt, max_batch_size, int(read_meta(model_dir)["max_seq_length"]))
     else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
@@ -59,11 +97,11 @@ class StaticTagger(Tagger):
     """Tags texts with an exported static model through Paddle Inference."""
 
     def __init__(self, model_dir, device="cpu", threads=None, mkldnn=True, batch_size=32, int8=False,
-                 decoding="viterbi", bucket=True):
+                 decoding="viterbi", bucket=True, precision="fp32", tensorrt=False):
         super().__init__(model_dir, batch_size, decoding, bucket)
         if int8:
             mkldnn = True  # the INT8 kernels are oneDNN's
-        config = predictor_config(model_dir, device, threads, mkldnn)
+        config = predictor_config(model_dir, device, threads, mkldnn, precision, tensorrt, batch_size)
         if int8 and device == "cpu":
             # INT8 kernels for the linear layers only: letting oneDNN also quantize the attention
             # matmuls (fused_matmul) dropped test F1 from 0.30 to 0.10 on the demo model, while
@@ -156,15 +194,28 @@ class DynamicTagger(Tagger):
         return numpy_logits(self.model, input_ids, token_type_ids)
 
 
-def check_backend(backend, model_dir, precision="fp32"):
-    """Refuse an unknown backend or precision, or ONNX Runtime without its exported file, in one line."""
+def check_engine(backend, device, precision, tensorrt):
+    """Refuse a backend, device, precision and TensorRT choice that do not go together, in one line."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown; use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: unknown; use one of {', '.join(PRECISIONS)}")
+    if backend == "onnxruntime" and device != "cpu":
+        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")
     if precision == "int8" and backend != "onnxruntime":
         raise UserError("--precision int8: ONNX Runtime's export only; use --backend onnxruntime "
                         "(Paddle Inference INT8 is measured by tools/benchmark.py)")
+    gpu_paddle = backend == "paddle" and device == "gpu"
+    if precision == "fp16" and not gpu_paddle:
+        raise UserError("--precision fp16: Paddle Inference on GPU only; use --backend paddle --device gpu")
+    if tensorrt and not gpu_paddle:
+        raise UserError("--tensorrt: Paddle Inference on GPU only; use --backend paddle --device gpu")
+
+
+def check_backend(backend, model_dir, precision="fp32", device="cpu", tensorrt=False):
+    """Refuse an unknown or mismatched engine (``check_engine``), or ONNX Runtime without its exported
+    file, in one line."""
+    check_engine(backend, device, precision, tensorrt)
     read_meta(model_dir)  # a wrong --model_dir is named as such, not as a missing ONNX file
     if backend == "paddle":
         static_model_files(model_dir)  # a program this Paddle cannot read is refused now, in one line
@@ -182,13 +233,13 @@ def default_backend(device):
 
 
 def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=32, decoding="viterbi",
-                precision="fp32"):
+                precision="fp32", tensorrt=False):
     """A ready ``Tagger`` over an exported static directory (``DIR/export/<model>/static``);
-    ``backend=None``: ``default_backend(device)``; ``precision`` int8: ONNX Runtime's INT8 copy."""
+    ``backend=None``: ``default_backend(device)``; ``precision`` int8: ONNX Runtime's INT8 copy, fp16 (and
+    ``tensorrt``): Paddle Inference on GPU."""
     backend = backend or default_backend(device)
-    check_backend(backend, model_dir, precision)
-    if backend == "onnxruntime" and device != "cpu":
-        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {device}")
+    check_backend(backend, model_dir, precision, device, tensorrt)
     if backend == "paddle":
-        return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding)
+        return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding,
+                            precision=precision, tensorrt=tensorrt)
     return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding, precision=precision)

@@ -40,7 +40,9 @@ class ServeOptions:
     backend: Optional[str] = _opt(None, "onnxruntime or paddle (Paddle Inference); default: onnxruntime on CPU, "
                                   "paddle on GPU")
     device: str = _opt("cpu", "cpu or gpu", choices=["cpu", "gpu"])
-    precision: str = _opt("fp32", "fp32 (ONNX Runtime: the fused graph) or int8 (ONNX Runtime's model.int8.onnx)")
+    precision: str = _opt("fp32", "fp32 (ONNX Runtime: the fused graph), int8 (ONNX Runtime's model.int8.onnx) or "
+                          "fp16 (Paddle Inference on GPU)")
+    tensorrt: bool = _opt(False, "Paddle Inference on GPU: run through a TensorRT engine at --precision")
     cpu_threads: Optional[int] = _opt(None, "predictor math threads; default: all cores")
     decoding: str = _opt("viterbi", "viterbi (BIO-constrained) or argmax")
     max_batch_size: int = _opt(32, "texts gathered from concurrent requests into one predictor call")
@@ -81,11 +83,9 @@ def check_options(opts):
                         "could never be queued; raise --max_queue or lower --max_texts")
     if opts.decoding not in DECODINGS:
         raise UserError(f"--decoding {opts.decoding}: use one of {', '.join(DECODINGS)}")
-    if opts.backend == "onnxruntime" and opts.device != "cpu":
-        raise UserError(f"--backend onnxruntime: CPU only here; use --backend paddle with --device {opts.device}")
     if not os.path.isdir(opts.model_dir):
         raise UserError(f"--model_dir {opts.model_dir}: no such directory; give DIR/export/width_W/static")
-    check_backend(opts.backend, opts.model_dir, opts.precision)  # also the precision and the model's meta
+    check_backend(opts.backend, opts.model_dir, opts.precision, opts.device, opts.tensorrt)  # and the model's meta
 
 
 def check_descriptors(max_connections):
@@ -108,7 +108,7 @@ def app_from_environment():
 
     def tagger():
         return load_tagger(opts.model_dir, opts.backend, opts.device, opts.cpu_threads, opts.max_batch_size,
-                           opts.decoding, opts.precision)
+                           opts.decoding, opts.precision, opts.tensorrt)
 
     return create_app(opts, tagger)
 
