@@ -60,7 +60,7 @@ def test_unknown_or_unsupported_precision_is_refused_in_one_line(output_dir):
     from ner_compress.deploy.backends import check_backend
 
     static = str(output_dir / "export" / "teacher" / "static")
-    with pytest.raises(UserError, match=r"^--precision int4: unknown; use one of fp32, int8$"):
+    with pytest.raises(UserError, match=r"^--precision int4: unknown; use one of fp32, fp16, int8$"):
         check_backend("onnxruntime", static, "int4")
     with pytest.raises(UserError, match=r"^--precision int8: ONNX Runtime's export only"):
         check_backend("paddle", static, "int8")
