@@ -53,25 +53,26 @@ def check_gpu_build(tensorrt):
                         "build of paddlepaddle-gpu or drop --tensorrt")
 
 
-def set_gpu(config, precision, tensorrt, max_batch_size, max_seq_length):
-    check_gpu_build(tensorrt)
+def set_gpu(config, precision, tensorrt_ranges):
+    """CUDA kernels at ``precision``; with ``tensorrt_ranges`` (``tensorrt_shapes``) a TensorRT engine too."""
+    check_gpu_build(tensorrt_ranges is not None)
     kind = getattr(paddle_infer.PrecisionType, GPU_PRECISIONS[precision])
     config.enable_use_gpu(256, 0, kind)
-    if tensorrt:
-        config.enable_tensorrt_engine(workspace_size=TENSORRT_WORKSPACE_BYTES, max_batch_size=max_batch_size,
+    if tensorrt_ranges is not None:
+        config.enable_tensorrt_engine(workspace_size=TENSORRT_WORKSPACE_BYTES,
+                                      max_batch_size=tensorrt_ranges[1][INPUT_NAMES[0]][0],
                                       min_subgraph_size=TENSORRT_MIN_SUBGRAPH, precision_mode=kind,
                                       use_static=False, use_calib_mode=False)
-        config.set_trt_dynamic_shape_info(*tensorrt_shapes(max_batch_size, max_seq_length))
+        config.set_trt_dynamic_shape_info(*tensorrt_ranges)
 
 
-def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True, precision="fp32", tensorrt=False,
-                     max_batch_size=32):
-    """Paddle Inference settings (``mkldnn`` only matters on CPU; ``precision`` fp16 and ``tensorrt``
-    only on GPU)."""
+def predictor_config(model_dir, device="cpu", threads=None, mkldnn=True, precision="fp32", tensorrt_ranges=None):
+    """Paddle Inference settings (``mkldnn`` only matters on CPU; ``precision`` fp16 and
+    ``tensorrt_ranges`` only on GPU)."""
     program, params = static_model_files(model_dir)
     config = paddle_infer.Config(program, params)
     if device == "gpu":
-        set_gpu(config, precision, tensorrt, max_batch_size, int(read_meta(model_dir)["max_seq_length"]))
+        set_gpu(config, precision, tensorrt_ranges)
     else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(threads or os.cpu_count() or 1)
@@ -101,7 +102,8 @@ class StaticTagger(Tagger):
         super().__init__(model_dir, batch_size, decoding, bucket)
         if int8:
             mkldnn = True  # the INT8 kernels are oneDNN's
-        config = predictor_config(model_dir, device, threads, mkldnn, precision, tensorrt, batch_size)
+        ranges = tensorrt_shapes(batch_size, self.max_seq_length) if tensorrt else None  # the meta's length
+        config = predictor_config(model_dir, device, threads, mkldnn, precision, ranges)
         if int8 and device == "cpu":
             # INT8 kernels for the linear layers only: letting oneDNN also quantize the attention
             # matmuls (fused_matmul) dropped test F1 from 0.30 to 0.10 on the demo model, while
