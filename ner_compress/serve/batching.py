@@ -93,8 +93,8 @@ class DynamicBatcher:
             log.info("model warmed up: %d predictor calls in %.2f s", self.warmup_batches,
                      time.perf_counter() - start)
         except Exception as err:  # the process stays up and says so on /ready
+            self.load_error = f"{type(err).__name__}: {err}"  # before the log line: /ready may be asked on it
             log.exception("model failed to load")
-            self.load_error = f"{type(err).__name__}: {err}"
             return
         self.ready.set()
         previous_requests = 0
