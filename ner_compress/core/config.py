@@ -222,6 +222,11 @@ def add_config_flags(parser, names):
     return parser
 
 
+def flag_field(default, help_text, **argparse_extra):
+    """A field of an options dataclass: its default and the help (and choices) of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **argparse_extra})
+
+
 def add_dataclass_flags(parser, cls):
     """One ``--name`` flag per field of the dataclass ``cls``: type, default, choices and help from
     the field itself, so a tool's flags cannot drift from the options it builds."""

@@ -5,11 +5,14 @@ bucketed padding, decoding and entity extraction live in ``inference.Tagger``. `
 picks one by name; ``DEFAULT_BACKEND`` is the faster one on CPU as measured (README, "Backends").
 """
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import paddle
 import paddle.inference as paddle_infer
 
+from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import BUCKET, bucket_length
 from ner_compress.deploy.inference import Tagger, read_meta
@@ -245,3 +248,29 @@ def load_tagger(model_dir, backend=None, device="cpu", threads=None, batch_size=
         return StaticTagger(model_dir, device=device, threads=threads, batch_size=batch_size, decoding=decoding,
                             precision=precision, tensorrt=tensorrt)
     return OnnxTagger(model_dir, threads=threads, batch_size=batch_size, decoding=decoding, precision=precision)
+
+
+@dataclass
+class EngineOptions:
+    """How an exported model runs: the flags ``tools/predict.py`` and ``tools/serve.py`` share
+    (``config.add_dataclass_flags``)."""
+    model_dir: str = field(metadata={"help": "DIR/export/<model>/static (e.g. output/export/width_0.5/static)"})
+    backend: Optional[str] = flag_field(None, "onnxruntime or paddle (Paddle Inference); default: onnxruntime "
+                                        "on CPU, paddle on GPU")
+    device: str = flag_field("cpu", "cpu or gpu", choices=["cpu", "gpu"])
+    precision: str = flag_field("fp32", "fp32 (ONNX Runtime: the fused graph), int8 (ONNX Runtime's "
+                                "model.int8.onnx from tools/export.py) or fp16 (Paddle Inference on GPU)")
+    tensorrt: bool = flag_field(False, "Paddle Inference on GPU: run through a TensorRT engine at --precision")
+    cpu_threads: Optional[int] = flag_field(None, "predictor math threads; default: all cores")
+    decoding: str = flag_field("viterbi", "viterbi (BIO-constrained) or argmax")
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = default_backend(self.device)
+
+    def check(self):
+        check_backend(self.backend, self.model_dir, self.precision, self.device, self.tensorrt)
+
+    def tagger(self, batch_size):
+        return load_tagger(self.model_dir, self.backend, self.device, self.cpu_threads, batch_size, self.decoding,
+                           self.precision, self.tensorrt)

@@ -11,11 +11,11 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import asdict, dataclass
 
-from ner_compress.deploy.backends import check_backend, default_backend
+from ner_compress.deploy.backends import EngineOptions
 from ner_compress.core import runtime
+from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 
 OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
@@ -25,41 +25,25 @@ RESERVED_DESCRIPTORS = 64
 log = logging.getLogger("ner_compress")
 
 
-def _opt(default, help_text, **argparse_extra):
-    """A ServeOptions field: its default and the help of its ``tools/serve.py`` flag."""
-    return field(default=default, metadata={"help": help_text, **argparse_extra})
-
-
 @dataclass
-class ServeOptions:
-    """What ``tools/serve.py`` takes: one flag per field (``config.add_dataclass_flags``)."""
-    model_dir: str = field(metadata={"help": "DIR/export/<model>/static (e.g. output/export/width_0.5/static)"})
-    host: str = _opt("127.0.0.1", "address to listen on")
-    port: int = _opt(8189, "port to listen on")
-    workers: int = _opt(1, "processes, each with its own model copy and batching")
-    backend: Optional[str] = _opt(None, "onnxruntime or paddle (Paddle Inference); default: onnxruntime on CPU, "
-                                  "paddle on GPU")
-    device: str = _opt("cpu", "cpu or gpu", choices=["cpu", "gpu"])
-    precision: str = _opt("fp32", "fp32 (ONNX Runtime: the fused graph), int8 (ONNX Runtime's model.int8.onnx) or "
-                          "fp16 (Paddle Inference on GPU)")
-    tensorrt: bool = _opt(False, "Paddle Inference on GPU: run through a TensorRT engine at --precision")
-    cpu_threads: Optional[int] = _opt(None, "predictor math threads; default: all cores")
-    decoding: str = _opt("viterbi", "viterbi (BIO-constrained) or argmax")
-    max_batch_size: int = _opt(32, "texts gathered from concurrent requests into one predictor call")
-    max_wait_ms: float = _opt(2.0, "longest wait for more texts under concurrent load (none for a lone client)")
-    max_queue: int = _opt(2048, "texts accepted and not yet answered; beyond it 503 with Retry-After")
-    max_body_bytes: int = _opt(4 << 20, "larger bodies: 413")
-    max_texts: int = _opt(1024, "texts per request; more: 413")
-    max_chars: int = _opt(100_000, "characters per text; more: 413")
-    body_timeout_s: float = _opt(30.0, "a body not complete this long after its headers: 408, connection closed")
-    max_connections: int = _opt(512, "open connections served per worker; a request on one more: 503, "
-                                "connection closed")
-    warmup_batches: int = _opt(20, "predictor calls before /ready says 200")
-    log_level: str = _opt("info", "uvicorn's log level", choices=["debug", "info", "warning", "error"])
-
-    def __post_init__(self):
-        if self.backend is None:
-            self.backend = default_backend(self.device)
+class ServeOptions(EngineOptions):
+    """What ``tools/serve.py`` takes: the engine's flags, then the service's, one flag per field
+    (``config.add_dataclass_flags``)."""
+    host: str = flag_field("127.0.0.1", "address to listen on")
+    port: int = flag_field(8189, "port to listen on")
+    workers: int = flag_field(1, "processes, each with its own model copy and batching")
+    max_batch_size: int = flag_field(32, "texts gathered from concurrent requests into one predictor call")
+    max_wait_ms: float = flag_field(2.0, "longest wait for more texts under concurrent load (none for a lone client)")
+    max_queue: int = flag_field(2048, "texts accepted and not yet answered; beyond it 503 with Retry-After")
+    max_body_bytes: int = flag_field(4 << 20, "larger bodies: 413")
+    max_texts: int = flag_field(1024, "texts per request; more: 413")
+    max_chars: int = flag_field(100_000, "characters per text; more: 413")
+    body_timeout_s: float = flag_field(30.0, "a body not complete this long after its headers: 408, connection "
+                                       "closed")
+    max_connections: int = flag_field(512, "open connections served per worker; a request on one more: 503, "
+                                      "connection closed")
+    warmup_batches: int = flag_field(20, "predictor calls before /ready says 200")
+    log_level: str = flag_field("info", "uvicorn's log level", choices=["debug", "info", "warning", "error"])
 
 
 def check_options(opts):
@@ -85,7 +69,7 @@ def check_options(opts):
         raise UserError(f"--decoding {opts.decoding}: use one of {', '.join(DECODINGS)}")
     if not os.path.isdir(opts.model_dir):
         raise UserError(f"--model_dir {opts.model_dir}: no such directory; give DIR/export/width_W/static")
-    check_backend(opts.backend, opts.model_dir, opts.precision, opts.device, opts.tensorrt)  # and the model's meta
+    opts.check()  # the engine and the model's meta
 
 
 def check_descriptors(max_connections):
@@ -100,17 +84,12 @@ def check_descriptors(max_connections):
 
 def app_from_environment():
     """uvicorn's app factory, in each worker process."""
-    from ner_compress.deploy.backends import load_tagger
     from ner_compress.serve.http_api import create_app
 
     opts = ServeOptions(**json.loads(os.environ[OPTIONS_VARIABLE]))
     runtime.setup_logging(opts.log_level)
 
-    def tagger():
-        return load_tagger(opts.model_dir, opts.backend, opts.device, opts.cpu_threads, opts.max_batch_size,
-                           opts.decoding, opts.precision, opts.tensorrt)
-
-    return create_app(opts, tagger)
+    return create_app(opts, lambda: opts.tagger(opts.max_batch_size))
 
 
 def graceful_server_class():
