@@ -52,8 +52,8 @@ def setup_logging(level=logging.INFO):
 
 
 def set_device(device):
-    if device == "gpu" and not paddle.device.is_compiled_with_cuda():
-        raise UserError("--device gpu: this paddlepaddle has no CUDA; install paddlepaddle-gpu==2.6.2 or use cpu")
+    if device == "gpu":
+        runtime.require_cuda()
     paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().dev_id}" if device == "gpu" else "cpu")
 
 

@@ -1,4 +1,4 @@
-"""CPU runtime settings: MKL's fast path on AMD processors and the number of math threads.
+"""Runtime settings: the GPU build check, MKL's fast path on AMD processors and the number of math threads.
 
 Paddle's CPU wheel bundles an MKL that picks a slow generic kernel on non-Intel CPUs unless
 ``MKL_DEBUG_CPU_TYPE=5`` is in the environment before it loads (measured on a 2-core AMD EPYC:
@@ -9,6 +9,8 @@ also run on one thread unless told otherwise. ``prepare_environment`` runs from
 """
 import logging
 import os
+
+from ner_compress.core.errors import UserError
 
 log = logging.getLogger("ner_compress")
 MKL_VARIABLE = "MKL_DEBUG_CPU_TYPE"
@@ -55,6 +57,15 @@ def openmp_threads():
 
     found = [p["num_threads"] for p in threadpool_info() if p.get("prefix") == "libiomp"]
     return found[0] if found else None
+
+
+def require_cuda():
+    """Refuse ``--device gpu`` in one line on a paddlepaddle built without CUDA."""
+    import paddle
+
+    if not paddle.device.is_compiled_with_cuda():
+        raise UserError("--device gpu: this paddlepaddle has no CUDA; install the stack's paddlepaddle-gpu "
+                        "(docs/stacks.md) or use --device cpu")
 
 
 def set_cpu_threads(threads=None):

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import paddle
 import paddle.inference as paddle_infer
 
+from ner_compress.core import runtime
 from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import BUCKET, bucket_length
@@ -48,9 +48,7 @@ def tensorrt_shapes(max_batch_size, max_seq_length):
 
 def check_gpu_build(tensorrt):
     """Refuse in one line a GPU predictor this paddlepaddle build cannot make."""
-    if not paddle.device.is_compiled_with_cuda():
-        raise UserError("--device gpu: this paddlepaddle has no CUDA; install the stack's paddlepaddle-gpu "
-                        "(docs/stacks.md) or use --device cpu")
+    runtime.require_cuda()
     if tensorrt and paddle_infer.get_trt_compile_version() == (0, 0, 0):
         raise UserError("--tensorrt: this paddlepaddle-gpu was built without TensorRT; install a TensorRT "
                         "build of paddlepaddle-gpu or drop --tensorrt")
