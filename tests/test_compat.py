@@ -296,3 +296,47 @@ def test_whole_head_widths_run_in_any_order_and_full_width_stays_the_model(twelv
             assert plan.heads == heads
             assert ofa_model.model.bert.encoder.layers[0].self_attn.num_heads == heads
         np.testing.assert_allclose(out, reference, atol=1e-5)  # no head lost along the way
+
+
+# --- Polygraphy's pip auto-install (paddle2onnx 2.x) ------------------------------------------
+
+POLYGRAPHY_PROBE = """
+    import os
+    import ner_compress
+    from ner_compress.core import compat, static_files
+    import paddle2onnx
+    program, params = static_files.static_model_files({static_dir!r})
+    with compat.polygraphy_without_installs() if {guarded} else open(os.devnull):
+        paddle2onnx.export(program, params, save_file={onnx_path!r}, opset_version=13)
+    from polygraphy import config, mod  # as a user's process first meets it: inside the export
+    mod.autoinstall(mod.lazy_import("ner_compress_absent_module"))  # what any later lazy import does
+    print("autoinstall", os.environ.get("POLYGRAPHY_AUTOINSTALL_DEPS"), config.AUTOINSTALL_DEPS)
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["upstream", "guarded"])
+def test_paddle2onnx_export_leaves_polygraphy_installing_unless_guarded(guarded, tiny_bert, vocab_file, tmp_path,
+                                                                       monkeypatch):
+    from conftest import TINY_LABELS
+
+    from ner_compress.deploy import export
+
+    if compat.major(compat.PADDLE2ONNX_VERSION) != 2:
+        pytest.skip(f"paddle2onnx {compat.PADDLE2ONNX_VERSION} does not turn Polygraphy's auto-install on")
+    static_dir = str(tmp_path / "static")
+    export.save_static(tiny_bert, static_dir, TINY_LABELS, 16, vocab_file)
+    installs = tmp_path / "installs.txt"
+    recorder = tmp_path / "record_install.py"
+    recorder.write_text(f"import sys\nopen({str(installs)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    monkeypatch.setenv("POLYGRAPHY_INSTALL_CMD", f"{sys.executable} {recorder}")  # pip is never run here
+    monkeypatch.delenv("POLYGRAPHY_AUTOINSTALL_DEPS", raising=False)
+    code = POLYGRAPHY_PROBE.format(static_dir=static_dir, onnx_path=str(tmp_path / "model.onnx"), guarded=guarded)
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.getsize(tmp_path / "model.onnx") > 0
+    if guarded:
+        assert "autoinstall None False" in result.stdout, result.stdout
+        assert not installs.exists(), installs.read_text()
+    else:  # upstream: the export switched installing on for the rest of the process
+        assert "autoinstall 1 True" in result.stdout, result.stdout
+        assert "ner_compress_absent_module" in installs.read_text()

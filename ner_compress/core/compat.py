@@ -6,7 +6,9 @@ Each patch in ``PATCHES`` names the versions it mends; ``apply_patches`` applies
 running stack needs. Import this module before anything imports paddle (``ner_compress/__init__``
 does). Every patch has a test in tests/test_compat.py that shows the defect, then the fix.
 """
+import contextlib
 import functools
+import os
 import zlib
 from importlib import metadata
 from typing import Callable, NamedTuple
@@ -28,6 +30,7 @@ def major(version):
 
 PADDLE_VERSION = installed_version("paddlepaddle", "paddlepaddle-gpu")
 PADDLESLIM_VERSION = installed_version("paddleslim")
+PADDLE2ONNX_VERSION = installed_version("paddle2onnx")
 
 # paddlepaddle 2.6.2 only (3.3.1 does not): libpaddle.so exports its own zlib ``inflate*``
 # symbols. Python's zlib module binds them lazily, so the first inflate after ``import paddle``
@@ -113,6 +116,32 @@ def patch_super_constructors():
 # that ``GraphWrapper`` cannot read; only ``FLAGS_enable_pir_api=0`` before paddle loads avoids it,
 # and that would make export write the old format. ``supernet.set_width`` always sets a
 # ``net_config`` first, so that trace never runs here (tests/test_compat.py shows both).
+
+
+# --- paddle2onnx 2.x: Polygraphy's pip auto-install ------------------------------------------
+
+@contextlib.contextmanager
+def polygraphy_without_installs():
+    """Around ``paddle2onnx.export``: paddle2onnx 2.1.0 sets ``POLYGRAPHY_AUTOINSTALL_DEPS=1`` for the
+    whole process before folding constants with Polygraphy, whose lazy imports then ``pip install``
+    whatever they miss or find older than they like (here: onnx_graphsurgeon, ml_dtypes, and numpy
+    upgraded past onnxruntime's build). Inside this block Polygraphy installs nothing (the pins in
+    requirements.txt give it what it needs), and afterwards the variable is as it was before."""
+    if major(PADDLE2ONNX_VERSION) != 2:
+        yield
+        return
+    from polygraphy import config
+
+    before = os.environ.get("POLYGRAPHY_AUTOINSTALL_DEPS")
+    config.AUTOINSTALL_DEPS = False  # read from the environment once, when polygraphy is imported
+    try:
+        yield
+    finally:
+        config.AUTOINSTALL_DEPS = False
+        if before is None:
+            os.environ.pop("POLYGRAPHY_AUTOINSTALL_DEPS", None)
+        else:
+            os.environ["POLYGRAPHY_AUTOINSTALL_DEPS"] = before
 
 
 PATCHES = (

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import paddle.inference as paddle_infer
 
-from ner_compress.core import runtime
+from ner_compress.core import compat, runtime
 from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import BUCKET, bucket_length
@@ -139,7 +139,8 @@ def export_onnx(static_dir, onnx_path):
     import paddle2onnx
 
     program, params = static_model_files(static_dir)
-    paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
+    with compat.polygraphy_without_installs():
+        paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
     return onnx_path
 
 
