@@ -70,10 +70,16 @@ def test_unrewritten_graph_gets_no_attention(tmp_path, vocab_file):
 
     from ner_compress.deploy import onnx_graph
 
+    import onnx
+
     _, onnx_path = static_and_onnx(model_of("bert"), tmp_path, vocab_file)
     stats = optimize_model(onnx_path, model_type="bert", num_heads=4, hidden_size=32,
                            optimization_options=onnx_graph.fusion_options(), opt_level=0).get_fused_operator_statistics()
-    assert stats["Attention"] == 0 and stats["BiasGelu"] == 0
+    assert stats["Attention"] == 0
+    # paddle2onnx 1.2.11 writes weights as Constant nodes (no BiasGelu either); 2.x folds them into
+    # initializers with Polygraphy, and then BiasGelu fuses as it is
+    weights_as_nodes = any(n.op_type == "Constant" for n in onnx.load(onnx_path).graph.node)
+    assert (stats["BiasGelu"] == 0) == weights_as_nodes, stats
 
 
 def test_a_failing_optimizer_falls_back_with_the_reason_recorded(tmp_path, vocab_file, monkeypatch):

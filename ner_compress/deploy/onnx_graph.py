@@ -12,7 +12,10 @@ paddle2onnx 1.2.11 differs from a torch BERT export in three places, each of whi
 3. the mask is ``Unsqueeze(Mul(Cast(Equal(input_ids, pad)), -10000), [1, 2])``; the optimizer
    matches ``Mul(Sub(1, Cast(Unsqueeze(Unsqueeze(mask_2d)))), -10000)`` with a 2-D keep-mask.
 
-``rewrite_for_fusion`` makes those three changes (the same arithmetic: the scale is a scalar, and
+paddle2onnx 2.x writes the same graph with two kinds of no-op between those nodes: an ``Identity`` on
+most op outputs, and ``scale`` as ``Add(Mul(x, c), 0)``; ``drop_no_ops`` removes both first.
+
+``rewrite_for_fusion`` makes those changes (the same arithmetic: the scale is a scalar, and
 (1 - keep) x -10000 is pad x -10000); ``fuse`` then runs the optimizer with the model's heads and
 q/k/v width and returns the counts per fused op type.
 """
@@ -66,6 +69,26 @@ def constants_to_initializers(model):
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return len(model.graph.initializer)
+
+
+def drop_no_ops(model):
+    """Remove every ``Identity`` and every ``Add`` of a scalar 0 (paddle2onnx 2.x's ``scale`` bias),
+    reading their input wherever their output was read; returns how many were removed."""
+    graph = Graph(model)
+    outputs = {o.name for o in model.graph.output}
+    renamed, keep = {}, []
+    for node in model.graph.node:
+        no_op = node.op_type == "Identity" or (node.op_type == "Add" and graph.scalar(node.input[1]) == 0.0)
+        if no_op and node.output[0] not in outputs:
+            renamed[node.output[0]] = renamed.get(node.input[0], node.input[0])
+            continue
+        keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(renamed)
 
 
 def _add_initializer(model, name, array):
@@ -143,9 +166,10 @@ def standard_mask(model):
 
 
 def rewrite_for_fusion(model):
-    """The three rewrites above, in place; returns what each changed (recorded in the manifest)."""
+    """The rewrites above, in place; returns what each changed (recorded in the manifest)."""
     initializers = constants_to_initializers(model)
-    return {"initializers": initializers, "scales_moved": move_scale_after_qk(model),
+    no_ops = drop_no_ops(model)
+    return {"initializers": initializers, "no_ops_dropped": no_ops, "scales_moved": move_scale_after_qk(model),
             "masks_rewritten": standard_mask(model)}
 
 
