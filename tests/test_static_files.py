@@ -60,7 +60,7 @@ def test_paddle2_refuses_a_pir_program_in_one_line_but_onnx_runtime_still_serves
     with pytest.raises(UserError) as err:
         backends.check_backend("paddle", static)
     message = str(err.value)
-    assert "\n" not in message and "made with Paddle 3.x" in message and "requirements-paddle3.txt" in message
+    assert "\n" not in message and "made with Paddle 3.x" in message and "requirements.txt (Paddle 3)" in message
     backends.check_backend("onnxruntime", static)  # the ONNX file needs no Paddle: not refused
     monkeypatch.setattr(static_files, "PADDLE_VERSION", "3.3.1")
     backends.check_backend("paddle", static)

@@ -1,7 +1,7 @@
 """Workarounds for defects in the supported stacks, each applied once, here, and only where needed.
 
-Two stacks are supported: Paddle 2.6.2 (requirements.txt) and Paddle 3.3.x
-(requirements-paddle3.txt), both with PaddleSlim 2.6.0, whose last release predates Paddle 3.
+Two stacks are supported: Paddle 3.3.x (requirements.txt, the default) and Paddle 2.6.2
+(requirements-paddle2.txt), both with PaddleSlim 2.6.0, whose last release predates Paddle 3.
 Each patch in ``PATCHES`` names the versions it mends; ``apply_patches`` applies those the
 running stack needs. Import this module before anything imports paddle (``ner_compress/__init__``
 does). Every patch has a test in tests/test_compat.py that shows the defect, then the fix.

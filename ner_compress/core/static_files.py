@@ -32,5 +32,5 @@ def static_model_files(static_dir):
                         f"run `python tools/export.py` first")
     if program.endswith(PIR_PROGRAM) and major(PADDLE_VERSION) < 3:
         raise UserError(f"{program}: made with Paddle 3.x (PIR program), which Paddle {PADDLE_VERSION} cannot "
-                        f"read; re-export with this Paddle or install requirements-paddle3.txt")
+                        f"read; re-export with this Paddle or install requirements.txt (Paddle 3)")
     return program, os.path.join(static_dir, PARAMS_FILE)
