@@ -301,12 +301,13 @@ def test_whole_head_widths_run_in_any_order_and_full_width_stays_the_model(twelv
 # --- Polygraphy's pip auto-install (paddle2onnx 2.x) ------------------------------------------
 
 POLYGRAPHY_PROBE = """
+    import contextlib
     import os
     import ner_compress
     from ner_compress.core import compat, static_files
     import paddle2onnx
     program, params = static_files.static_model_files({static_dir!r})
-    with compat.polygraphy_without_installs() if {guarded} else open(os.devnull):
+    with compat.polygraphy_without_installs() if {guarded} else contextlib.nullcontext():
         paddle2onnx.export(program, params, save_file={onnx_path!r}, opset_version=13)
     from polygraphy import config, mod  # as a user's process first meets it: inside the export
     mod.autoinstall(mod.lazy_import("ner_compress_absent_module"))  # what any later lazy import does
@@ -321,7 +322,7 @@ def test_paddle2onnx_export_leaves_polygraphy_installing_unless_guarded(guarded,
 
     from ner_compress.deploy import export
 
-    if compat.major(compat.PADDLE2ONNX_VERSION) != 2:
+    if not compat.POLYGRAPHY_AUTOINSTALL_LEAK:
         pytest.skip(f"paddle2onnx {compat.PADDLE2ONNX_VERSION} does not turn Polygraphy's auto-install on")
     static_dir = str(tmp_path / "static")
     export.save_static(tiny_bert, static_dir, TINY_LABELS, 16, vocab_file)

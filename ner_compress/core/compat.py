@@ -120,6 +120,9 @@ def patch_super_constructors():
 
 # --- paddle2onnx 2.x: Polygraphy's pip auto-install ------------------------------------------
 
+POLYGRAPHY_AUTOINSTALL_LEAK = major(PADDLE2ONNX_VERSION) == 2  # 1.2.11 does not use Polygraphy
+
+
 @contextlib.contextmanager
 def polygraphy_without_installs():
     """Around ``paddle2onnx.export``: paddle2onnx 2.1.0 sets ``POLYGRAPHY_AUTOINSTALL_DEPS=1`` for the
@@ -127,7 +130,7 @@ def polygraphy_without_installs():
     whatever they miss or find older than they like (here: onnx_graphsurgeon, ml_dtypes, and numpy
     upgraded past onnxruntime's build). Inside this block Polygraphy installs nothing (the pins in
     requirements.txt give it what it needs), and afterwards the variable is as it was before."""
-    if major(PADDLE2ONNX_VERSION) != 2:
+    if not POLYGRAPHY_AUTOINSTALL_LEAK:
         yield
         return
     from polygraphy import config
@@ -137,7 +140,6 @@ def polygraphy_without_installs():
     try:
         yield
     finally:
-        config.AUTOINSTALL_DEPS = False
         if before is None:
             os.environ.pop("POLYGRAPHY_AUTOINSTALL_DEPS", None)
         else:
