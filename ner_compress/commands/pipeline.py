@@ -8,8 +8,9 @@ import logging
 import os
 
 from ner_compress.commands import stage_pool
-from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, STUDENT_FLAGS, TEACHER_FLAGS, _start,
-                                          parse_stage_config, pruned_teacher_config, run_export, run_ofa,
+from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, RECONSTRUCTION_FLAGS, STUDENT_FLAGS,
+                                          TEACHER_FLAGS, _start, load_teacher, parse_stage_config,
+                                          pruned_teacher_config, run_export, run_ofa, run_reconstruction,
                                           run_student, run_teacher)
 from ner_compress.compress import student
 from ner_compress.core import layout
@@ -37,19 +38,31 @@ def export_keeping_fp32(cfg, ref, data):
         log.warning("INT8 not kept: %s", refusal)
 
 
+def reconstruct(cfg, refs, data):
+    """Each of ``refs`` refit against the teacher (unless ``--skip_reconstruction``)."""
+    if cfg.skip_reconstruction:
+        return
+    teacher = load_teacher(cfg)[0]
+    for ref in refs:
+        run_reconstruction(cfg, ref, data, teacher)
+
+
 def teacher_widths(cfg, data=None):
-    """The teacher's width supernet, then the teacher and each width exported."""
+    """The teacher's width supernet, each width refit, then the teacher and each width exported."""
     data = data or _start(cfg)
     run_ofa(cfg, data)
+    reconstruct(cfg, [ModelRef("teacher", width) for width in widths(cfg)], data)
     for width in [None, *widths(cfg)]:
         export_keeping_fp32(cfg, ModelRef("teacher", width), data)
 
 
 def student_widths(cfg, data=None):
-    """The student, its own width supernet, then the student and each of its widths exported."""
+    """The student (refit), its own width supernet (each width refit), then the student and its widths exported."""
     data = data or _start(cfg)
     run_student(cfg, data)
+    reconstruct(cfg, [ModelRef("student")], data)
     run_ofa(cfg, data, "student")
+    reconstruct(cfg, [ModelRef("student", width) for width in widths(cfg)], data)
     for width in [None, *widths(cfg)]:
         export_keeping_fp32(cfg, ModelRef("student", width), data)
 
@@ -82,8 +95,9 @@ def run_all(cfg):
                                   cfg.device) for ref in layout.planned_models(cfg.width_mult_list, cfg.run_student)]
     speeds = training_speeds(cfg)
     text = report.summary_table(rows) + "\n\n" + "\n".join(
-        f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s incl. dev "
-        f"evaluation, {v['cpu_threads']} CPU thread(s))" for stage, v in speeds.items())
+        [f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s, "
+         f"{v.get('train_cpu_seconds', float('nan')):.0f} CPU-s incl. dev evaluation, {v['cpu_threads']} CPU thread(s))"
+         for stage, v in speeds.items()] + reconstruction_lines(cfg.output_dir))
     report_dir = layout.report_dir(cfg.output_dir)
     os.makedirs(report_dir, exist_ok=True)
     write_json(os.path.join(report_dir, "pipeline.json"), {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
@@ -91,6 +105,20 @@ def run_all(cfg):
         fh.write(text + "\n")
     print(text)
     return rows
+
+
+def reconstruction_lines(output_dir):
+    """One line per refit model: dev F1 before and after, kept or not, CPU-seconds."""
+    lines = []
+    for ref in layout.trained_models(output_dir):
+        if ref.width is None and ref.source == "teacher":
+            continue
+        record = read_manifest(*layout.trained_dir(output_dir, ref), verify_weights=False).get("reconstruction")
+        if record:
+            lines.append(f"- {ref.name} reconstruction: dev F1 {record['dev_f1_before']:.4f} -> "
+                         f"{record['dev_f1_after']:.4f} ({'kept' if record['kept'] else 'not kept'}), "
+                         f"{record['cpu_seconds']:.0f} CPU-s on {record['calibration']['sentences']} training sentences")
+    return lines
 
 
 def training_speeds(cfg):
@@ -111,7 +139,8 @@ def training_speeds(cfg):
 
 
 def run_all_cli(argv=None):
-    names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + group_fields(PipelineOptions))
+    names = sorted(set(TEACHER_FLAGS + OFA_FLAGS + EXPORT_FLAGS + STUDENT_FLAGS + RECONSTRUCTION_FLAGS
+                       + group_fields(PipelineOptions))
                    - {"width_mult", "output_dir"})  # every width is exported; --output_dir is always there
     cfg, _ = parse_stage_config("Run every stage on one config and print the test-set table.", names, argv,
                           default_config=DEMO_CONFIG)

@@ -8,12 +8,12 @@ import sys
 from ner_compress.measure import benchmark, report
 from ner_compress.deploy import export
 from ner_compress.core import layout, parallel, runtime
-from ner_compress.compress import student, supernet, training, vocab_pruning
+from ner_compress.compress import reconstruction_stage, student, supernet, training, vocab_pruning
 from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.layout import SOURCES, ModelRef
-from ner_compress.core.config import (DataOptions, ExportOptions, ModelOptions, OfaOptions, RunOptions, StudentOptions,
-                                       TeacherTraining, group_fields, parse_config)
+from ner_compress.core.config import (DataOptions, ExportOptions, ModelOptions, OfaOptions, ReconstructionOptions,
+                                      RunOptions, StudentOptions, TeacherTraining, group_fields, parse_config)
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
@@ -29,6 +29,7 @@ OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
 # the student also takes the teacher's dropout and the hidden-state weight of the OFA stage
 STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions) + [
     "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+RECONSTRUCTION_FLAGS = group_fields(DataOptions, RunOptions, ReconstructionOptions) + ["width_mult"]
 EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir"]
 # how the previous stage was run, not what it was run on
 NOT_INHERITED = {"resume", "resume_from", "output_dir"}
@@ -110,6 +111,24 @@ def run_ofa(cfg, data=None, source="teacher"):
         log.info("%s: width %s best dev F1 %.4f (step %s)", os.path.basename(out_dir), width, result["dev_f1"],
                  result.get("step"))
     return best, history
+
+
+def load_teacher(cfg):
+    """DIR/teacher as trained, its manifest checked; (model, manifest)."""
+    teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
+    manifest = read_manifest(teacher_dir, "teacher")
+    return load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher"), manifest
+
+
+def run_reconstruction(cfg, ref, data=None, teacher=None):
+    """Refit one trained model against the teacher (``ref``: a width of a supernet, or the student)."""
+    data = data or _start(cfg)
+    teacher = teacher or load_teacher(cfg)[0]
+    if ref.width is None:
+        return reconstruction_stage.reconstruct_model_dir(cfg, data, teacher, layout.stage_dir(cfg.output_dir,
+                                                                                              ref.source), ref.source)
+    directory = layout.require_trained_width(layout.ofa_dir(cfg.output_dir, ref.source), ref.width)
+    return reconstruction_stage.reconstruct_width(cfg, data, teacher, directory, ref.width, ref.name)
 
 
 def run_export(cfg, ref, data=None):
@@ -217,6 +236,16 @@ def distill_cli(argv=None):
     cfg, _ = parse_stage_config("Distil the teacher into a shallower or narrower student; best dev F1 goes to "
                           "DIR/student/.", STUDENT_FLAGS, argv, inherit=recorded_config("teacher"))
     run_student(cfg)
+
+
+def reconstruct_cli(argv=None):
+    def extra(parser):
+        parser.add_argument("--student", action="store_true", help="refit the student instead of a width")
+        add_source_flag(parser)
+    cfg, args = parse_stage_config("Refit a width of a supernet (or the student) layer by layer against the teacher on "
+                                   "training sentences; kept in place when dev F1 rises.", RECONSTRUCTION_FLAGS, argv,
+                                   extra=extra, inherit=recorded_config("teacher"))
+    run_reconstruction(cfg, ModelRef("student") if args.student else ModelRef(args.source, cfg.width_mult))
 
 
 def add_source_flag(parser):

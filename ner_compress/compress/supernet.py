@@ -194,8 +194,8 @@ def ofa_logits(ofa_model):
 
 
 def importance_batches(windows, batch_size, limit, pad_id, seed=0):
-    """``limit`` batches (None: all) of windows drawn at random (seeded) from the whole dev set,
-    so importance sees sentences of every length, not only the shortest."""
+    """``limit`` batches (None: all) of training windows drawn at random (seeded), so importance sees
+    sentences of every length, not only the shortest, and dev stays for choosing."""
     order = np.random.RandomState(seed).permutation(len(windows))[: limit * batch_size if limit else None]
     return [to_tensors(collate([windows[i] for i in order[j: j + batch_size]], pad_id))
             for j in range(0, len(order), batch_size)]
@@ -253,9 +253,10 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
     def reorder(resuming):
         if not resuming and parallel.is_writer():
             # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
-            log.info("%s: computing head and neuron importance on dev", name)
+            log.info("%s: computing head and neuron importance on training sentences", name)
             reorder_by_importance(ofa_model.model, importance_batches(
-                dev_w, cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id, cfg.seed))
+                data.windows("train"), cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id,
+                cfg.seed))
 
     def eval_fn(step, state):
         for width in widths:

@@ -161,6 +161,9 @@ class Stage:
     eval_fn: Callable  # eval_fn(step, state): scores dev, records the best in state["best"]
     checkpoint_root: str
     before_training: Optional[Callable] = None  # before_training(resuming), before the optimizer is built
+    # score the starting weights too, so best-of-dev can keep them: a stage never ends worse than it starts
+    # (the teacher's start is a random classifier: nothing to keep)
+    evaluate_at_start: bool = True
 
 
 @dataclass
@@ -200,8 +203,10 @@ def train_loop(cfg, stage, run):
     parallel.broadcast_parameters(model)
     bar = tqdm(total=run.steps, initial=state["step"], desc=stage.name, mininterval=2, dynamic_ncols=True,
                disable=not (parallel.is_writer() and _PROGRESS["bars"]))
+    timer = {"start": time.perf_counter(), "cpu_start": time.process_time(), "sentences": 0, "steps": 0}
+    if state["step"] == 0 and stage.evaluate_at_start:
+        evaluate_in_eval_mode(stage, 0, state)
     model.train()
-    timer = {"start": time.perf_counter(), "sentences": 0, "steps": 0}
     with stop_on_signals() as stop:
         batches = iterate_steps(run.windows, cfg.per_device_train_batch_size, cfg.seed, run.steps,
                                 stage.data.encoder.pad_id, state["step"])
@@ -215,9 +220,7 @@ def train_loop(cfg, stage, run):
                          run.optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                          state["speed"]["train_sentences_per_s"])
             if step % stage.eval_steps == 0 or step == run.steps:
-                model.eval()
-                stage.eval_fn(step, state)
-                model.train()
+                evaluate_in_eval_mode(stage, step, state)
             if step % cfg.save_steps == 0 or epoch_end or step == run.steps or stop["signum"]:
                 path = run.checkpointer.save(step, model, run.optimizer, state)
                 parallel.barrier()
@@ -227,6 +230,13 @@ def train_loop(cfg, stage, run):
     print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
           file=sys.stderr)
     return state
+
+
+def evaluate_in_eval_mode(stage, step, state):
+    """``stage.eval_fn`` with dropout off; training mode again after."""
+    stage.model.eval()
+    stage.eval_fn(step, state)
+    stage.model.train()
 
 
 def train_step(cfg, stage, run, step, batch):
@@ -249,10 +259,11 @@ def record_step(state, timer, step, losses, sentences):
 
 
 def training_speed(timer):
-    """Training throughput since this run (or resume) started, evaluation time included."""
+    """Training throughput since this run (or resume) started, evaluation time included; CPU-seconds are
+    this process's on all its threads."""
     seconds = max(time.perf_counter() - timer["start"], 1e-9)
     return {"train_sentences_per_s": timer["sentences"] / seconds, "train_steps_per_s": timer["steps"] / seconds,
-            "train_seconds": seconds}
+            "train_seconds": seconds, "train_cpu_seconds": time.process_time() - timer["cpu_start"]}
 
 
 def parameters_digest(model):
@@ -324,5 +335,6 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
     state = run_stage(cfg, Stage(
         name="teacher", model=model, data=data, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
         epochs=cfg.num_train_epochs, eval_steps=cfg.eval_steps, step_fn=step_fn,
-        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root))
+        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root,
+        evaluate_at_start=False))
     return best_of("teacher", state, out_dir)

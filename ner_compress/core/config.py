@@ -90,7 +90,7 @@ class OfaOptions:
     ofa_eval_steps: int = 500
     lambda_distill: float = 0.1  # weight of the hidden-state MSE (summed over layers, real characters only)
     lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
-    importance_batches: Optional[int] = None  # dev batches for head/neuron importance; None: all
+    importance_batches: Optional[int] = 16  # training batches for head/neuron importance; None: all
 
 
 @dataclass
@@ -109,6 +109,13 @@ class StudentOptions:
     student_num_train_epochs: float = 3.0
     student_max_steps: int = -1
     student_eval_steps: int = 500
+
+
+@dataclass
+class ReconstructionOptions:
+    """Layer-wise reconstruction of every width and the student against the teacher (compress/reconstruction.py)."""
+    skip_reconstruction: bool = False  # export widths and the student as trained, without the refit
+    calibration_sentences: int = 512  # training sentences to refit on (a quarter held out to choose the ridge)
 
 
 @dataclass
@@ -134,8 +141,8 @@ class PipelineOptions:
 
 
 @dataclass
-class Config(PipelineOptions, ExportOptions, StudentOptions, OfaOptions, TeacherTraining, ModelOptions, RunOptions,
-             DataOptions):
+class Config(PipelineOptions, ExportOptions, ReconstructionOptions, StudentOptions, OfaOptions, TeacherTraining,
+             ModelOptions, RunOptions, DataOptions):
     """One configuration for all stages: dataclass defaults < YAML file < command-line flags. Each stage's
     command line offers the fields of the groups it reads (``group_fields``)."""
 
@@ -276,6 +283,9 @@ def validate(cfg):
     if cfg.stage_processes < 0:
         raise UserError(f"--stage_processes {cfg.stage_processes}: use 0 (side by side when the cores allow) "
                         f"or a number of processes (1: one stage at a time)")
+    if cfg.calibration_sentences < 2:
+        raise UserError(f"--calibration_sentences {cfg.calibration_sentences}: use at least 2 training sentences "
+                        f"(a quarter is held out to choose the ridge)")
     if cfg.onnx_int8_method not in ("dynamic", "static"):
         raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic or static")
     if cfg.device not in ("cpu", "gpu"):

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ner_compress.core.artifacts import MANIFEST
+from ner_compress.core.artifacts import MAKERS, MANIFEST
+from ner_compress.core.errors import UserError
 
 SOURCES = ("teacher", "student")  # what a width supernet can be made of (``--from``)
 WIDTH_PREFIX = "width_"  # ofa/width_0.5/
@@ -58,6 +59,14 @@ def width_dir(supernet_dir, width):
     return os.path.join(supernet_dir, f"{WIDTH_PREFIX}{round(width, 4)}")
 
 
+def trained_dir(output_dir, ref):
+    """Where a trained model lives, and the stage that wrote it: ``teacher/``, ``student/``, or a width of a
+    supernet (``ofa/width_W``, stage ``ofa``)."""
+    if ref.width is None:
+        return stage_dir(output_dir, ref.source), ref.source
+    return width_dir(ofa_dir(output_dir, ref.source), ref.width), "ofa"
+
+
 def export_dir(output_dir, ref):
     return os.path.join(output_dir, "export", ref.dir_name)
 
@@ -77,6 +86,17 @@ def trained_widths(supernet_dir):
     return sorted((float(name[len(WIDTH_PREFIX):]) for name in os.listdir(supernet_dir)
                    if name.startswith(WIDTH_PREFIX) and os.path.isfile(os.path.join(supernet_dir, name, MANIFEST))),
                   reverse=True)
+
+
+def require_trained_width(supernet_dir, width):
+    """``supernet_dir/width_W``, or a one-line error naming the widths that were trained."""
+    available = trained_widths(supernet_dir)
+    if not available:
+        raise UserError(f"{supernet_dir}: no trained width here; run `{MAKERS['ofa']}` first")
+    if round(width, 4) not in [round(w, 4) for w in available]:
+        raise UserError(f"--width_mult {width}: not trained in {supernet_dir} (trained: {sorted(available)}); "
+                        f"run `{MAKERS['ofa']} --width_mult_list ... {width}`")
+    return width_dir(supernet_dir, width)
 
 
 def planned_models(widths, with_student):

@@ -15,10 +15,10 @@ import paddle
 from paddle.static import InputSpec
 from paddleslim.nas.ofa import OFA
 
-from ner_compress.core.artifacts import MAKERS, atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
+from ner_compress.core.artifacts import atomic_dir, check_same_inputs, read_manifest, write_json, write_manifest
 from ner_compress.data.corpus import collate
 from ner_compress.data.vocab import copy_vocab
-from ner_compress.core.errors import Int8Refused, UserError
+from ner_compress.core.errors import Int8Refused
 from ner_compress.deploy.backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
 from ner_compress.deploy.onnx_variants import write_variants
 from ner_compress.deploy.parity import check_parity
@@ -26,9 +26,8 @@ from ner_compress.core.static_files import MODEL_PREFIX
 from ner_compress.deploy.inference import INFERENCE_META
 from ner_compress.core import layout
 from ner_compress.core.checkpoint import load_weights
-from ner_compress.core.layout import trained_widths
 from ner_compress.models.families import load_config, model_class_for, save_tokenizer
-from ner_compress.models.modeling import count_parameters, load_pretrained, numpy_logits, sub_model_state
+from ner_compress.models.modeling import build_sub_model, count_parameters, load_pretrained, numpy_logits
 from ner_compress.models.width_plan import width_plan
 from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet
 
@@ -45,15 +44,6 @@ def load_supernet_width(source_dir):
     ofa_model.model.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
     ofa_model.model.eval()
     return ofa_model, state
-
-
-def build_sub_model(source_dir, width, state):
-    config = load_config(source_dir, "export")
-    config.width_mult = width
-    model = model_class_for(source_dir, "export")(config)
-    model.set_state_dict(sub_model_state(state, model))
-    model.eval()
-    return model
 
 
 class TokenLogits(paddle.nn.Layer):
@@ -123,13 +113,7 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
 
 
 def export_width(cfg, data, ofa_dir, out_dir, width):
-    available = sorted(trained_widths(ofa_dir))
-    if not available:
-        raise UserError(f"{ofa_dir}: no trained width here; run `{MAKERS['ofa']}` first")
-    if round(width, 4) not in [round(w, 4) for w in available]:
-        raise UserError(f"--width_mult {width}: not trained in {ofa_dir} (trained: {available}); "
-                        f"run `python tools/ofa_compress.py --width_mult_list ... {width}`")
-    source = layout.width_dir(ofa_dir, width)
+    source = layout.require_trained_width(ofa_dir, width)
     manifest = read_manifest(source, "ofa")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
     ofa_model, state = load_supernet_width(source)

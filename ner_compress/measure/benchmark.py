@@ -190,6 +190,19 @@ def parameters(export_dir):
     return read_manifest(os.path.join(export_dir, "static"), "export").get("parameters")
 
 
+def how_made(export_dir):
+    """How the exported model was made, from the manifest of the stage it came from: "cut + 60 OFA steps +
+    refit", "teacher layers + refit" (step 0: training never beat the start)."""
+    source = next(iter(read_manifest(os.path.join(export_dir, "static"), "export")["inputs"].values()))
+    step = source.get("metrics", {}).get("step", 0)
+    start, steps = {"teacher": ("fine-tuned", "steps"), "ofa": ("cut", "OFA steps"),
+                    "student": ("teacher layers", "distillation steps")}[source["stage"]]
+    parts = [start] + ([f"{step} {steps}"] if step else [])
+    if source.get("reconstruction", {}).get("kept"):
+        parts.append("refit")
+    return " + ".join(parts)
+
+
 # --- one fresh process per model x backend x precision ---------------------------------------
 
 # precision_kind -> the file ONNX Runtime runs: paddle2onnx's graph as exported, the fused graph (the
@@ -326,7 +339,8 @@ def summary_row(ref, export_dir, sentences, threads=None, device="cpu", latency_
     accuracy and batch-1 latency over real test sentences."""
     backend = backend or default_backend(device)
     tagger = load_tagger(os.path.join(export_dir, "static"), backend, device, threads)
-    row = {**model_fields(ref), "parameters": parameters(export_dir), "backend": backend}
+    row = {**model_fields(ref), "parameters": parameters(export_dir), "made": how_made(export_dir),
+           "backend": backend}
     row.update(accuracy(tagger, sentences))
     row.pop("tags")
     tagger.batch_size = 1

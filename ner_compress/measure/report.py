@@ -231,12 +231,13 @@ def markdown(results):
 def summary_table(rows):
     """A Markdown table; F1 share and speed-up are relative to the first row (the teacher)."""
     base = rows[0]
-    lines = ["| model | backend | params | P | R | F1 | F1 / teacher | latency p50 ms (b=1) | p95 ms | speed-up | "
-             "test set s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | made | backend | params | P | R | F1 | F1 / teacher | latency p50 ms (b=1) | p95 ms | "
+             "speed-up | test set s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = r["f1"] / base["f1"] if base["f1"] else float("nan")
-        lines.append(f"| {r['model']} | {r['backend']} | {r['parameters']:,} | {r['precision']:.4f} | "
+        lines.append(f"| {r['model']} | {r.get('made', '')} | {r['backend']} | {r['parameters']:,} | "
+                     f"{r['precision']:.4f} | "
                      f"{r['recall']:.4f} | {r['f1']:.4f} | {share:.2%} | {r['latency_ms_p50']:.2f} | "
                      f"{r['latency_ms_p95']:.2f} | "
                      f"{base['latency_ms_p50'] / r['latency_ms_p50']:.2f}x | {r['test_seconds']:.1f} |")

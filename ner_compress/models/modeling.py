@@ -139,6 +139,28 @@ def sub_model_state(supernet_state, sub_model):
     return sliced
 
 
+def into_supernet_state(supernet_state, sub_state):
+    """The inverse of ``sub_model_state``: ``supernet_state`` (numpy, keys with ``.fn.``) with the leading
+    rows/columns replaced by the sub-model's weights, so a refit width is stored where export reads it."""
+    merged = {}
+    for key, value in supernet_state.items():
+        part = sub_state[key.replace(".fn.", ".")]
+        part = part.numpy() if isinstance(part, paddle.Tensor) else part
+        merged[key] = value.copy()
+        merged[key][tuple(slice(0, d) for d in part.shape)] = part
+    return merged
+
+
+def build_sub_model(source_dir, width, state, flag="export"):
+    """The family's NER class cut to ``width`` (``source_dir``'s config), holding the leading slice of ``state``."""
+    config = load_config(source_dir, flag)
+    config.width_mult = width
+    model = model_class_for(source_dir, flag)(config)
+    model.set_state_dict(sub_model_state(state, model))
+    model.eval()
+    return model
+
+
 def numpy_logits(model, input_ids, token_type_ids):
     """Logits of a dynamic-graph model for numpy ids, without building a backward graph."""
     with paddle.no_grad():
