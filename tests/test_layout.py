@@ -18,6 +18,17 @@ def test_names_and_directories_of_every_kind_of_model(tmp_path):
     assert [r.width_mult for r in refs] == [1.0, 0.5, 1.0, 0.8333]
 
 
+def test_a_width_given_with_more_decimals_names_the_directory_the_supernet_wrote(tmp_path):
+    out = str(tmp_path)
+    touch_manifest(layout.width_dir(layout.ofa_dir(out), 0.8333))
+    ref = ModelRef("teacher", 0.83333)
+    assert ref == ModelRef("teacher", 0.8333) and ref.name == "width 0.8333"
+    assert layout.require_trained_width(layout.ofa_dir(out), 0.83333) == layout.width_dir(layout.ofa_dir(out), 0.8333)
+    os.makedirs(os.path.join(layout.export_dir(out, ref), "static"))
+    touch_manifest(layout.stage_dir(out, "teacher"))
+    assert ModelRef("teacher", 0.8333) in layout.exported_models(out)
+
+
 def test_planned_models_in_table_order():
     assert [r.name for r in layout.planned_models([0.5, 1.0], with_student=True)] == [
         "teacher", "width 1.0", "width 0.5", "student", "student width 1.0", "student width 0.5"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 1b: distil DIR/teacher/ into a shallower or narrower student; the best dev-F1 model goes to DIR/student/."""
+"""Stage 4: distil DIR/teacher/ into a shallower or narrower student; the best dev-F1 model goes to DIR/student/."""
 import os
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage 3: cut a width out of DIR/ofa/ and save it as dynamic and static graph under DIR/export/."""
+"""Stage 6: export a model (a width of a supernet, the teacher or the student) under DIR/export/: dynamic
+graph, static graph, and ONNX (FP32, fused FP32 and INT8), each checked against the model it came from."""
 import os
 import sys
 

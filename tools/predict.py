@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tag texts with an exported model (ONNX Runtime or Paddle Inference); one JSON object per text."""
+"""Stage 7: tag texts with an exported model (ONNX Runtime or Paddle Inference); one JSON object per text."""
 import argparse
 import os
 import sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Vocabulary pruning: a local model directory cut to the characters of the training corpus (DIR/pruned_model/)."""
+"""Stage 1, vocabulary pruning: a local model directory cut to the characters of the training corpus (DIR/pruned_model/)."""
 import os
 import sys
 

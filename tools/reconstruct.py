@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 4: refit a width (or the student) layer by layer against the teacher, on training sentences."""
+"""Stage 5: refit a width (or the student) layer by layer against the teacher, on training sentences."""
 import os
 import sys
 

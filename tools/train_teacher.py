@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 1: fine-tune the BERT teacher on MSRA NER; the best dev-F1 model goes to DIR/teacher/."""
+"""Stage 2: fine-tune the BERT teacher on MSRA NER; the best dev-F1 model goes to DIR/teacher/."""
 import os
 import sys
 

@@ -25,10 +25,19 @@ WIDTH_PREFIX = "width_"  # ofa/width_0.5/
 
 
 
+def width_key(width):
+    """The one rounding rule for a width in names and directories: 4 decimals (0.83333 -> 0.8333)."""
+    return round(float(width), 4)
+
+
 @dataclass(frozen=True)
 class ModelRef:
     source: str = "teacher"
     width: Optional[float] = None
+
+    def __post_init__(self):
+        if self.width is not None:  # so --width_mult 0.83333 names the same model and directory as 0.8333
+            object.__setattr__(self, "width", width_key(self.width))
 
     @property
     def name(self):
@@ -56,7 +65,7 @@ def ofa_dir(output_dir, source="teacher"):
 
 
 def width_dir(supernet_dir, width):
-    return os.path.join(supernet_dir, f"{WIDTH_PREFIX}{round(width, 4)}")
+    return os.path.join(supernet_dir, f"{WIDTH_PREFIX}{width_key(width)}")
 
 
 def trained_dir(output_dir, ref):
@@ -93,7 +102,7 @@ def require_trained_width(supernet_dir, width):
     available = trained_widths(supernet_dir)
     if not available:
         raise UserError(f"{supernet_dir}: no trained width here; run `{MAKERS['ofa']}` first")
-    if round(width, 4) not in [round(w, 4) for w in available]:
+    if width_key(width) not in [width_key(w) for w in available]:
         raise UserError(f"--width_mult {width}: not trained in {supernet_dir} (trained: {sorted(available)}); "
                         f"run `{MAKERS['ofa']} --width_mult_list ... {width}`")
     return width_dir(supernet_dir, width)
