@@ -196,7 +196,7 @@ def test_reconstruction_records_calibration_and_errors_and_runs_once(tiny_run):
 @pytest.mark.parametrize("args, message", [
     (["--width_mult", 0.75], "--width_mult 0.75: not trained"),
     (["--width_mult", 0.5, "--calibration_sentences", 0], "--calibration_sentences 0"),
-    (["--from", "student"], "student_ofa (trained: none)"),
+    (["--from", "student"], "student_ofa: no trained width here"),
     (["--student"], "no finished student artifact"),
 ])
 def test_bad_reconstruction_input_is_one_line(tiny_run, args, message):
@@ -204,3 +204,17 @@ def test_bad_reconstruction_input_is_one_line(tiny_run, args, message):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert message in last, result.stderr[-1500:]
+
+
+def test_a_student_whose_training_makes_dev_worse_keeps_its_refit_start(tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(layout.stage_dir(tiny_run, "teacher"), layout.stage_dir(tmp_path, "teacher"))
+    # a learning rate that wrecks every weight in its first step
+    result = run_tool("distill.py", "--output_dir", tmp_path, "--student_num_layers", 1, "--student_max_steps", 4,
+                      "--student_eval_steps", 2, "--student_learning_rate", 1.0, "--calibration_sentences", 32)
+    manifest = read_manifest(layout.stage_dir(tmp_path, "student"))
+    assert manifest["metrics"]["step"] == 0, result.stderr[-2000:]
+    start = manifest["start_reconstruction"]
+    assert start["calibration"]["sentences"] == 32 and [r["teacher_layer"] for r in start["layers"]] == [1]
+    assert "student: start refit against teacher layers [1]" in result.stderr

@@ -9,6 +9,8 @@ import shutil
 import time
 from functools import partial
 
+import numpy as np
+
 from ner_compress.compress.matches import layer_map
 from ner_compress.compress.reconstruction import RIDGE_GRID, calibration_set, reconstruct
 from ner_compress.compress.supernet import SUPERNET_WEIGHTS
@@ -36,20 +38,25 @@ def calibration(cfg, data):
                            data.encoder.pad_id, cfg.seed)
 
 
-def refit_and_score(cfg, data, model, teacher, before_f1):
-    """Reconstruct ``model`` in place and score it on dev: (record, dev scores after)."""
+def refit(cfg, data, model, teacher):
+    """Reconstruct ``model`` in place against ``teacher``: the record of what was done (no dev score yet)."""
     calib = calibration(cfg, data)
     wall, cpu = time.perf_counter(), time.process_time()
     layers = reconstruct(model, teacher, calib, layer_map(model.config.num_hidden_layers,
-                                                          teacher.config.num_hidden_layers))
-    seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+                                                          teacher.config.num_hidden_layers),
+                         cfg.reconstruction_target)
+    return {"calibration": {"split": "train", "sentences": calib.sentences, "seed": cfg.seed,
+                            "held_out_batches": sum(calib.held_out)},
+            "target": cfg.reconstruction_target, "ridge_grid": list(RIDGE_GRID), "layers": layers,
+            "seconds": round(time.perf_counter() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def refit_and_score(cfg, data, model, teacher, before_f1):
+    """Reconstruct ``model`` in place and score it on dev: (record, dev scores after)."""
+    record = refit(cfg, data, model, teacher)
     scores = evaluate(partial(numpy_logits, model), data, data.windows("dev"), cfg.per_device_eval_batch_size,
                       cfg.decoding)
-    record = {"calibration": {"split": "train", "sentences": calib.sentences, "seed": cfg.seed,
-                              "held_out_batches": sum(calib.held_out)},
-              "ridge_grid": list(RIDGE_GRID), "layers": layers, "dev_f1_before": before_f1,
-              "dev_f1_after": scores["f1"], "kept": scores["f1"] > before_f1,
-              "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1)}
+    record.update({"dev_f1_before": before_f1, "dev_f1_after": scores["f1"], "kept": scores["f1"] > before_f1})
     return record, scores
 
 
@@ -73,6 +80,13 @@ def log_record(name, record):
              record["dev_f1_after"], record["calibration"]["sentences"], record["cpu_seconds"])
 
 
+def same_weights(model, teacher):
+    ours, theirs = model.state_dict(), teacher.state_dict()
+    return sorted(ours) == sorted(theirs) and all(
+        list(ours[k].shape) == list(theirs[k].shape) and np.array_equal(ours[k].numpy(), theirs[k].numpy())
+        for k in ours)
+
+
 def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, name):
     """The shared flow: skip a recorded reconstruction, else load, refit, score, and rewrite."""
     manifest = read_manifest(directory, stage)
@@ -80,6 +94,9 @@ def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, n
         log.info("%s: already reconstructed (%s)", name, directory)
         return manifest[RECORD]
     model = load(manifest)
+    if same_weights(model, teacher):  # width 1.0 kept at step 0: the teacher itself, nothing to refit
+        log.info("%s: the teacher itself; nothing to refit", name)
+        return None
     record, scores = refit_and_score(cfg, data, model, teacher, manifest["metrics"]["dev_f1"])
     if parallel.is_writer():
         rewrite(directory, manifest, record, scores, partial(write_weights, model))

@@ -19,6 +19,7 @@ from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss,
 from ner_compress.core.errors import UserError
 from ner_compress.compress.matches import features, layer_map, parse_matches
 from ner_compress.models.modeling import count_parameters
+from ner_compress.compress.reconstruction_stage import refit
 from ner_compress.compress.training import (Stage, best_model_eval, best_of, frozen_copy, global_token_count,
                                             run_stage, set_seed)
 
@@ -155,10 +156,20 @@ def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root
              "matches %s", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
              config.intermediate_size, count_parameters(student), count_parameters(teacher),
              len(distiller.model.projections), [m.name for m in matches])
+    start = {}  # the refit of the start, filled in before training and recorded in the manifest
     eval_fn = best_model_eval("student", student, data, cfg, out_dir, inputs={"teacher": teacher_manifest},
-                              init_teacher_layers=layers, matches=[vars(m) for m in matches])
+                              init_teacher_layers=layers, matches=[vars(m) for m in matches],
+                              start_reconstruction=start)
+
+    def refit_start(resuming):
+        # teacher layers stacked with gaps compute little of use (dev F1 0 on the default run); refit against
+        # the layers they stand for, they start near the teacher (on rank 0: train_loop broadcasts its weights)
+        if layers and not resuming and not cfg.skip_reconstruction and parallel.is_writer():
+            start.update(refit(cfg, data, student, distiller.teacher))
+            log.info("student: start refit against teacher layers %s (%.0f CPU-s)", layers, start["cpu_seconds"])
+
     state = run_stage(cfg, Stage(
         name="student", model=distiller.model, data=data, learning_rate=cfg.student_learning_rate,
         max_steps=cfg.student_max_steps, epochs=cfg.student_num_train_epochs, eval_steps=cfg.student_eval_steps,
-        step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root))
+        step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root, before_training=refit_start))
     return best_of("student", state, out_dir)

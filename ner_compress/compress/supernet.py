@@ -35,7 +35,7 @@ from ner_compress.compress.distill_losses import FeatureRecorder, masked_mse, re
 from ner_compress.models.width_plan import width_plan
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.compress.training import (Stage, evaluate, frozen_copy, global_token_count, run_stage, to_tensors,
-                                            token_loss)
+                                            token_loss, token_loss_sum)
 
 log = logging.getLogger("ner_compress")
 
@@ -121,11 +121,11 @@ class WidthDistiller:
     MSE covers padding). Hidden states are matched over real characters only.
     """
 
-    def __init__(self, teacher, lambda_distill, lambda_logit):
+    def __init__(self, teacher, lambda_distill, lambda_logit, lambda_hard=0.0):
         self.teacher = frozen_copy(teacher)
         self.ofa_model = OFA(to_supernet(copy.deepcopy(teacher)), elastic_order=["width"])
         self.config = teacher.config
-        self.lambda_distill, self.lambda_logit = lambda_distill, lambda_logit
+        self.lambda_distill, self.lambda_logit, self.lambda_hard = lambda_distill, lambda_logit, lambda_hard
         names = mapping_layers(teacher)
         self.teacher_features = FeatureRecorder(self.teacher, names)
         self.student_features = FeatureRecorder(self.ofa_model.model, names)
@@ -153,9 +153,13 @@ class WidthDistiller:
             hidden = paddle.add_n([masked_mse(s, t, mask, tokens) for s, t in
                                    zip(self.student_features.features(), teacher_hidden)])
             logit_sum = soft_cross_entropy_sum(student_logits, teacher_logits, batch["labels"])
-            (self.lambda_distill * hidden + self.lambda_logit * logit_sum / tokens).backward()
+            hard_sum = token_loss_sum(student_logits, batch["labels"]) if self.lambda_hard else paddle.zeros([])
+            (self.lambda_distill * hidden + (self.lambda_logit * logit_sum + self.lambda_hard * hard_sum) / tokens
+             ).backward()
             losses[f"w{width}_logit"] = parallel.all_reduce_sum(float(logit_sum)) / tokens
             losses[f"w{width}_hidden"] = parallel.all_reduce_sum(float(hidden))
+            if self.lambda_hard:
+                losses[f"w{width}_hard"] = parallel.all_reduce_sum(float(hard_sum)) / tokens
         return losses
 
 
@@ -240,13 +244,23 @@ def save_width(ofa_model, teacher, data, cfg, width, metrics, teacher_manifest, 
                        **plan_record(width_plan(teacher.config, width)))
 
 
+def trained_widths(cfg):
+    """The widths trained each step: all of them with ``ofa_train_full_width``, else those below 1.0
+    (width 1.0 is the source model itself, and distilling it into its own copy only moves it away)."""
+    widths = sorted(cfg.width_mult_list, reverse=True)
+    below = [w for w in widths if w < 1.0]
+    return widths if cfg.ofa_train_full_width or not below else below
+
+
 def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_root):
-    """Train the supernet at every width each step; keep the best dev-F1 weights per width."""
+    """Train the supernet's widths each step (``trained_widths``); keep the best dev-F1 weights per width,
+    every width scored at step 0 too."""
     teacher.eval()
     name = os.path.basename(os.path.normpath(ofa_dir))  # ofa or student_ofa: which supernet a log line is of
     widths = sorted(cfg.width_mult_list, reverse=True)
+    trained = trained_widths(cfg)
     width_plans(teacher.config, widths)
-    distiller = WidthDistiller(teacher, cfg.lambda_distill, cfg.lambda_logit)
+    distiller = WidthDistiller(teacher, cfg.lambda_distill, cfg.lambda_logit, cfg.ofa_hard_label_weight)
     ofa_model = distiller.ofa_model
     dev_w = data.windows("dev")
 
@@ -259,7 +273,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
                 cfg.seed))
 
     def eval_fn(step, state):
-        for width in widths:
+        for width in (widths if step == 0 else trained):  # an untrained width only drifts with the shared weights
             set_width(ofa_model, width)
             scores = evaluate(ofa_logits(ofa_model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
             log.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
@@ -272,6 +286,6 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
     state = run_stage(cfg, Stage(
         name=name, model=ofa_model.model, data=data, learning_rate=cfg.ofa_learning_rate,
         max_steps=cfg.ofa_max_steps, epochs=cfg.ofa_num_train_epochs, eval_steps=cfg.ofa_eval_steps,
-        step_fn=lambda batch: distiller.step(batch, widths), eval_fn=eval_fn, checkpoint_root=checkpoint_root,
+        step_fn=lambda batch: distiller.step(batch, trained), eval_fn=eval_fn, checkpoint_root=checkpoint_root,
         before_training=reorder))
     return {float(k): v for k, v in state["best"].items()}, state["history"]

@@ -90,6 +90,8 @@ class OfaOptions:
     ofa_eval_steps: int = 500
     lambda_distill: float = 0.1  # weight of the hidden-state MSE (summed over layers, real characters only)
     lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
+    ofa_hard_label_weight: float = 0.0  # cross-entropy to the gold labels, per trained width
+    ofa_train_full_width: bool = False  # also train width 1.0 (DynaBERT); by default it stays the source model
     importance_batches: Optional[int] = 16  # training batches for head/neuron importance; None: all
 
 
@@ -116,6 +118,9 @@ class ReconstructionOptions:
     """Layer-wise reconstruction of every width and the student against the teacher (compress/reconstruction.py)."""
     skip_reconstruction: bool = False  # export widths and the student as trained, without the refit
     calibration_sentences: int = 512  # training sentences to refit on (a quarter held out to choose the ridge)
+    # what a refit projection should give: "residual" (what makes the layer's residual sum the teacher's: also
+    # makes up for skipped layers and lower layers' errors) or "projection" (the teacher projection's output)
+    reconstruction_target: str = "residual"
 
 
 @dataclass
@@ -286,6 +291,8 @@ def validate(cfg):
     if cfg.calibration_sentences < 2:
         raise UserError(f"--calibration_sentences {cfg.calibration_sentences}: use at least 2 training sentences "
                         f"(a quarter is held out to choose the ridge)")
+    if cfg.reconstruction_target not in ("residual", "projection"):
+        raise UserError(f"--reconstruction_target {cfg.reconstruction_target}: use residual or projection")
     if cfg.onnx_int8_method not in ("dynamic", "static"):
         raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic or static")
     if cfg.device not in ("cpu", "gpu"):
