@@ -128,6 +128,11 @@ def test_pipeline_with_the_student_tables_every_model(tmp_path):
     assert threads["ofa"] == threads["student"] == threads["student ofa"] == max(1, cores // 2)
     assert ("side by side" in result.stderr) == (cores >= 2)
     assert "student_ofa step 2 width 0.5 dev F1" in result.stderr
+    # how each was made: width 1.0 is never trained (the teacher itself), width 0.5 kept some step of its own
+    made = {r["model"]: r["made"] for r in report["rows"]}
+    assert made["teacher"].startswith("fine-tuned") and made["width 1.0"] == "cut"
+    assert made["width 0.5"].startswith("cut") and made["student"].startswith("random init")  # hidden 32, not 64
+    assert "width 0.5 reconstruction: dev F1" in result.stdout
     for name in ("teacher", "width_0.5", "student", "student_width_0.5"):
         assert (tmp_path / "export" / name / "onnx" / "model.onnx").is_file()
 

@@ -94,6 +94,10 @@ def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, n
         log.info("%s: already reconstructed (%s)", name, directory)
         return manifest[RECORD]
     model = load(manifest)
+    if model.config.hidden_size != teacher.config.hidden_size:
+        log.info("%s: hidden size %d, the teacher's %d: no layer output to refit against", name,
+                 model.config.hidden_size, teacher.config.hidden_size)
+        return None
     if same_weights(model, teacher):  # width 1.0 kept at step 0: the teacher itself, nothing to refit
         log.info("%s: the teacher itself; nothing to refit", name)
         return None

@@ -196,7 +196,10 @@ def how_made(export_dir):
     source = next(iter(read_manifest(os.path.join(export_dir, "static"), "export")["inputs"].values()))
     step = source.get("metrics", {}).get("step", 0)
     start, steps = {"teacher": ("fine-tuned", "steps"), "ofa": ("cut", "OFA steps"),
-                    "student": ("teacher layers", "distillation steps")}[source["stage"]]
+                    "student": ("teacher layers" if source.get("init_teacher_layers") else "random init",
+                                "distillation steps")}[source["stage"]]
+    if source.get("start_reconstruction"):
+        start += " refit"
     parts = [start] + ([f"{step} {steps}"] if step else [])
     if source.get("reconstruction", {}).get("kept"):
         parts.append("refit")
