@@ -16,7 +16,7 @@ from ner_compress.core.static_files import PROGRAM_FILES, program_file
 from ner_compress.data.corpus import Sentence, encode
 from ner_compress.data.vocab import load_encoder
 from ner_compress.data.decoding import Decoder
-from ner_compress.data.entity_scores import extract_entities
+from ner_compress.data.entities import extract_entities
 from ner_compress.data.window_scores import BUCKET, model_inputs, tag_sentences
 
 INFERENCE_META = "inference.json"
