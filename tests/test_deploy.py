@@ -38,8 +38,12 @@ def predict(model_dir, *flags):
 
 
 def copy_export(static_dir, destination):
-    """``export/<model>/`` (static, onnx, dynamic) copied under ``destination``; its static dir."""
-    return shutil.copytree(os.path.dirname(static_dir), destination / "deployed" / "model") / "static"
+    """What the ONNX path of ``export/<model>/`` needs, static/ and onnx/ (not dynamic/), copied under
+    ``destination``; the copy's static dir."""
+    export_dir, copied = os.path.dirname(static_dir), destination / "deployed" / "model"
+    for sub in ("static", backends.ONNX_DIR):
+        shutil.copytree(os.path.join(export_dir, sub), copied / sub)
+    return copied / "static"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
