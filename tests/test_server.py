@@ -227,8 +227,8 @@ def small_queue_server(model_dir, tmp_path_factory):
     """On Paddle Inference where installed; shared by the backend test, the queue test and then the SIGTERM
     test, which ends it."""
     log = tmp_path_factory.mktemp("small_queue") / "server.log"
-    with ServerProcess(model_dir, "--backend", QUEUE_SERVER_BACKEND, "--max_queue", 12, "--max_texts", 12, "--max_chars", 10_000,
-                       "--warmup_batches", 2, log_path=log) as srv:
+    with ServerProcess(model_dir, "--backend", QUEUE_SERVER_BACKEND, "--max_queue", 12, "--max_texts", 12,
+                       "--max_chars", 10_000, "--warmup_batches", 2, log_path=log) as srv:
         yield srv
 
 
