@@ -1,5 +1,6 @@
 """Shared fixtures. ``ner_compress`` is imported before paddle: its compat module works around
-a zlib clash that otherwise breaks importing paddlenlp after paddle."""
+a zlib clash that otherwise breaks importing paddlenlp after paddle. Nothing here imports paddle at
+the top: the serving tests (tests/serving_tests.txt) run in the deploy install, which has none."""
 import json
 import os
 import sys
@@ -10,7 +11,6 @@ if ROOT not in sys.path:
 
 import ner_compress  # noqa: E402,F401  (before paddle)
 
-import paddle  # noqa: E402
 import pytest  # noqa: E402
 
 from ner_compress.core import resources  # noqa: E402
@@ -47,6 +47,7 @@ def vocab_file():
 @pytest.fixture
 def tiny_bert(vocab_file):
     """A small, randomly initialised ``BertForTokenClassification`` in eval mode (seeded)."""
+    import paddle
     from paddlenlp.transformers import BertConfig, BertForTokenClassification
 
     paddle.seed(1234)
@@ -55,6 +56,33 @@ def tiny_bert(vocab_file):
     model = BertForTokenClassification(config)
     model.eval()
     return model
+
+
+# a static export dir made by ``build_tiny_export`` in the full install: the deploy venv, which cannot
+# export, runs the serving tests (tests/serving_tests.txt) on it
+TEST_EXPORT_VARIABLE = "NER_COMPRESS_TEST_EXPORT"
+
+
+def build_tiny_export(out):
+    """The tiny config's teacher after two training steps, exported by the tools (static, ONNX, INT8); returns
+    its static dir. Barely trained, it still tags entities under argmax decoding (a longer-trained tiny model
+    predicts all "O"), so comparing two ways of predicting compares real entity lists."""
+    run_tool("train_teacher.py", "--config", TINY, "--max_steps", 2, "--eval_steps", 2, "--output_dir", out)
+    run_tool("export.py", "--teacher", "--output_dir", out)
+    return os.path.join(str(out), "export", "teacher", "static")
+
+
+@pytest.fixture(scope="session")
+def served_export(tmp_path_factory):
+    """The static dir of a tiny export: ``$NER_COMPRESS_TEST_EXPORT`` when set, else built here."""
+    import pathlib
+
+    given = os.environ.get(TEST_EXPORT_VARIABLE)
+    if given:
+        assert os.path.isfile(os.path.join(given, "inference.json")), \
+            f"${TEST_EXPORT_VARIABLE} {given}: not a static export dir; make one with conftest.build_tiny_export"
+        return pathlib.Path(given)
+    return pathlib.Path(build_tiny_export(tmp_path_factory.mktemp("served")))
 
 
 def random_bio_tags(rng, n, types=("PER", "LOC", "ORG")):

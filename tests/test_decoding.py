@@ -103,7 +103,7 @@ def test_evaluation_and_prediction_decode_the_same_way(vocab_file):
     """training.evaluate (dev F1) and Tagger.predict (predict.py, the server) give the same entities."""
     from types import SimpleNamespace
 
-    from ner_compress.data.entity_scores import extract_entities
+    from ner_compress.data.entities import extract_entities
     from ner_compress.compress.training import evaluate
 
     vocab = load_vocab(vocab_file)

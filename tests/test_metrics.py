@@ -1,7 +1,11 @@
 """Entity-level scores against hand counts, and entity extraction for output."""
-import pytest
+import itertools
 
-from ner_compress.data.entity_scores import entity_scores, extract_entities
+import pytest
+from seqeval.metrics.sequence_labeling import get_entities
+
+from ner_compress.data.entities import entity_spans, extract_entities
+from ner_compress.data.entity_scores import entity_scores
 
 
 def f1(p, r):
@@ -98,3 +102,11 @@ def test_extract_adjacent_entities():
 
 def test_extract_nothing():
     assert extract_entities("你好", ["O", "O"]) == []
+
+
+def test_entity_spans_are_seqevals_on_every_tag_sequence_up_to_five():
+    """Every sequence over O and B-/I- of two types (invalid BIO included: argmax decoding emits it)."""
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    for n in range(6):
+        for seq in itertools.product(tags, repeat=n):
+            assert entity_spans(seq) == get_entities(list(seq)), seq

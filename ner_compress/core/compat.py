@@ -4,7 +4,8 @@ Two stacks are supported: Paddle 3.3.x (requirements.txt, the default) and Paddl
 (requirements-paddle2.txt), both with PaddleSlim 2.6.0, whose last release predates Paddle 3.
 Each patch in ``PATCHES`` names the versions it mends; ``apply_patches`` applies those the
 running stack needs. Import this module before anything imports paddle (``ner_compress/__init__``
-does). Every patch has a test in tests/test_compat.py that shows the defect, then the fix.
+does). Every patch has a test in tests/test_compat.py that shows the defect, then the fix. It imports
+paddle only inside the patches: the ONNX Runtime deploy install (requirements-serve.txt) has none.
 """
 import contextlib
 import functools
@@ -40,9 +41,6 @@ ZLIB_CLASH = major(PADDLE_VERSION) == 2
 if ZLIB_CLASH:
     zlib.decompress(zlib.compress(b"ner_compress"))
 
-import paddle  # noqa: E402  (loads libpaddle after the zlib round trip)
-import paddle.nn.functional as F  # noqa: E402
-
 
 class Patch(NamedTuple):
     name: str
@@ -66,6 +64,8 @@ def superlayernorm_forward(self, input):
     ``ValueError`` (too many / not enough values to unpack), and a batch of exactly 3 would
     silently yield one row. The public functional API computes the same thing.
     """
+    import paddle.nn.functional as F
+
     feature_dim = int(input.shape[-1])
     weight = self.weight[:feature_dim] if self._weight_attr is not False else None
     bias = self.bias[:feature_dim] if self._bias_attr is not False else None
@@ -86,6 +86,8 @@ def superembedding_init(self, num_embeddings, embedding_dim, candidate_config={}
     """``SuperEmbedding.__init__`` of PaddleSlim 2.6.0 passing ``nn.Embedding``'s options by keyword:
     Paddle 3 put ``max_norm, norm_type`` after ``padding_idx`` and made the rest keyword-only, so
     upstream's positional call raises ``TypeError`` in ``Convert``."""
+    import paddle
+
     paddle.nn.Embedding.__init__(self, num_embeddings, embedding_dim, padding_idx=padding_idx, sparse=sparse,
                                  weight_attr=weight_attr, name=name)
     self.candidate_config = candidate_config
@@ -99,6 +101,8 @@ def superembedding_init(self, num_embeddings, embedding_dim, candidate_config={}
 def superlayernorm_init(self, normalized_shape, epsilon=1e-05, weight_attr=None, bias_attr=None, name=None):
     """``SuperLayerNorm.__init__`` of PaddleSlim 2.6.0 with ``weight_attr``, ``bias_attr`` and
     ``name`` by keyword (keyword-only in Paddle 3's ``nn.LayerNorm``)."""
+    import paddle
+
     paddle.nn.LayerNorm.__init__(self, normalized_shape, epsilon, weight_attr=weight_attr, bias_attr=bias_attr,
                                  name=name)
     self.cur_config = None

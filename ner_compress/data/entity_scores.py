@@ -1,4 +1,4 @@
-"""Entity-level scores (seqeval, conlleval semantics) and entity extraction for output."""
+"""Entity-level scores (seqeval, conlleval semantics); entities for output are ``entities``'s."""
 from seqeval.metrics import classification_report
 from seqeval.metrics.sequence_labeling import get_entities
 
@@ -17,8 +17,3 @@ def entity_scores(true_tags, pred_tags):
             "f1": float(micro["f1-score"]), "support": int(micro["support"]), "predicted": predicted,
             "per_type": per_type}
 
-
-def extract_entities(text, tags):
-    """``[{type, start, end, text}]`` with ``end`` exclusive, so ``text[start:end]`` is the entity."""
-    return [{"type": kind, "start": start, "end": end + 1, "text": text[start: end + 1]}
-            for kind, start, end in get_entities(list(tags))]

@@ -10,16 +10,16 @@ positions, so the real positions' logits do not change, and a backend sees few d
 import json
 import os
 
-
 from ner_compress.core.errors import UserError
 from ner_compress.core.static_files import PROGRAM_FILES, program_file
 from ner_compress.data.corpus import Sentence, encode
 from ner_compress.data.vocab import load_encoder
 from ner_compress.data.decoding import Decoder
-from ner_compress.data.entity_scores import extract_entities
+from ner_compress.data.entities import extract_entities
 from ner_compress.data.window_scores import BUCKET, model_inputs, tag_sentences
 
 INFERENCE_META = "inference.json"
+INPUT_NAMES = ("input_ids", "token_type_ids")  # of every exported graph, static and ONNX
 
 
 def read_meta(model_dir):

@@ -44,10 +44,12 @@ def http_status(url, timeout=5.0):
 class ServerProcess:
     """``with ServerProcess(model_dir, "--max_texts", 8) as server: server.url``."""
 
-    def __init__(self, model_dir, *flags, log_path=None, python=sys.executable, host="127.0.0.1"):
+    def __init__(self, model_dir, *flags, log_path=None, python=sys.executable, host="127.0.0.1",
+                 launcher=("-m", SERVE_MODULE)):
+        """``launcher``: what follows ``python`` before the server's flags (a test wraps the module in ``-c``)."""
         self.host, self.port = host, free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.command = [python, "-m", SERVE_MODULE, "--model_dir", str(model_dir), "--host", host,
+        self.command = [python, *launcher, "--model_dir", str(model_dir), "--host", host,
                         "--port", str(self.port), *map(str, flags)]
         self.log_path = log_path
         self.process = None
