@@ -93,6 +93,9 @@ def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, n
     if RECORD in manifest:
         log.info("%s: already reconstructed (%s)", name, directory)
         return manifest[RECORD]
+    if manifest.get("start_reconstruction") and manifest["metrics"].get("step") == 0:
+        log.info("%s: kept its refit start (step 0); nothing new to refit", name)
+        return None
     model = load(manifest)
     if model.config.hidden_size != teacher.config.hidden_size:
         log.info("%s: hidden size %d, the teacher's %d: no layer output to refit against", name,
