@@ -9,8 +9,6 @@ import shutil
 import time
 from functools import partial
 
-import numpy as np
-
 from ner_compress.compress.matches import layer_map
 from ner_compress.compress.reconstruction import RIDGE_GRID, calibration_set, reconstruct
 from ner_compress.compress.supernet import SUPERNET_WEIGHTS
@@ -80,11 +78,12 @@ def log_record(name, record):
              record["dev_f1_after"], record["calibration"]["sentences"], record["cpu_seconds"])
 
 
-def same_weights(model, teacher):
-    ours, theirs = model.state_dict(), teacher.state_dict()
-    return sorted(ours) == sorted(theirs) and all(
-        list(ours[k].shape) == list(theirs[k].shape) and np.array_equal(ours[k].numpy(), theirs[k].numpy())
-        for k in ours)
+def unchanged_start(manifest):
+    """Kept at step 0 and either width 1.0 of a supernet (its source model, heads reordered) or a student
+    whose start was refit: a refit would only repeat what made it."""
+    if manifest["metrics"].get("step") != 0:
+        return False
+    return manifest.get("effective_width_mult") == 1.0 or bool(manifest.get("start_reconstruction"))
 
 
 def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, name):
@@ -93,16 +92,13 @@ def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, n
     if RECORD in manifest:
         log.info("%s: already reconstructed (%s)", name, directory)
         return manifest[RECORD]
-    if manifest.get("start_reconstruction") and manifest["metrics"].get("step") == 0:
-        log.info("%s: kept its refit start (step 0); nothing new to refit", name)
+    if unchanged_start(manifest):
+        log.info("%s: kept its start (step 0), which is its source or was refit already; nothing to refit", name)
         return None
     model = load(manifest)
     if model.config.hidden_size != teacher.config.hidden_size:
         log.info("%s: hidden size %d, the teacher's %d: no layer output to refit against", name,
                  model.config.hidden_size, teacher.config.hidden_size)
-        return None
-    if same_weights(model, teacher):  # width 1.0 kept at step 0: the teacher itself, nothing to refit
-        log.info("%s: the teacher itself; nothing to refit", name)
         return None
     record, scores = refit_and_score(cfg, data, model, teacher, manifest["metrics"]["dev_f1"])
     if parallel.is_writer():
