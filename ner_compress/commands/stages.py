@@ -30,7 +30,7 @@ OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
 STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions) + [
     "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
 RECONSTRUCTION_FLAGS = group_fields(DataOptions, RunOptions, ReconstructionOptions) + ["width_mult"]
-EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir"]
+EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir", "verbose"]
 # how the previous stage was run, not what it was run on
 NOT_INHERITED = {"resume", "resume_from", "output_dir"}
 
@@ -208,7 +208,7 @@ def benchmark_cli(argv=None):
                             help='only these models, named as in the table ("teacher", "width 0.5", "student"); '
                                  "default: every exported one")
     cfg, args = parse_stage_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
-                             ["test_limit", "cache_dir", "vocab_file"], argv, extra=extra,
+                             ["test_limit", "cache_dir", "vocab_file", "verbose"], argv, extra=extra,
                              inherit=recorded_config("teacher"))
     opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences",
                                           "latency_sentences", "calibration_sentences", "export_missing", "models")}
@@ -226,7 +226,7 @@ def prune_vocab_cli(argv=None):
         parser.add_argument("--out", help="the pruned model directory to write (default: DIR/pruned_model)")
     cfg, args = parse_stage_config("Cut a local model directory's vocabulary to the characters of the training corpus "
                              "(plus --keep_chars_file and the special tokens).",
-                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file"], argv, extra=extra)
+                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv, extra=extra)
     training.setup_logging()
     out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")

@@ -45,6 +45,7 @@ class RunOptions:
     resume_from: Optional[str] = None  # continue from this checkpoint directory
     allow_pickle: bool = False  # load pickled .pdparams weights (only from a source you trust)
     cpu_threads: Optional[int] = None  # None: all cores
+    verbose: bool = False  # every library's INFO lines and warnings too (core/console.py reads the flag itself)
 
 
 @dataclass

@@ -10,6 +10,7 @@ also run on one thread unless told otherwise. ``prepare_environment`` runs from
 import logging
 import os
 
+from ner_compress.core import console
 from ner_compress.core.errors import UserError
 
 log = logging.getLogger("ner_compress")
@@ -25,6 +26,7 @@ def setup_logging(level=logging.INFO):
         log.addHandler(handler)
     log.setLevel(level.upper() if isinstance(level, str) else level)
     log.propagate = False
+    console.quiet_libraries()
 
 
 def cpuinfo_field(name, default=""):

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ner_compress.core import compat
+from ner_compress.core import compat, console
 from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.deploy.inference import INPUT_NAMES, Tagger, read_meta  # noqa: F401  (INPUT_NAMES: re-exported)
@@ -48,6 +48,7 @@ def export_onnx(static_dir, onnx_path):
     import paddle2onnx
 
     program, params = static_model_files(static_dir)
+    console.quiet_onnx_export()
     with compat.polygraphy_without_installs():
         paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
     return onnx_path
