@@ -116,11 +116,18 @@ class ExportOptions:
     """Export and inference."""
     decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
     width_mult: float = 0.5
-    # ONNX Runtime INT8 copy beside model.onnx (CPU exports; ner_compress/deploy/onnx_quant.py): dynamic or static
-    # (QDQ calibrated on dev); refused when its dev F1 is more than int8_max_f1_drop points below FP32's
+    # ONNX Runtime INT8 copy beside model.onnx (CPU exports; ner_compress/deploy/onnx_quant.py): dynamic, static
+    # (QDQ) or both (each searched, the faster that passes kept); refused when its dev F1 is more than
+    # int8_max_f1_drop points below FP32's
     onnx_int8: bool = True
     onnx_int8_method: str = "dynamic"
-    int8_max_f1_drop: float = 1.0
+    int8_max_f1_drop: float = 0.5
+    # on: when the whole graph loses too much, leave its most sensitive layers in FP32 until it does not
+    # (ner_compress/deploy/int8_search.py); off: the whole graph or nothing
+    int8_search: str = "on"
+    # static calibration and the search's sensitivity read this many training sentences, drawn with this seed
+    int8_calibration_sentences: int = 128
+    int8_calibration_seed: int = 0
 
 
 @dataclass
@@ -276,8 +283,13 @@ def validate(cfg):
     if cfg.stage_processes < 0:
         raise UserError(f"--stage_processes {cfg.stage_processes}: use 0 (side by side when the cores allow) "
                         f"or a number of processes (1: one stage at a time)")
-    if cfg.onnx_int8_method not in ("dynamic", "static"):
-        raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic or static")
+    if cfg.onnx_int8_method not in ("dynamic", "static", "both"):
+        raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic, static or both")
+    if cfg.int8_search not in ("on", "off"):
+        raise UserError(f"--int8_search {cfg.int8_search}: use on (leave sensitive layers in FP32) or off "
+                        f"(the whole graph or nothing)")
+    if cfg.int8_calibration_sentences < 1:
+        raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:
