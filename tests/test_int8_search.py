@@ -79,7 +79,7 @@ def test_the_node_made_sensitive_stays_fp32_and_the_rest_is_quantized(tmp_path, 
     fp32 = sensitive_graph(tmp_path / "model.onnx")
     search = int8_search.Search(fp32, feeds(1), PAD, logits_for, LabelAgreement(fp32, feeds(2)), max_drop=2.0)
     try:
-        record = int8_search.best_copy(search, [method], True, [], str(tmp_path / "model.int8.onnx"))
+        record = int8_search.best_copy(search, [method], True, feeds(3), str(tmp_path / "model.int8.onnx"))
     finally:
         search.close()
     whole, *searched = record["tried"]
@@ -100,7 +100,7 @@ def test_no_search_when_the_whole_graph_passes_and_none_when_asked_not_to(tmp_pa
     fp32 = sensitive_graph(tmp_path / "model.onnx")
     search = int8_search.Search(fp32, feeds(1), PAD, logits_for, LabelAgreement(fp32, feeds(2)), max_drop=2.0)
     try:
-        record = int8_search.best_copy(search, ["dynamic"], False, [], str(tmp_path / "model.int8.onnx"))
+        record = int8_search.best_copy(search, ["dynamic"], False, feeds(3), str(tmp_path / "model.int8.onnx"))
     finally:
         search.close()
     assert record["chosen"] is None and len(record["tried"]) == 1 and record["sensitivity"] == {}

@@ -187,8 +187,8 @@ def test_calibration_reads_training_windows_only(output_dir, monkeypatch, tmp_pa
     data = prepare_data(cfg)
     fed = []
     quantize = onnx_quant.quantize
-    monkeypatch.setattr(onnx_quant, "quantize", lambda method, src, dst, feeds=(), exclude=(): (
-        fed.extend(feeds), quantize(method, src, dst, feeds, exclude))[1])
+    monkeypatch.setattr(onnx_quant, "quantize", lambda method, src, dst, feeds=(), exclude=(), cache=None: (
+        fed.extend(feeds), quantize(method, src, dst, feeds, exclude, cache))[1])
     fp32 = tmp_path / "model.opt.onnx"  # the copy is written beside it, not into the module's export
     shutil.copyfile(output_dir / "export" / "teacher" / "onnx" / "model.opt.onnx", fp32)
     record = onnx_variants.int8_variant(cfg, data, str(output_dir / "export" / "teacher" / "static"), str(fp32))

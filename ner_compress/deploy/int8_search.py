@@ -87,7 +87,8 @@ class Search:
     def quantize(self, method, nodes):
         self.count += 1
         path = os.path.join(self.scratch, f"{method}-{self.count}.onnx")
-        return onnx_quant.quantize(method, self.fp32_path, path, self.feeds, nodes)
+        return onnx_quant.quantize(method, self.fp32_path, path, self.feeds, nodes,
+                                   os.path.join(self.scratch, "calibration.json"))
 
     def try_copy(self, method, layers=()):
         """Quantize with ``layers`` ([(name, nodes)]) in FP32 and score it on dev; the tried configuration."""
@@ -142,27 +143,26 @@ def seconds_per_pass(logits_fns, feeds, repeats=SPEED_REPEATS):
 
 
 def speed_feeds(windows, pad_id):
-    """The calibration windows, length-sorted, in batches of ``SPEED_BATCH_SIZE`` (the benchmark's batch)."""
+    """``windows`` length-sorted in batches of ``SPEED_BATCH_SIZE``, the benchmark's batch."""
     ordered = sorted(windows, key=lambda w: len(w.input_ids))
     return onnx_quant.calibration_feeds(ordered, pad_id, SPEED_BATCH_SIZE)
 
 
-def best_copy(search, methods, leave_fp32, speed_windows, int8_path):
-    """Search each of ``methods``; of the copies that pass, move the faster (at batch 32 on the calibration
-    windows, against the FP32 graph, interleaved) to ``int8_path``. The manifest's record of the search."""
-    start = time.perf_counter()
+def without_path(tried):
+    return {k: v for k, v in tried.items() if k != "path"}
+
+
+def best_copy(search, methods, leave_fp32, speed_feeds, int8_path):
+    """Search each of ``methods``; of the copies that pass, move the faster (over ``speed_feeds`` against the
+    FP32 graph, interleaved) to ``int8_path``. The manifest's record of the search (``chosen`` None: none passed)."""
     passed = [c for c in (search.search(m, leave_fp32) for m in methods) if c]
-    record = {"sensitivity": search.sensitivity}
+    chosen = None
     if passed:
-        feeds = speed_feeds(speed_windows, search.pad_id)
         fns = [search.logits_for(search.fp32_path)] + [search.logits_for(c["path"]) for c in passed]
-        fp32_seconds, *int8_seconds = seconds_per_pass(fns, feeds)
+        fp32_seconds, *int8_seconds = seconds_per_pass(fns, speed_feeds)
         for copy, seconds in zip(passed, int8_seconds):
             copy["speedup_vs_fp32_b32"] = fp32_seconds / seconds
         chosen = max(passed, key=lambda c: c["speedup_vs_fp32_b32"])
         shutil.move(chosen["path"], int8_path)
-        record["chosen"] = chosen
-    record["tried"] = [{k: v for k, v in t.items() if k != "path"} for t in search.tried]
-    record["chosen"] = {k: v for k, v in record.get("chosen", {}).items() if k != "path"} or None
-    record["search_seconds"] = time.perf_counter() - start
-    return record
+        chosen = without_path(chosen)
+    return {"chosen": chosen, "tried": [without_path(t) for t in search.tried], "sensitivity": search.sensitivity}

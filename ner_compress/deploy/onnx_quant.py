@@ -91,9 +91,10 @@ def typed(onnx_path):
     return SymbolicShapeInference.infer_shapes(onnx.load(onnx_path), auto_merge=True)
 
 
-def quantize(method, fp32_path, out_path, feeds=(), nodes_to_exclude=()):
+def quantize(method, fp32_path, out_path, feeds=(), nodes_to_exclude=(), calibration_cache=None):
     """Write the INT8 copy of ``fp32_path`` made by ``method`` (see the module docstring), the nodes named in
-    ``nodes_to_exclude`` left in FP32."""
+    ``nodes_to_exclude`` left in FP32. ``calibration_cache``: a JSON file of static activation ranges, written
+    by the first call and read by the next ones (the ranges do not depend on the nodes excluded)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     exclude = list(nodes_to_exclude)
@@ -108,7 +109,7 @@ def quantize(method, fp32_path, out_path, feeds=(), nodes_to_exclude=()):
             quantize_static(typed(fp32_path), out_path, feed_reader(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude,
-                            extra_options=UNTYPED_FUSED_OUTPUTS)
+                            calibration_cache_path=calibration_cache, extra_options=UNTYPED_FUSED_OUTPUTS)
         else:
             raise UserError(f"--onnx_int8_method {method}: use one of {', '.join(INT8_METHODS)}")
     return out_path

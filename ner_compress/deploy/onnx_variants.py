@@ -60,21 +60,28 @@ def int8_variant(cfg, data, static_dir, fp32_path, threads=None):
                                 data.encoder.pad_id, logits_for, judge, cfg.int8_max_f1_drop)
     methods = onnx_quant.INT8_METHODS if cfg.onnx_int8_method == "both" else (cfg.onnx_int8_method,)
     try:
-        record = int8_search.best_copy(search, methods, cfg.int8_search == "on", windows,
+        record = int8_search.best_copy(search, methods, cfg.int8_search == "on",
+                                       int8_search.speed_feeds(windows, data.encoder.pad_id),
                                        os.path.join(os.path.dirname(fp32_path), INT8_FILE))
     finally:
         search.close()
+    calibration = {"split": "train", "sentences": cfg.int8_calibration_sentences, "seed": cfg.int8_calibration_seed,
+                   "windows": len(windows)}
+    return int8_entry(cfg, record, {"source": os.path.basename(fp32_path), "calibration": calibration,
+                                    "search_seconds": time.perf_counter() - start})
+
+
+def int8_entry(cfg, record, facts):
+    """The manifest's ``int8`` entry: the chosen copy's figures (else the least lossy tried, and the refusal),
+    every configuration tried, the layer ranking, and ``facts``."""
     chosen = record.pop("chosen")
     best = chosen or min(record["tried"], key=lambda t: t["f1_drop_points"])
     refusal = onnx_quant.int8_refusal(best, cfg.int8_max_f1_drop, INT8_FILE)
     log.info("ONNX INT8: %s", refusal or f"kept {best['method']}, {best['configuration']}, dev F1 "
              f"{best['dev_f1_fp32']:.2f} -> {best['dev_f1_int8']:.2f}, {best['speedup_vs_fp32_b32']:.2f}x FP32 at "
              f"batch 32")
-    return {**{k: v for k, v in best.items() if k != "passed"}, "source": os.path.basename(fp32_path),
-            "search": cfg.int8_search, "calibration": {"split": "train", "sentences": cfg.int8_calibration_sentences,
-                                                       "seed": cfg.int8_calibration_seed, "windows": len(windows)},
-            **record, "search_seconds": time.perf_counter() - start, "max_f1_drop": cfg.int8_max_f1_drop,
-            "refused": refusal, "file": None if refusal else INT8_FILE}
+    return {**{k: v for k, v in best.items() if k != "passed"}, **facts, "search": cfg.int8_search, **record,
+            "max_f1_drop": cfg.int8_max_f1_drop, "refused": refusal, "file": None if refusal else INT8_FILE}
 
 
 def write_variants(cfg, data, static_dir, onnx_path, plan, num_layers, check, inputs):
