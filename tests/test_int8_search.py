@@ -121,3 +121,24 @@ def test_layers_are_read_off_the_layer_norms():
         ("embeddings", ["embed"]), ("layer 0", ["att0", "out0", "ffn0"]), ("layer 1", ["att1", "ffn1"]),
         ("head", ["classifier"])]
     assert int8_search.layer_groups(model, "static")[0] == ("layer 0", ["out0", "ffn0"])  # Attention stays FP32
+
+
+def test_when_no_layer_passes_alone_the_least_lossy_on_dev_are_combined(tmp_path, monkeypatch):
+    fp32 = sensitive_graph(tmp_path / "model.onnx")
+    search = int8_search.Search(fp32, feeds(1), PAD, logits_for, judge=None, max_drop=0.5)
+    ranked = [(name, [name]) for name in "abcdef"]  # by calibration KL
+    drops = {(): 3.0, ("a",): 2.0, ("b",): 1.0, ("c",): 1.5, ("b", "c"): 0.4}  # on dev
+    tried = []
+
+    def try_copy(method, layers=()):
+        names = tuple(name for name, _ in layers)
+        tried.append(names)
+        return {"f1_drop_points": drops.get(names, 9.0), "passed": drops.get(names, 9.0) <= 0.5, "layers": names}
+
+    monkeypatch.setattr(search, "ranked_layers", lambda method: ranked)
+    monkeypatch.setattr(search, "try_copy", try_copy)
+    try:
+        assert search.search("dynamic")["layers"] == ("b", "c")
+    finally:
+        search.close()
+    assert tried == [(), ("a",), ("b",), ("c",), ("b", "c")]  # the 3 most sensitive alone, then b (least lossy) + c
