@@ -5,10 +5,11 @@ Sensitivity is cheap and measured on the calibration (training) windows: for eac
 layer's quantizable nodes left in FP32 is run and its log-probabilities compared with FP32's (mean KL over real
 characters); the layer whose exclusion brings the copy closest to FP32 is the most sensitive. Then each of the
 few most sensitive is left in FP32 alone and scored on dev, then growing combinations of them, until a copy is
-within the margin (at most half the layers: beyond that little of INT8's speed is left). Layers are read off the graph: a quantizable node
-belongs to the encoder layer of the layer norms before it (two per post-LN layer), those before the first norm
-to ``embeddings``, those after the last to ``head`` (the classifier); a graph without layer norms is searched
-node by node. Measured on the default run's teacher (docs/benchmark.md): the last layer is the sensitive one.
+within the margin (at most half the layers: beyond that little of INT8's speed is left). Layers are read off
+the graph: a quantizable node belongs to the encoder layer of the layer norms before it (two per post-LN layer),
+those before the first norm to ``embeddings``, those after the last to ``head`` (the classifier); a graph
+without layer norms is searched node by node. Measured on the default run's teacher (docs/benchmark.md): the
+last layer is the sensitive one.
 """
 import logging
 import os
