@@ -142,13 +142,13 @@ class DevParity:
                 "int8_entities": agreement["predicted"]}
 
 
-def int8_refusal(best, max_drop, int8_file):
+def int8_refusal(best, max_drop, int8_file, methods_tried):
     """The one-line reason to refuse INT8 when ``best`` (the tried configuration that lost the least) loses
     more than ``max_drop`` dev F1 points (None: keep it)."""
     if best["f1_drop_points"] <= max_drop:
         return None
-    other = " or ".join(f"--onnx_int8_method {m}" for m in INT8_METHODS if m != best["method"])
+    untried = "".join(f"try --onnx_int8_method {m}, " for m in INT8_METHODS if m not in methods_tried)
     return (f"--int8_max_f1_drop {max_drop:g}: {best['method']} INT8 drops dev F1 by {best['f1_drop_points']:.2f} "
             f"points ({best['dev_f1_fp32']:.2f} -> {best['dev_f1_int8']:.2f}) at best ({best['configuration']}), "
-            f"so {int8_file} was not written (the FP32 export was); raise the margin, try {other}, "
+            f"so {int8_file} was not written (the FP32 export was); raise the margin, {untried}"
             f"or set onnx_int8: false")

@@ -76,7 +76,7 @@ def int8_entry(cfg, record, facts):
     every configuration tried, the layer ranking, and ``facts``."""
     chosen = record.pop("chosen")
     best = chosen or min(record["tried"], key=lambda t: t["f1_drop_points"])
-    refusal = onnx_quant.int8_refusal(best, cfg.int8_max_f1_drop, INT8_FILE)
+    refusal = onnx_quant.int8_refusal(best, cfg.int8_max_f1_drop, INT8_FILE, {t["method"] for t in record["tried"]})
     log.info("ONNX INT8: %s", refusal or f"kept {best['method']}, {best['configuration']}, dev F1 "
              f"{best['dev_f1_fp32']:.2f} -> {best['dev_f1_int8']:.2f}, {best['speedup_vs_fp32_b32']:.2f}x FP32 at "
              f"batch 32")
