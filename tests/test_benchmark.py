@@ -123,6 +123,10 @@ def test_int8_rows_carry_their_own_models_int8_f1(bench):
     assert row["f1"] == pytest.approx(entity_scores([s.tags for s in test], int8)["f1"], abs=1e-12)
     fp32 = next(r for r in results["rows"] if (r["model"], r["precision_kind"]) == ("width 0.5", "onnxruntime-fp32"))
     assert row["int8_f1_drop_points"] == pytest.approx((fp32["f1"] - row["f1"]) * 100)
+    chosen = json.load(open(out / "export" / "width_0.5" / "onnx" / "manifest.json"))["onnx"]["int8"]
+    assert row["int8_configuration"] == f"dynamic, {chosen['configuration']}"  # as the export chose it
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert f"| width 0.5 | dynamic, {chosen['configuration']} | {fp32['f1']:.4f} | {row['f1']:.4f} |" in report
 
 
 def test_fusion_counts_in_the_report_are_the_manifests(bench):

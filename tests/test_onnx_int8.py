@@ -78,10 +78,13 @@ def test_int8_that_loses_more_than_the_margin_is_refused_and_fp32_stays(output_d
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --int8_max_f1_drop -1: dynamic INT8 drops dev F1 by ") and "points (" in last
+    assert "onnx_quantizer" not in result.stderr and "pre-processing" not in result.stderr  # issue 31: quiet
     onnx_dir = out / "export" / "teacher" / "onnx"
     manifest = read_manifest(str(onnx_dir), "export")  # every FP32 file as hashed
     assert {"model.onnx", "model.opt.onnx"} == set(manifest["weights_sha256"])
     assert manifest["onnx"]["int8"]["refused"] == last[len("error: "):]
+    tried = manifest["onnx"]["int8"]["tried"]  # the whole graph, then with the most sensitive layers in FP32
+    assert tried[0]["nodes_fp32"] == [] and len(tried) > 1 and all(t["nodes_fp32"] for t in tried[1:])
     assert not (onnx_dir / "model.int8.onnx").exists()
     static = str(out / "export" / "teacher" / "static")
     check_backend("onnxruntime", static)  # FP32 still serves
@@ -131,3 +134,67 @@ def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
     monkeypatch.setattr(full_run, "run_export", broken)
     with pytest.raises(UserError, match="export parity failed"):
         full_run.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
+
+
+def test_int8_search_off_writes_the_whole_graph_copy_or_nothing(output_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "off"
+    shutil.copytree(output_dir / "teacher", out / "teacher")
+    tool("export.py", "--teacher", "--output_dir", out, "--int8_search", "off", "--int8_max_f1_drop", 100)
+    int8 = onnx_manifest(out)["onnx"]["int8"]
+    assert int8["search"] == "off" and int8["configuration"] == "whole graph" and int8["nodes_fp32"] == []
+    assert len(int8["tried"]) == 1 and int8["sensitivity"] == {}
+    ops = [n.op_type for n in onnx.load(str(out / "export" / "teacher" / "onnx" / "model.int8.onnx")).graph.node]
+    assert "MatMul" not in ops and "Attention" not in ops  # every weight node quantized
+    refused = tool("export.py", "--teacher", "--output_dir", out, "--int8_search", "off", "--int8_max_f1_drop", -1,
+                   check=False)
+    assert refused.returncode == 2 and len(onnx_manifest(out)["onnx"]["int8"]["tried"]) == 1  # no search
+
+
+def test_a_searched_copy_records_and_keeps_the_nodes_it_left_in_fp32(output_dir, tmp_path):
+    """A margin just below the whole graph's loss forces the search; whatever it keeps, the manifest names the
+    nodes left in FP32 and the INT8 graph has them unquantized."""
+    import shutil
+
+    whole = onnx_manifest(output_dir)["onnx"]["int8"]["f1_drop_points"]
+    out = tmp_path / "searched"
+    shutil.copytree(output_dir / "teacher", out / "teacher")
+    tool("export.py", "--teacher", "--output_dir", out, "--int8_max_f1_drop", whole - 1e-6, check=False)
+    int8 = onnx_manifest(out)["onnx"]["int8"]
+    assert int8["tried"][0]["configuration"] == "whole graph" and not int8["tried"][0]["passed"]
+    ranked = int8["sensitivity"]["dynamic"]
+    assert {r["layer"] for r in ranked} == {"embeddings", "layer 0", "layer 1", "head"}  # the tiny BERT's 2 layers
+    singles, combined = int8["tried"][1:4], int8["tried"][4:]  # the 3 most sensitive alone, then together
+    assert [t["nodes_fp32"] for t in singles] == [r["nodes"] for r in ranked[:len(singles)]]
+    assert all(len(t["layers_fp32"]) > 1 for t in combined)
+    if int8["refused"] is None:
+        graph = {n.name: n.op_type for n in onnx.load(str(out / "export" / "teacher" / "onnx" / "model.int8.onnx"))
+                 .graph.node}
+        assert int8["nodes_fp32"] and all(name in graph for name in int8["nodes_fp32"])
+        assert int8["f1_drop_points"] <= int8["max_f1_drop"] and int8["speedup_vs_fp32_b32"] > 0
+
+
+def test_calibration_reads_training_windows_only(output_dir, monkeypatch, tmp_path):
+    """Static calibration and the sensitivity pass are fed training windows: none of dev's, which decides."""
+    import shutil
+
+    from ner_compress.core.config import Config
+    from ner_compress.deploy import onnx_quant, onnx_variants
+    from ner_compress.models.model_data import prepare_data
+
+    cfg = Config(**{**onnx_manifest(output_dir)["config"], "onnx_int8_method": "static", "int8_search": "off",
+                    "int8_max_f1_drop": 100})
+    data = prepare_data(cfg)
+    fed = []
+    quantize = onnx_quant.quantize
+    monkeypatch.setattr(onnx_quant, "quantize", lambda method, src, dst, feeds=(), exclude=(), cache=None: (
+        fed.extend(feeds), quantize(method, src, dst, feeds, exclude, cache))[1])
+    fp32 = tmp_path / "model.opt.onnx"  # the copy is written beside it, not into the module's export
+    shutil.copyfile(output_dir / "export" / "teacher" / "onnx" / "model.opt.onnx", fp32)
+    record = onnx_variants.int8_variant(cfg, data, str(output_dir / "export" / "teacher" / "static"), str(fp32))
+    assert record["calibration"]["split"] == "train" and record["calibration"]["sentences"] == 128
+    rows = {tuple(row[row != data.encoder.pad_id]) for feed in fed for row in feed["input_ids"]}
+    train = {tuple(w.input_ids) for w in data.windows("train")}
+    dev = {tuple(w.input_ids) for w in data.windows("dev")}
+    assert len(rows) > 100 and rows <= train and not rows <= dev

@@ -1,5 +1,6 @@
 """Report rendering from measured rows: which model is named the smallest that keeps 95% of F1."""
-from ner_compress.measure.report import annotate, best_within, deployment_targets, markdown, smallest_within, targets
+from ner_compress.measure.report import (annotate, best_within, deployment_targets, int8_lines, markdown,
+                                        smallest_within, targets)
 
 KIND = "onnxruntime-fp32"
 
@@ -86,3 +87,17 @@ def test_int8_rows_show_their_f1_loss_and_speed_up_against_the_right_fp32():
     met = {t["target"].split(":")[0]: (t["measured"], t["met"]) for t in deployment_targets(rows)}
     assert met["teacher onnxruntime INT8"] == ("1.60x / 2.00x, 2.00 points", False)  # fast enough, too lossy
     assert met["width 0.5 onnxruntime INT8"] == ("1.60x / 1.56x, 0.50 points", True)
+
+
+def test_int8_table_names_each_models_configuration_beside_its_fp32():
+    rows = [row("teacher", 1000, 0.80, 100, 4.0),
+            {**row("teacher", 1000, 0.795, 180, 2.5, kind="onnxruntime-int8"),
+             "int8_configuration": "dynamic, 4 nodes kept in FP32 (layer 5)"},
+            row("width 0.5", 500, 0.76, 200, 2.5),  # no INT8 copy kept: no line
+            {**row("student", 300, 0.70, 300, 1.0, kind="onnxruntime-int8"), "int8_configuration": "static"}]
+    lines = int8_lines(rows)
+    table = [line for line in lines if line.startswith("| teacher") or line.startswith("| width")
+             or line.startswith("| student")]
+    assert table == ["| teacher | dynamic, 4 nodes kept in FP32 (layer 5) | 0.8000 | 0.7950 | 0.50 | 100 | 180 | "
+                     "1.80x | 4.00 | 2.50 | 1.60x |"]  # the student has no FP32 row to stand beside
+    assert int8_lines(rows[:1]) == []

@@ -161,14 +161,20 @@ class ReconstructionOptions:
 
 @dataclass
 class ExportOptions:
-    """Export and inference."""
-    decoding: str = "viterbi"  # or "argmax": how label scores become BIO tags (dev, test, predict)
-    width_mult: float = 0.5
-    # ONNX Runtime INT8 copy beside model.onnx (CPU exports; ner_compress/deploy/onnx_quant.py): dynamic or static
-    # (QDQ calibrated on dev); refused when its dev F1 is more than int8_max_f1_drop points below FP32's
-    onnx_int8: bool = True
-    onnx_int8_method: str = "dynamic"
-    int8_max_f1_drop: float = 1.0
+    """Export and inference (ner_compress/deploy/): the width to export, decoding, the ONNX Runtime INT8 copy."""
+    decoding: str = flag_field("viterbi", "viterbi (BIO-constrained) or argmax: how label scores become tags")
+    width_mult: float = flag_field(0.5, "the width to export or refit")
+    onnx_int8: bool = flag_field(True, "write an ONNX Runtime INT8 copy beside the FP32 graph (CPU exports)")
+    onnx_int8_method: str = flag_field(
+        "dynamic", "dynamic, static (QDQ, calibrated on training sentences) or both (each searched, the faster "
+                   "that passes kept)")
+    int8_max_f1_drop: float = flag_field(0.5, "refuse an INT8 copy whose dev F1 is more points below FP32's")
+    int8_search: str = flag_field(
+        "on", "on: when the whole graph loses too much, leave its most sensitive layers in FP32 until it does "
+              "not (deploy/int8_search.py); off: the whole graph or nothing")
+    int8_calibration_sentences: int = flag_field(
+        128, "training sentences for static calibration and the search's sensitivity")
+    int8_calibration_seed: int = flag_field(0, "seed of the INT8 calibration sample")
 
 
 @dataclass
@@ -324,8 +330,13 @@ def validate(cfg):
                         f"(a quarter is held out to choose the ridge)")
     if cfg.reconstruction_target not in ("residual", "projection"):
         raise UserError(f"--reconstruction_target {cfg.reconstruction_target}: use residual or projection")
-    if cfg.onnx_int8_method not in ("dynamic", "static"):
-        raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic or static")
+    if cfg.onnx_int8_method not in ("dynamic", "static", "both"):
+        raise UserError(f"--onnx_int8_method {cfg.onnx_int8_method}: use dynamic, static or both")
+    if cfg.int8_search not in ("on", "off"):
+        raise UserError(f"--int8_search {cfg.int8_search}: use on (leave sensitive layers in FP32) or off "
+                        f"(the whole graph or nothing)")
+    if cfg.int8_calibration_sentences < 1:
+        raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

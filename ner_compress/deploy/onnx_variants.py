@@ -3,13 +3,15 @@
 ``model.opt.onnx``: the graph after ``onnx_graph.fuse`` (Attention, SkipLayerNorm, BiasGelu,
 EmbedLayerNorm), held to the same parity as ``model.onnx``; when the optimizer fails or parity
 does not hold it is not written and the reason is recorded (ONNX Runtime then runs ``model.onnx``).
-``model.int8.onnx``: ``onnx_quant``'s copy of the best FP32 graph, kept only when its dev F1 is
-within ``int8_max_f1_drop`` points of FP32's; a refusal is recorded and returned as one line.
+``model.int8.onnx``: the INT8 copy of the best FP32 graph that ``int8_search`` chose (the whole graph, or
+with its most sensitive layers left in FP32), kept only when its dev F1 is within ``int8_max_f1_drop``
+points of FP32's; every configuration tried is recorded, a refusal is recorded and returned as one line.
 """
 import logging
 import os
+import time
 
-from ner_compress.deploy import onnx_graph, onnx_quant
+from ner_compress.deploy import int8_search, onnx_graph, onnx_quant
 from ner_compress.deploy.backends import FUSED_FILE, INT8_FILE, OnnxTagger
 from ner_compress.core.errors import UserError
 
@@ -43,21 +45,42 @@ def fused_variant(static_dir, onnx_path, plan, num_layers, check, inputs, thread
 
 
 def int8_variant(cfg, data, static_dir, fp32_path, threads=None):
-    """Quantize ``fp32_path`` into ``model.int8.onnx`` and compare the two on dev (None: onnx_int8 off)."""
+    """Search ``fp32_path``'s INT8 copies (``int8_search``), keep the chosen one as ``model.int8.onnx``; the
+    manifest's record of the search (None: onnx_int8 off)."""
     if not cfg.onnx_int8 or cfg.device != "cpu":
         return None
-    path = os.path.join(os.path.dirname(fp32_path), INT8_FILE)
-    feeds = onnx_quant.calibration_feeds(data.windows("dev"), data.encoder.pad_id)
-    onnx_quant.quantize(cfg.onnx_int8_method, fp32_path, path, feeds)
-    parity = onnx_quant.int8_parity(OnnxTagger(static_dir, fp32_path, threads=threads).logits,
-                                    OnnxTagger(static_dir, path, threads=threads).logits,
-                                    data, cfg.per_device_eval_batch_size, cfg.decoding)
-    refusal = onnx_quant.int8_refusal(parity, cfg.int8_max_f1_drop, cfg.onnx_int8_method)
-    if refusal:
-        os.remove(path)
-    log.info("ONNX INT8 (%s): dev F1 %.2f -> %.2f, entity agreement %.2f%s", cfg.onnx_int8_method,
-             parity["dev_f1_fp32"], parity["dev_f1_int8"], parity["entity_agreement_f1"], " (refused)" * bool(refusal))
-    return {"method": cfg.onnx_int8_method, "source": os.path.basename(fp32_path), **parity,
+    start = time.perf_counter()
+    windows = onnx_quant.calibration_windows(data, cfg.int8_calibration_sentences, cfg.int8_calibration_seed)
+
+    def logits_for(path):
+        return OnnxTagger(static_dir, path, threads=threads).logits
+
+    judge = onnx_quant.DevParity(logits_for(fp32_path), data, cfg.per_device_eval_batch_size, cfg.decoding)
+    search = int8_search.Search(fp32_path, onnx_quant.calibration_feeds(windows, data.encoder.pad_id),
+                                data.encoder.pad_id, logits_for, judge, cfg.int8_max_f1_drop)
+    methods = onnx_quant.INT8_METHODS if cfg.onnx_int8_method == "both" else (cfg.onnx_int8_method,)
+    try:
+        record = int8_search.best_copy(search, methods, cfg.int8_search == "on",
+                                       int8_search.speed_feeds(windows, data.encoder.pad_id),
+                                       os.path.join(os.path.dirname(fp32_path), INT8_FILE))
+    finally:
+        search.close()
+    calibration = {"split": "train", "sentences": cfg.int8_calibration_sentences, "seed": cfg.int8_calibration_seed,
+                   "windows": len(windows)}
+    return int8_entry(cfg, record, {"source": os.path.basename(fp32_path), "calibration": calibration,
+                                    "search_seconds": time.perf_counter() - start})
+
+
+def int8_entry(cfg, record, facts):
+    """The manifest's ``int8`` entry: the chosen copy's figures (else the least lossy tried, and the refusal),
+    every configuration tried, the layer ranking, and ``facts``."""
+    chosen = record.pop("chosen")
+    best = chosen or min(record["tried"], key=lambda t: t["f1_drop_points"])
+    refusal = onnx_quant.int8_refusal(best, cfg.int8_max_f1_drop, INT8_FILE, {t["method"] for t in record["tried"]})
+    log.info("ONNX INT8: %s", refusal or f"kept {best['method']}, {best['configuration']}, dev F1 "
+             f"{best['dev_f1_fp32']:.2f} -> {best['dev_f1_int8']:.2f}, {best['speedup_vs_fp32_b32']:.2f}x FP32 at "
+             f"batch 32")
+    return {**{k: v for k, v in best.items() if k != "passed"}, **facts, "search": cfg.int8_search, **record,
             "max_f1_drop": cfg.int8_max_f1_drop, "refused": refusal, "file": None if refusal else INT8_FILE}
 
 

@@ -245,6 +245,13 @@ def fusion_counts(export_dir, graph_file):
     return {op: fused.get(op, 0) for op in FUSION_OPS}
 
 
+def int8_configuration(export_dir):
+    """What the export's INT8 copy is, as its manifest records it: "dynamic, whole graph", "static, 4 nodes
+    kept in FP32 (layer 5)"; None when the manifest does not say (an export from before the search)."""
+    int8 = onnx_manifest(export_dir).get("int8") or {}
+    return f"{int8['method']}, {int8['configuration']}" if int8.get("configuration") else None
+
+
 def tagger_for(kind, export_dir, work_dir, opts):
     """The tagger of one precision_kind and the row's file figures (bytes on disk, ONNX graph, fusions)."""
     static_dir = os.path.join(export_dir, "static")
@@ -260,8 +267,11 @@ def tagger_for(kind, export_dir, work_dir, opts):
     if kind == "onnxruntime-unfused":
         path = os.path.join(os.path.dirname(path), ONNX_FILE)
     tagger = OnnxTagger(static_dir, path, threads=opts["threads"], batch_size=opts["batch_size"])
-    return tagger, {"disk_bytes": os.path.getsize(path), "graph": os.path.basename(path),
-                    "fusion": fusion_counts(export_dir, os.path.basename(path))}
+    files = {"disk_bytes": os.path.getsize(path), "graph": os.path.basename(path),
+             "fusion": fusion_counts(export_dir, os.path.basename(path))}
+    if kind == "onnxruntime-int8":
+        files["int8_configuration"] = int8_configuration(export_dir)
+    return tagger, files
 
 
 def measure_variant(job):

@@ -220,12 +220,35 @@ def markdown(results):
         lines += ["", f"Teacher vocabulary pruning: {pruning_summary(results['vocab_pruning'])} "
                   "(the table's parameters are after pruning)."]
     lines += target_lines(results["targets"])
+    lines += int8_lines(rows)
     onnx = [r for r in rows if "max_abs_diff_vs_paddle" in r]
     if onnx:
         lines += ["", "ONNX Runtime vs Paddle Inference, max abs logit difference: " + ", ".join(
             f"{r['model']} {r['precision_kind']} {r['max_abs_diff_vs_paddle']:.1e}" for r in onnx)]
     lines += ["", "![F1 against throughput](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def int8_lines(rows):
+    """Per model, its ONNX Runtime INT8 copy beside its fused FP32 graph: the configuration the export chose
+    (whole graph, or N nodes kept in FP32), test F1 and speed of both; [] without an INT8 row."""
+    pairs = [(find_row(rows, r["model"], "onnxruntime-fp32"), r) for r in rows
+             if r["precision_kind"] == "onnxruntime-int8"]
+    pairs = [(fp32, int8) for fp32, int8 in pairs if fp32]
+    if not pairs:
+        return []
+    lines = ["", "ONNX Runtime INT8 per model, beside its fused FP32 graph (configuration: as the export chose it "
+             "on dev; F1 on test):", "",
+             "| model | INT8 configuration | F1 FP32 | F1 INT8 | points lost | sent/s FP32 (b=32) | INT8 | x FP32 | "
+             "p50 ms FP32 (b=1) | INT8 | x FP32 |",
+             "|---|---|" + "---:|" * 9]
+    for fp32, int8 in pairs:
+        lines.append(f"| {int8['model']} | {int8.get('int8_configuration') or '-'} | {fp32['f1']:.4f} | "
+                     f"{int8['f1']:.4f} | {(fp32['f1'] - int8['f1']) * 100:.2f} | {fp32['sentences_per_s']:.0f} | "
+                     f"{int8['sentences_per_s']:.0f} | {int8['sentences_per_s'] / fp32['sentences_per_s']:.2f}x | "
+                     f"{fp32['latency_ms_p50']:.2f} | {int8['latency_ms_p50']:.2f} | "
+                     f"{fp32['latency_ms_p50'] / int8['latency_ms_p50']:.2f}x |")
+    return lines
 
 
 def summary_table(rows):
