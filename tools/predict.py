@@ -20,7 +20,7 @@ def parse_args(argv=None):
     source.add_argument("--text", action="append", help="a text to tag (repeatable)")
     source.add_argument("--input_file", help="UTF-8 file, one text per line; '-' for stdin")
     add_dataclass_flags(parser, EngineOptions)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="texts per model call (--input_file)")
     parser.add_argument("--max_chars", type=int, default=DEFAULT_MAX_CHARS, help="longest line accepted")
     args = parser.parse_args(argv)
     engine = EngineOptions(**{f.name: getattr(args, f.name) for f in fields(EngineOptions)})

@@ -199,7 +199,7 @@ def run_benchmark(cfg, opts, command):
 def benchmark_cli(argv=None):
     def extra(parser):
         parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-        parser.add_argument("--batch_size", type=int, default=32)
+        parser.add_argument("--batch_size", type=int, default=32, help="sentences per batch for throughput")
         parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
         parser.add_argument("--speed_sentences", type=int, default=1000, help="test sentences timed per run")
         parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
