@@ -270,8 +270,8 @@ def export_cli(argv=None):
         parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
         parser.add_argument("--student", action="store_true", help="export the student instead of a width")
         add_source_flag(parser)
-    cfg, args = parse_stage_config("Export a width of a supernet (or --teacher, --student) under DIR/export/: dynamic and static "
-                                   "graph and ONNX (FP32, fused, INT8), each parity-checked.",
+    cfg, args = parse_stage_config("Export a width of a supernet (or --teacher, --student) under DIR/export/: "
+                                   "dynamic and static graph and ONNX (FP32, fused, INT8), each parity-checked.",
                              EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
     if args.teacher and args.student:
         raise UserError("--teacher and --student: export one model at a time")
