@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage 3: OFA width supernet distilled from DIR/teacher/ (or --from student); the best weights per width go to DIR/ofa/."""
+"""Stage 3: OFA width supernet distilled from DIR/teacher/ (or --from student); the best weights per width go to
+DIR/ofa/."""
 import os
 import sys
 

@@ -117,7 +117,8 @@ def reconstruction_lines(output_dir):
         if record:
             lines.append(f"- {ref.name} reconstruction: dev F1 {record['dev_f1_before']:.4f} -> "
                          f"{record['dev_f1_after']:.4f} ({'kept' if record['kept'] else 'not kept'}), "
-                         f"{record['cpu_seconds']:.0f} CPU-s on {record['calibration']['sentences']} training sentences")
+                         f"{record['cpu_seconds']:.0f} CPU-s on {record['calibration']['sentences']} training "
+                         f"sentences")
     return lines
 
 

@@ -63,7 +63,7 @@ def projection(layer, name):
 
 
 def _ids(batch):
-    return {"input_ids": paddle.to_tensor(batch["input_ids"]), "token_type_ids": paddle.to_tensor(batch["token_type_ids"])}
+    return {name: paddle.to_tensor(batch[name]) for name in ("input_ids", "token_type_ids")}
 
 
 def first_layer_calls(model, calibration):
