@@ -44,8 +44,17 @@ def family_run(request, tmp_path_factory, vocab_file):
     tool("train_teacher.py", "--config", TINY, "--model_name_or_path", source, "--max_steps", 3, "--eval_steps", 3,
          "--output_dir", out)
     tool("ofa_compress.py", "--ofa_max_steps", 2, "--ofa_eval_steps", 2, "--output_dir", out)
+    tool("reconstruct.py", "--width_mult", 0.5, "--calibration_sentences", 32, "--output_dir", out)
     tool("export.py", "--width_mult", 0.5, "--output_dir", out)
     return model_type, out
+
+
+def test_every_family_is_refit_layer_by_layer(family_run):
+    _, out = family_run
+    record = json.load(open(out / "ofa" / "width_0.5" / "manifest.json"))["reconstruction"]
+    assert [layer["layer"] for layer in record["layers"]] == [0, 1]
+    assert all(layer[p]["fit_error_after"] <= layer[p]["fit_error_before"] + 1e-9
+               for layer in record["layers"] for p in ("attention_output", "ffn_output"))
 
 
 def test_every_artifact_records_the_architecture(family_run):

@@ -1,5 +1,5 @@
 """Reconstruction as a stage: a trained width of a supernet, or the student, refit against the teacher
-(``reconstruction.reconstruct``), kept only when dev F1 does not fall, and rewritten in place (atomically)
+(``reconstruction.reconstruct``), kept only when dev F1 rises, and rewritten in place (atomically)
 with what was done in its manifest: calibration sentences, ridge, each layer's error before and after.
 A directory whose manifest already records a reconstruction is left as it is (``--resume`` and reruns).
 """
