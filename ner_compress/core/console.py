@@ -50,7 +50,10 @@ def quiet_onnx_export():
     if verbose():
         return
     from paddle2onnx.utils import logging as paddle2onnx_logging
-    from polygraphy.logger import G_LOGGER
 
     paddle2onnx_logging.log_level = 1  # 0 error, 1 warning, 2 info
+    try:  # paddle2onnx 2.x folds constants with Polygraphy; 1.x (the Paddle 2.6 stack) has none
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        return
     G_LOGGER.module_severity = G_LOGGER.WARNING
