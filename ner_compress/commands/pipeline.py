@@ -4,6 +4,7 @@ teacher -> { teacher's width supernet -> exports | student -> student's width su
 -> table. The two branches need only ``DIR/teacher`` and run side by side when the cores allow
 (``stage_pool``).
 """
+import json
 import logging
 import os
 
@@ -15,6 +16,7 @@ from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, 
 from ner_compress.compress import student
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
+from ner_compress.core.checkpoint import TRAINER_STATE, Checkpointer
 from ner_compress.core.config import PipelineOptions, group_fields
 from ner_compress.core.errors import Int8Refused
 from ner_compress.core.layout import ModelRef
@@ -123,19 +125,22 @@ def reconstruction_lines(output_dir):
 
 
 def training_speeds(cfg):
-    """Sentences/s of each training stage and its CPU threads, as its manifest recorded them."""
+    """Sentences/s and CPU-seconds of each training stage, from its last checkpoint (a stage that kept its
+    step-0 weights still trained to the end), and its CPU threads, from its manifest."""
     top, out = max(cfg.width_mult_list), cfg.output_dir
-    stages = {"teacher": ("teacher", layout.stage_dir(out, "teacher")),
-              "ofa": ("ofa", layout.width_dir(layout.ofa_dir(out), top))}
+    refs = [ModelRef("teacher"), ModelRef("teacher", top)]
     if cfg.run_student:
-        stages.update({"student": ("student", layout.stage_dir(out, "student")),
-                       "student ofa": ("ofa", layout.width_dir(layout.ofa_dir(out, "student"), top))})
+        refs += [ModelRef("student"), ModelRef("student", top)]
     speeds = {}
-    for name, (stage, directory) in stages.items():
-        if os.path.isfile(os.path.join(directory, MANIFEST)):
-            manifest = read_manifest(directory, stage, verify_weights=False)
-            if manifest.get("speed"):
-                speeds[name] = {**manifest["speed"], "cpu_threads": manifest.get("runtime", {}).get("cpu_threads")}
+    for ref in refs:
+        directory, stage = layout.trained_dir(out, ref)
+        name = ref.source if ref.width is None else os.path.basename(layout.ofa_dir(out, ref.source))
+        checkpoint = Checkpointer(layout.checkpoint_dir(out, name)).latest()  # checkpoints/ofa, student_ofa
+        if checkpoint and os.path.isfile(os.path.join(directory, MANIFEST)):
+            with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as fh:
+                speed = json.load(fh).get("speed", {})
+            runtime = read_manifest(directory, stage, verify_weights=False).get("runtime", {})
+            speeds[name.replace("_", " ")] = {**speed, "cpu_threads": runtime.get("cpu_threads")}
     return speeds
 
 

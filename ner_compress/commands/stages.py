@@ -28,7 +28,7 @@ DATA_FLAGS = group_fields(DataOptions)
 TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, TeacherTraining)
 OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
 # the student also takes the teacher's dropout and the hidden-state weight of the OFA stage
-STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions) + [
+STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions, ReconstructionOptions) + [
     "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
 RECONSTRUCTION_FLAGS = group_fields(DataOptions, RunOptions, ReconstructionOptions) + ["width_mult"]
 EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir", "verbose"]
