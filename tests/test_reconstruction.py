@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import paddle
@@ -206,7 +207,7 @@ def test_bad_reconstruction_input_is_one_line(tiny_run, args, message):
     assert message in last, result.stderr[-1500:]
 
 
-def test_a_student_whose_training_makes_dev_worse_keeps_its_refit_start(tiny_run, tmp_path):
+def test_the_student_keeps_its_best_step_its_refit_start_included(tiny_run, tmp_path):
     import shutil
 
     shutil.copytree(layout.stage_dir(tiny_run, "teacher"), layout.stage_dir(tmp_path, "teacher"))
@@ -214,7 +215,12 @@ def test_a_student_whose_training_makes_dev_worse_keeps_its_refit_start(tiny_run
     result = run_tool("distill.py", "--output_dir", tmp_path, "--student_num_layers", 1, "--student_max_steps", 4,
                       "--student_eval_steps", 2, "--student_learning_rate", 1.0, "--calibration_sentences", 32)
     manifest = read_manifest(layout.stage_dir(tmp_path, "student"))
-    assert manifest["metrics"]["step"] == 0, result.stderr[-2000:]
+    scored = {int(step): float(f1) for step, f1 in re.findall(r"student step (\d+) dev P \S+ R \S+ F1 (\S+)",
+                                                               result.stderr)}
+    assert sorted(scored) == [0, 2, 4], result.stderr[-2000:]  # the start is scored like every later step
+    best = max(scored.values())
+    assert manifest["metrics"]["step"] == min(step for step, f1 in scored.items() if f1 == best)
+    assert manifest["metrics"]["dev_f1"] == pytest.approx(best, abs=1e-4)
     start = manifest["start_reconstruction"]
     assert start["calibration"]["sentences"] == 32 and [r["teacher_layer"] for r in start["layers"]] == [1]
     assert "student: start refit against teacher layers [1]" in result.stderr
