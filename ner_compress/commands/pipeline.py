@@ -44,7 +44,7 @@ def reconstruct(cfg, refs, data):
     """Each of ``refs`` refit against the teacher (unless ``--skip_reconstruction``)."""
     if cfg.skip_reconstruction:
         return
-    teacher = load_teacher(cfg)[0]
+    teacher = load_teacher(cfg, data)
     for ref in refs:
         run_reconstruction(cfg, ref, data, teacher)
 

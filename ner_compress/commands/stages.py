@@ -85,8 +85,7 @@ def run_student(cfg, data=None):
     teacher_manifest = read_manifest(teacher_dir, "teacher")
     student.student_plan(cfg, load_config(teacher_dir, "teacher"))  # a bad shape or match fails before data
     data = data or _start(cfg)
-    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, teacher_dir)
-    teacher = load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher")
+    teacher = load_checked(teacher_dir, "teacher", teacher_manifest, data)
     return student.train_student(cfg, data, teacher, teacher_manifest, layout.stage_dir(cfg.output_dir, "student"),
                                  layout.checkpoint_dir(cfg.output_dir, "student"))
 
@@ -97,8 +96,7 @@ def run_ofa(cfg, data=None, source="teacher"):
     source_dir = layout.stage_dir(cfg.output_dir, source)
     teacher_manifest = read_manifest(source_dir, source)
     data = data or _start(cfg)
-    check_same_inputs(teacher_manifest, data.labels, data.vocab_sha256, source_dir)
-    teacher = load_pretrained(model_class_for(source_dir, source), source_dir, flag=source)
+    teacher = load_checked(source_dir, source, teacher_manifest, data)
     training.set_seed(cfg.seed)
     out_dir = layout.ofa_dir(cfg.output_dir, source)
     best, history = supernet.train_supernet(cfg, data, teacher, teacher_manifest, out_dir,
@@ -114,17 +112,22 @@ def run_ofa(cfg, data=None, source="teacher"):
     return best, history
 
 
-def load_teacher(cfg):
-    """DIR/teacher as trained, its manifest checked; (model, manifest)."""
+def load_checked(directory, stage, manifest, data):
+    """The model a finished stage wrote, once its manifest's labels and vocabulary match ``data``."""
+    check_same_inputs(manifest, data.labels, data.vocab_sha256, directory)
+    return load_pretrained(model_class_for(directory, stage), directory, flag=stage)
+
+
+def load_teacher(cfg, data):
+    """DIR/teacher as trained, checked against ``data``."""
     teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
-    manifest = read_manifest(teacher_dir, "teacher")
-    return load_pretrained(model_class_for(teacher_dir, "teacher"), teacher_dir, flag="teacher"), manifest
+    return load_checked(teacher_dir, "teacher", read_manifest(teacher_dir, "teacher"), data)
 
 
 def run_reconstruction(cfg, ref, data=None, teacher=None):
     """Refit one trained model against the teacher (``ref``: a width of a supernet, or the student)."""
     data = data or _start(cfg)
-    teacher = teacher or load_teacher(cfg)[0]
+    teacher = teacher or load_teacher(cfg, data)
     if ref.width is None:
         return reconstruction_stage.reconstruct_model_dir(cfg, data, teacher, layout.stage_dir(cfg.output_dir,
                                                                                               ref.source), ref.source)
