@@ -140,8 +140,8 @@ def run_export(cfg, ref, data=None):
     data = data or _start(cfg)
     out_dir = layout.export_dir(cfg.output_dir, ref)
     if ref.width is None:
-        return export.export_full_width(cfg, data, layout.stage_dir(cfg.output_dir, ref.source), out_dir,
-                                     stage=ref.source)
+        source_dir, stage = layout.trained_dir(cfg.output_dir, ref)
+        return export.export_full_width(cfg, data, source_dir, out_dir, stage=stage)
     return export.export_width(cfg, data, layout.ofa_dir(cfg.output_dir, ref.source), out_dir, ref.width)
 
 

@@ -25,6 +25,7 @@ MAKERS = {
     "ofa": "python tools/ofa_compress.py",
     "student": "python tools/distill.py",
     "export": "python tools/export.py",
+    "search": "python tools/search.py",
 }
 
 

@@ -5,6 +5,7 @@
       teacher/  student/             fine-tuned teacher, distilled student (best dev F1; manifest.json)
       ofa/width_W/                   the teacher's width supernet, best per width
       student_ofa/width_W/           the student's
+      search/<name>/                 a model searched for a latency budget (per-layer widths); latency/ tables
       export/<model>/                dynamic/, static/, onnx/ of one model (``ModelRef.dir_name``)
       checkpoints/<stage>/           resumable training state
       report/                        the benchmark's results.json, report.md, pareto.png
@@ -22,6 +23,7 @@ from ner_compress.core.errors import UserError
 
 SOURCES = ("teacher", "student")  # what a width supernet can be made of (``--from``)
 WIDTH_PREFIX = "width_"  # ofa/width_0.5/
+SEARCH_DIR = "search"  # search/<name>/: models searched for a latency budget (per-layer widths)
 
 
 
@@ -34,6 +36,7 @@ def width_key(width):
 class ModelRef:
     source: str = "teacher"
     width: Optional[float] = None
+    label: Optional[str] = None  # a searched model's name (``source`` "search")
 
     def __post_init__(self):
         if self.width is not None:  # so --width_mult 0.83333 names the same model and directory as 0.8333
@@ -42,6 +45,8 @@ class ModelRef:
     @property
     def name(self):
         """The table name: teacher, width 0.5, student, student width 0.5."""
+        if self.label is not None:
+            return f"{self.source} {self.label}"
         if self.width is None:
             return self.source
         return f"width {self.width}" if self.source == "teacher" else f"{self.source} width {self.width}"
@@ -71,6 +76,8 @@ def width_dir(supernet_dir, width):
 def trained_dir(output_dir, ref):
     """Where a trained model lives, and the stage that wrote it: ``teacher/``, ``student/``, or a width of a
     supernet (``ofa/width_W``, stage ``ofa``)."""
+    if ref.label is not None:
+        return os.path.join(output_dir, SEARCH_DIR, ref.label), SEARCH_DIR
     if ref.width is None:
         return stage_dir(output_dir, ref.source), ref.source
     return width_dir(ofa_dir(output_dir, ref.source), ref.width), "ofa"
@@ -122,7 +129,15 @@ def trained_models(output_dir):
         if os.path.isfile(os.path.join(stage_dir(output_dir, source), MANIFEST)):
             found.append(ModelRef(source))
         found += [ModelRef(source, w) for w in trained_widths(ofa_dir(output_dir, source))]
-    return found
+    return found + searched_models(output_dir)
+
+
+def searched_models(output_dir):
+    """The finished ``search/<name>`` models, by name."""
+    directory = os.path.join(output_dir, SEARCH_DIR)
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    return [ModelRef(SEARCH_DIR, label=name) for name in names
+            if os.path.isfile(os.path.join(directory, name, MANIFEST))]
 
 
 def is_exported(output_dir, ref):

@@ -1,0 +1,180 @@
+"""Stage 8, ``tools/search.py``: the sub-network for a latency budget, per-layer widths searched on this
+machine's measured latency, written and exported like any model (``search/<name>``, ``export/search_<name>``).
+
+The latency is ONNX Runtime's, milliseconds per sentence over dev sentences' real lengths at ``--batch_size``
+(1: one request at a time; 32: length-sorted batches), model only (text to ids and Viterbi are the same for
+every model). The teacher's exported graph is timed for the budget (``--speedup``) and for what the layers
+do not cost; the layers come from the latency table (``measure/latency_table``), cached under
+``search/latency/`` and measured again when the machine, threads or libraries differ.
+"""
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import numpy as np
+
+from ner_compress.commands import stages
+from ner_compress.compress import searched_model
+from ner_compress.compress.plan_search import Plan, candidate_plans
+from ner_compress.compress.training import save_model_dir
+from ner_compress.core import layout
+from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
+from ner_compress.core.config import ReconstructionOptions, add_dataclass_flags, flag_field, group_fields
+from ner_compress.core.errors import UserError
+from ner_compress.data.window_scores import model_inputs
+from ner_compress.deploy.backends import FUSED_FILE, INT8_FILE, ONNX_DIR
+from ner_compress.measure import latency_table as lt
+
+log = logging.getLogger("ner_compress")
+# what the search reads of the run (its data, importance batches, the refit's calibration)
+SEARCH_CONFIG_FLAGS = group_fields(ReconstructionOptions) + ["dev_limit", "importance_batches", "cache_dir",
+                                                             "vocab_file", "cpu_threads", "verbose"]
+
+
+@dataclass
+class SearchOptions:
+    """The budget, and what the latency is measured on."""
+    latency_ms: Optional[float] = flag_field(None, "the budget: milliseconds per sentence at --batch_size (model "
+                                             "only, ONNX Runtime); give this or --speedup")
+    speedup: Optional[float] = flag_field(None, "the budget as a speed-up over the teacher's measured latency")
+    batch_size: int = flag_field(1, "sentences per call the latency is measured at: 1 (one request) or 32",
+                                 choices=[1, 32])
+    backend: str = flag_field("onnxruntime", "the runtime the latency is for (only onnxruntime has a latency "
+                              "table so far)", choices=["onnxruntime", "paddle"])
+    precision: str = flag_field("fp32", "fp32 (the fused graph) or int8 (its INT8 copy)", choices=["fp32", "int8"])
+    threads: Optional[int] = flag_field(None, "CPU threads the latency is measured with (default: all cores)")
+    workload_sentences: int = flag_field(128, "dev sentences whose lengths the latency is measured on")
+    name: Optional[str] = flag_field(None, "the searched model's name (default: from the budget, e.g. b1_4.2ms)")
+    skip_export: bool = flag_field(False, "write search/<name> only; export it later")
+
+
+def check_options(opts):
+    if (opts.latency_ms is None) == (opts.speedup is None):
+        raise UserError("tools/search.py: give the budget as exactly one of --latency_ms or --speedup")
+    for flag in ("latency_ms", "speedup"):
+        value = getattr(opts, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} {value}: must be positive")
+    if opts.backend != "onnxruntime":
+        raise UserError(f"--backend {opts.backend}: the latency table is measured for ONNX Runtime only so far; "
+                        f"use --backend onnxruntime (the searched model still exports to Paddle Inference)")
+    if opts.workload_sentences < 1:
+        raise UserError(f"--workload_sentences {opts.workload_sentences}: use at least 1")
+
+
+def teacher_graph(output_dir, precision):
+    """The teacher's exported ONNX graph the budget is measured on, or a one-line error saying how to make it."""
+    path = os.path.join(layout.export_dir(output_dir, layout.ModelRef("teacher")), ONNX_DIR,
+                        INT8_FILE if precision == "int8" else FUSED_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; the search times the exported teacher: run `python tools/export.py "
+                        f"--output_dir {output_dir}` first" + (" (INT8 kept)" if precision == "int8" else ""))
+    return path
+
+
+def workload_feeds(data, opts):
+    """Model inputs over ``workload_sentences`` dev windows (seeded sample), batched and padded as a tagger
+    would: one window per call at batch 1, length-sorted batches otherwise."""
+    windows = data.windows("dev")
+    chosen = np.random.RandomState(0).permutation(len(windows))[: opts.workload_sentences]
+    chosen = chosen if opts.batch_size == 1 else sorted(chosen, key=lambda i: len(windows[i].input_ids))
+    calls = [[windows[i] for i in chosen[j: j + opts.batch_size]] for j in range(0, len(chosen), opts.batch_size)]
+    return [model_inputs(call, data.encoder.pad_id) for call in calls]
+
+
+def layer_shape(config):
+    heads = int(config.num_attention_heads)
+    return lt.LayerShape(int(config.hidden_size), int(config.hidden_size) // heads, heads,
+                         int(config.intermediate_size))
+
+
+def latency_model(cfg, opts, teacher, feeds, threads):
+    """(the latency table, the teacher's measured milliseconds per sentence)."""
+    workload = lt.Workload.from_feeds(feeds, opts.batch_size)
+    teacher_ms = lt.model_ms(teacher_graph(cfg.output_dir, opts.precision), feeds, workload, threads)
+    shape = layer_shape(teacher.config)
+    layers = int(teacher.config.num_hidden_layers)
+
+    def rest(table):  # what is not an encoder layer: embeddings, classifier, the call itself
+        return max(0.0, teacher_ms - layers * (table.attention(shape.heads) + table.ffn(shape.intermediate)))
+
+    key = lt.machine_key(threads, opts.backend, opts.precision, workload, shape)
+    path = os.path.join(cfg.output_dir, "search", "latency", f"{opts.backend}_{opts.precision}_b{opts.batch_size}"
+                                                              f"_t{threads}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table, cached = lt.cached_table(path, key, lambda: lt.measure_table(shape, workload, threads, rest,
+                                                                        opts.precision, opts.backend, log))
+    log.info("search: teacher %.3f ms per sentence at batch %d; latency table %s (%s)", teacher_ms,
+             opts.batch_size, "cached" if cached else "measured", path)
+    return table, teacher_ms
+
+
+def budget_ms(opts, teacher_ms):
+    budget = opts.latency_ms if opts.latency_ms is not None else teacher_ms / opts.speedup
+    if budget >= teacher_ms:
+        flag = f"--latency_ms {opts.latency_ms}" if opts.latency_ms is not None else f"--speedup {opts.speedup}"
+        raise UserError(f"{flag}: a budget of {budget:.3f} ms is not below the teacher's measured {teacher_ms:.3f} ms "
+                        f"per sentence; the teacher itself meets it")
+    return budget
+
+
+def uniform_plan(table, layers, heads, intermediate, budget):
+    """The widest uniform cut within ``budget`` (whole heads, neurons in the same ratio), or None."""
+    for kept in range(heads, 0, -1):
+        neurons = int(round(intermediate * kept / heads))
+        predicted = table.predict([kept] * layers, [neurons] * layers)
+        if predicted <= budget:
+            return Plan((kept,) * layers, (neurons,) * layers, predicted)
+    return None
+
+
+def run_search(cfg, opts):
+    """Search, write ``search/<name>``, export it and time it: the manifest of the searched model."""
+    check_options(opts)
+    data = stages._start(cfg)
+    teacher = stages.load_teacher(cfg, data)
+    threads = opts.threads or os.cpu_count() or 1
+    feeds = workload_feeds(data, opts)
+    table, teacher_ms = latency_model(cfg, opts, teacher, feeds, threads)
+    budget = budget_ms(opts, teacher_ms)
+    ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
+    plans = candidate_plans(heads, neurons, sorted(table.ffn_ms), table, budget)
+    uniform = uniform_plan(table, heads.shape[0], heads.shape[1], neurons.shape[1], budget)
+    if uniform and all(uniform.heads != p.heads or uniform.neurons != p.neurons for p in plans):
+        plans.append(uniform)
+    teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
+    model, plan, candidates = searched_model.best_candidate(cfg, data, teacher_dir, ranked, state, plans)
+    name = opts.name or f"b{opts.batch_size}_{budget:.3g}ms"
+    ref = layout.ModelRef("search", label=name)
+    out_dir = layout.trained_dir(cfg.output_dir, ref)[0]
+    record = {"budget_ms": budget, "teacher_ms": teacher_ms, "predicted_ms": plan.predicted_ms,
+              "batch_size": opts.batch_size, "backend": opts.backend, "precision": opts.precision, "threads": threads,
+              "candidates": candidates, "latency_table": table.machine}
+    save_model_dir(model, data, cfg, {"dev_f1": max(c["dev_f1"] for c in candidates)}, out_dir, "search",
+                   inputs={"teacher": read_manifest(teacher_dir, "teacher", verify_weights=False)},
+                   search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))
+    if not opts.skip_export:
+        stages.run_export(cfg, ref, data)
+        graph = os.path.join(layout.export_dir(cfg.output_dir, ref), ONNX_DIR,
+                             INT8_FILE if opts.precision == "int8" else FUSED_FILE)
+        record_measured(out_dir, record, graph, feeds, opts, threads)
+    log.info("search: %s -> %s: %s, dev F1 %.4f, predicted %.3f ms%s (budget %.3f, teacher %.3f)", name, out_dir,
+             plan.describe(), max(c["dev_f1"] for c in candidates), plan.predicted_ms,
+             f", measured {record['measured_ms']:.3f} ms" if "measured_ms" in record else "", budget, teacher_ms)
+    return record
+
+
+def record_measured(out_dir, record, graph, feeds, opts, threads):
+    """The exported graph timed on the budget's workload, added to the searched model's manifest."""
+    record["measured_ms"] = lt.model_ms(graph, feeds, lt.Workload.from_feeds(feeds, opts.batch_size), threads)
+    manifest = read_manifest(out_dir, "search", verify_weights=False)
+    write_json(os.path.join(out_dir, MANIFEST), {**manifest, "search": record})
+
+
+def search_cli(argv=None):
+    cfg, args = stages.parse_stage_config(
+        "Stage 8: the sub-network with the best dev F1 within a latency budget (per-layer heads and neurons).",
+        SEARCH_CONFIG_FLAGS, argv, extra=lambda parser: add_dataclass_flags(parser, SearchOptions),
+        inherit=stages.recorded_config("teacher"))
+    run_search(cfg, SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)}))

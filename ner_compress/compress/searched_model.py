@@ -1,0 +1,86 @@
+"""Sub-models with their own heads and neurons per layer, cut from the teacher for a latency budget.
+
+The teacher's units are sorted by Fisher importance on training sentences (``unit_importance``); a plan
+(``plan_search``) keeps each layer's leading ones. Candidates are scored on dev as cut, the best
+``REFIT_CANDIDATES`` are refit to the teacher layer by layer (``reconstruction``; kept only where dev F1 rises),
+and the best on dev is kept. Test is never read here.
+"""
+import copy
+import logging
+import time
+from functools import partial
+
+import numpy as np
+
+from ner_compress.compress import reconstruction_stage
+from ner_compress.compress.supernet import importance_batches
+from ner_compress.compress.training import evaluate
+from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
+from ner_compress.models.families import model_class_for
+from ner_compress.models.modeling import numpy_logits, sub_model_state
+from ner_compress.models.width_plan import layer_plan
+
+log = logging.getLogger("ner_compress")
+REFIT_CANDIDATES = 2
+
+
+def ranked_teacher(cfg, data, teacher):
+    """A copy of ``teacher`` with each layer's heads and neurons sorted by Fisher importance, its state (numpy),
+    and the sorted importances (heads [layers, heads], neurons [layers, neurons])."""
+    model = copy.deepcopy(teacher)
+    batches = importance_batches(data.windows("train"), cfg.per_device_eval_batch_size, cfg.importance_batches,
+                                 data.encoder.pad_id, cfg.seed)
+    start = time.process_time()
+    heads, neurons = reorder_by_importance(model, *fisher_importance(model, batches))
+    log.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%.0f CPU-s)",
+             heads.size, neurons.size, len(batches), time.process_time() - start)
+    model.eval()
+    return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
+
+
+def plan_model(teacher_dir, teacher, state, plan):
+    """The family's NER class cut to ``plan`` (a ``search.Plan``), holding the leading slice of ``state``."""
+    width_plan = layer_plan(teacher.config, plan.heads, plan.neurons)
+    model = model_class_for(teacher_dir, "teacher")(copy.deepcopy(teacher.config), plan=width_plan)
+    model.set_state_dict(sub_model_state(state, model))
+    model.eval()
+    return model
+
+
+def dev_f1(cfg, data, model):
+    return evaluate(partial(numpy_logits, model), data, data.windows("dev"), cfg.per_device_eval_batch_size,
+                    cfg.decoding)["f1"]
+
+
+def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
+    """(model, plan, record of every candidate): each plan scored on dev as cut, the best few refit, the best
+    on dev kept."""
+    scored = []
+    for plan in plans:
+        model = plan_model(teacher_dir, teacher, state, plan)
+        scored.append({"plan": plan, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
+        log.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
+                 scored[-1]["dev_f1_cut"])
+    scored.sort(key=lambda c: -c["dev_f1_cut"])
+    for candidate in scored[:0 if cfg.skip_reconstruction else REFIT_CANDIDATES]:
+        record, after = reconstruction_stage.refit_and_score(cfg, data, candidate["model"], teacher,
+                                                             candidate["dev_f1_cut"])
+        if not record["kept"]:  # the refit lowered dev F1: back to the cut weights
+            candidate["model"] = plan_model(teacher_dir, teacher, state, candidate["plan"])
+        candidate["reconstruction"] = record
+        log.info("search: %s refit dev F1 %.4f -> %.4f", candidate["plan"].describe(), candidate["dev_f1_cut"],
+                 after["f1"])
+    for candidate in scored:
+        rec = candidate.get("reconstruction")
+        candidate["dev_f1"] = rec["dev_f1_after"] if rec and rec["kept"] else candidate["dev_f1_cut"]
+    best = max(scored, key=lambda c: c["dev_f1"])
+    return best["model"], best["plan"], [candidate_record(c) for c in scored]
+
+
+def candidate_record(candidate):
+    plan = candidate["plan"]
+    rec = candidate.get("reconstruction")
+    return {"layer_heads": list(plan.heads), "layer_ffn_neurons": list(plan.neurons),
+            "predicted_ms": round(plan.predicted_ms, 4), "kept_importance": float(np.round(plan.kept_importance, 6)),
+            "dev_f1_cut": candidate["dev_f1_cut"], "dev_f1": candidate["dev_f1"],
+            "refit_kept": bool(rec and rec["kept"])}
