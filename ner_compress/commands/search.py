@@ -139,7 +139,7 @@ def run_search(cfg, opts):
     table, teacher_ms = latency_model(cfg, opts, teacher, feeds, threads)
     budget = budget_ms(opts, teacher_ms)
     ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
-    plans = candidate_plans(heads, neurons, sorted(table.ffn_ms), table, budget)
+    plans = candidate_plans(heads, neurons, lt.neuron_grid(neurons.shape[1], heads.shape[1]), table, budget)
     uniform = uniform_plan(table, heads.shape[0], heads.shape[1], neurons.shape[1], budget)
     if uniform and all(uniform.heads != p.heads or uniform.neurons != p.neurons for p in plans):
         plans.append(uniform)

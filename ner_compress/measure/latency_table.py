@@ -5,7 +5,8 @@ A layer of the fused graph is ``Attention -> MatMul -> SkipLayerNorm`` (its atte
 ``MatMul -> BiasGelu -> MatMul -> SkipLayerNorm`` (its FFN part), the ops ONNX Runtime's optimizer leaves
 in our exports (``deploy/onnx_graph``). Each part is built alone with random weights, ``LAYERS_PER_GRAPH``
 copies stacked so one ``run`` call's overhead is shared, and timed over the workload's shapes (real dev
-sentence lengths, padded as the tagger pads them). A model's predicted latency is the rest of the graph
+sentence lengths, padded as the tagger pads them) at a few widths, through which a line is fitted. A model's
+predicted latency is the rest of the graph
 (embeddings, classifier, the call itself: the teacher's measured latency minus its layers) plus its layers'
 parts. Tables are cached with what they were measured on (CPU, threads, library versions, workload) and
 measured again when any of it differs.
@@ -181,10 +182,10 @@ class LatencyTable:
     rest_ms: float = 0.0
 
     def attention(self, heads):
-        return _interpolate(self.attention_ms, heads)
+        return _affine(self.attention_ms, heads)
 
     def ffn(self, neurons):
-        return _interpolate(self.ffn_ms, neurons)
+        return _affine(self.ffn_ms, neurons)
 
     def predict(self, heads, neurons):
         """Predicted milliseconds per sentence of a model whose layer i keeps heads[i] and neurons[i]."""
@@ -200,12 +201,16 @@ class LatencyTable:
                    {int(k): v for k, v in record["ffn_ms"].items()}, record["rest_ms"])
 
 
-def _interpolate(table, width):
-    """Linear between measured widths (the FFN table is measured on a grid); 0 costs nothing (a part removed)."""
+def _affine(table, width):
+    """The least-squares line through the measured widths, at ``width`` (0: a part removed costs nothing).
+
+    Timings on a shared CPU scatter by 10-30% from one width to the next; on this machine a part's cost grows
+    about linearly with its width, and a line through every point is steadier than any one point."""
     if width <= 0:
         return 0.0
-    keys = sorted(table)
-    return float(np.interp(width, keys, [table[k] for k in keys]))
+    widths = np.array(sorted(table), dtype="float64")
+    slope, intercept = np.polyfit(widths, [table[int(w)] for w in widths], 1)
+    return float(intercept + slope * width)
 
 
 def machine_key(threads, backend, precision, workload, shape):
@@ -219,18 +224,25 @@ def machine_key(threads, backend, precision, workload, shape):
 
 
 def neuron_grid(intermediate, heads):
-    """FFN widths the table is measured at: every 1/heads of the full width (the uniform widths' neurons) and
-    the midpoints between them; widths in between are interpolated."""
+    """FFN widths the table is measured at, and the search chooses from: every 1/heads of the full width (the
+    neurons of each uniform width) and the midpoints between them."""
     step = intermediate / heads
     return sorted({max(1, int(round(step * k / 2))) for k in range(1, 2 * heads + 1)})
 
 
+def measured_points(values, most=8):
+    """At most ``most`` widths of ``values`` to time, evenly spread and always the ends (the line needs few)."""
+    index = np.unique(np.round(np.linspace(0, len(values) - 1, min(most, len(values)))).astype(int))
+    return [values[i] for i in index]
+
+
 def measure_table(shape, workload, threads, rest_ms_fn, precision="fp32", backend="onnxruntime", log=None):
-    """A new table: every head count 1..heads, the FFN on ``neuron_grid``; ``rest_ms_fn(table)`` gives the rest."""
+    """A new table: ``measured_points`` of the head counts 1..heads and of ``neuron_grid``; ``rest_ms_fn(table)``
+    gives the rest of the model."""
     table = LatencyTable(machine_key(threads, backend, precision, workload, shape), asdict(shape))
-    for heads in range(1, shape.heads + 1):
+    for heads in measured_points(list(range(1, shape.heads + 1))):
         table.attention_ms[heads] = part_ms(shape, "attention", heads, workload, threads, precision=precision)
-    for neurons in neuron_grid(shape.intermediate, shape.heads):
+    for neurons in measured_points(neuron_grid(shape.intermediate, shape.heads)):
         table.ffn_ms[neurons] = part_ms(shape, "ffn", neurons, workload, threads, precision=precision)
     table.rest_ms = rest_ms_fn(table)
     if log:
