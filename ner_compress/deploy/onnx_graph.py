@@ -187,8 +187,8 @@ def fusion_sizes(plan):
     """``fuse``'s ``num_heads`` and ``attention_width`` for a ``WidthPlan``: a uniform plan's, or 0 and 0 when
     layers differ. The optimizer (``FusionAttention.get_num_heads_and_hidden_size``, onnxruntime 1.32) reads
     each layer's heads and head size from its Q ``Reshape`` to [0, 0, heads, head_dim] (a constant
-    after ``rewrite_for_fusion``), the values given being only a fallback; a non-zero fallback would be
-    wrong for some layer."""
+    after ``rewrite_for_fusion``); the values given are only a fallback, and one layer's would be wrong for
+    the others."""
     return (plan.heads, plan.attention_width) if plan.uniform else (0, 0)
 
 
