@@ -69,7 +69,7 @@ def teacher_graph(output_dir, precision):
                         INT8_FILE if precision == "int8" else FUSED_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; the search times the exported teacher: run `python tools/export.py "
-                        f"--output_dir {output_dir}` first" + (" (INT8 kept)" if precision == "int8" else ""))
+                        f"--teacher --output_dir {output_dir}` first" + (" (INT8 kept)" if precision == "int8" else ""))
     return path
 
 
@@ -90,24 +90,28 @@ def layer_shape(config):
 
 
 def latency_model(cfg, opts, teacher, feeds, threads):
-    """(the latency table, the teacher's measured milliseconds per sentence)."""
+    """(the latency table, the teacher's milliseconds per sentence as the table predicts them). The teacher is
+    timed when the table is measured, for what the layers do not cost; a cached table keeps that figure, so a
+    --speedup names the same budget on every run."""
     workload = lt.Workload.from_feeds(feeds, opts.batch_size)
-    teacher_ms = lt.model_ms(teacher_graph(cfg.output_dir, opts.precision), feeds, workload, threads)
     shape = layer_shape(teacher.config)
-    layers = int(teacher.config.num_hidden_layers)
+    full = ([shape.heads] * int(teacher.config.num_hidden_layers), [shape.intermediate] *
+            int(teacher.config.num_hidden_layers))
 
-    def rest(table):  # what is not an encoder layer: embeddings, classifier, the call itself
-        return max(0.0, teacher_ms - layers * (table.attention(shape.heads) + table.ffn(shape.intermediate)))
+    def measure():
+        teacher_ms = lt.model_ms(teacher_graph(cfg.output_dir, opts.precision), feeds, workload, threads)
+        return lt.measure_table(shape, workload, threads, lambda table: max(0.0, teacher_ms - table.predict(*full)),
+                                opts.precision, opts.backend, log)
 
     key = lt.machine_key(threads, opts.backend, opts.precision, workload, shape)
-    path = os.path.join(cfg.output_dir, "search", "latency", f"{opts.backend}_{opts.precision}_b{opts.batch_size}"
-                                                              f"_t{threads}.json")
+    path = os.path.join(cfg.output_dir, layout.SEARCH_DIR, "latency",
+                        f"{opts.backend}_{opts.precision}_b{opts.batch_size}_t{threads}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    table, cached = lt.cached_table(path, key, lambda: lt.measure_table(shape, workload, threads, rest,
-                                                                        opts.precision, opts.backend, log))
-    log.info("search: teacher %.3f ms per sentence at batch %d; latency table %s (%s)", teacher_ms,
+    teacher_graph(cfg.output_dir, opts.precision)  # refused before anything is measured
+    table, cached = lt.cached_table(path, key, measure)
+    log.info("search: teacher %.3f ms per sentence at batch %d; latency table %s (%s)", table.predict(*full),
              opts.batch_size, "cached" if cached else "measured", path)
-    return table, teacher_ms
+    return table, table.predict(*full)
 
 
 def budget_ms(opts, teacher_ms):

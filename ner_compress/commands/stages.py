@@ -272,13 +272,17 @@ def export_cli(argv=None):
     def extra(parser):
         parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
         parser.add_argument("--student", action="store_true", help="export the student instead of a width")
+        parser.add_argument("--search", default=None, metavar="NAME",
+                            help="export the searched model search/NAME (tools/search.py) instead of a width")
         add_source_flag(parser)
     cfg, args = parse_stage_config("Export a width of a supernet (or --teacher, --student) under DIR/export/: "
                                    "dynamic and static graph and ONNX (FP32, fused, INT8), each parity-checked.",
                              EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
-    if args.teacher and args.student:
-        raise UserError("--teacher and --student: export one model at a time")
-    if args.teacher or args.student:
+    if sum(map(bool, (args.teacher, args.student, args.search))) > 1:
+        raise UserError("--teacher, --student and --search: export one model at a time")
+    if args.search:
+        run_export(cfg, ModelRef("search", label=args.search))
+    elif args.teacher or args.student:
         run_export(cfg, ModelRef("student" if args.student else "teacher"))
     else:
         run_export(cfg, ModelRef(args.source, cfg.width_mult))

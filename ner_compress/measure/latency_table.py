@@ -209,7 +209,10 @@ def _affine(table, width):
     if width <= 0:
         return 0.0
     widths = np.array(sorted(table), dtype="float64")
-    slope, intercept = np.polyfit(widths, [table[int(w)] for w in widths], 1)
+    times = np.array([table[int(w)] for w in widths])
+    slope, intercept = np.polyfit(widths, times, 1) if len(widths) > 1 else (0.0, times[0])
+    if slope < 0:  # noise swamped the trend: a wider part is never cheaper, so take the mean
+        slope, intercept = 0.0, float(times.mean())
     return float(intercept + slope * width)
 
 
