@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ner_compress.core.artifacts import write_json
 from ner_compress.core.runtime import cpuinfo_field
+from ner_compress.deploy.backends import ort_session_options
 from ner_compress.measure import timing
 
 MS_DOMAIN = "com.microsoft"
@@ -117,12 +118,10 @@ def _ffn_part(shape, neurons, source, out, prefix, rng):
 
 
 def session(model, threads):
-    """An ONNX Runtime CPU session on ``model`` (a path or serialized bytes), ``threads`` math threads."""
+    """An ONNX Runtime CPU session on ``model`` (a path or serialized bytes), set up as the deployed tagger's."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = ort_session_options(threads)
     options.log_severity_level = 3
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
