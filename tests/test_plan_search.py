@@ -6,8 +6,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ner_compress.compress.plan_search import best_choices, candidate_plans, plan_for_budget
-from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
+from ner_compress.compress.plan_search import Values, best_choices, candidate_plans, plan_for_budget
+from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
 from ner_compress.core.errors import UserError
 from ner_compress.measure import latency_table as lt
 from ner_compress.models.modeling import numpy_logits
@@ -51,14 +51,14 @@ def test_best_choices_matches_brute_force():
 def test_plan_spends_the_budget_where_importance_is():
     heads = np.array([[5.0, 4, 3, 2], [0.4, 0.3, 0.2, 0.1]])  # layer 0's heads matter, layer 1's hardly
     neurons = np.full((2, 8), 0.01)
-    plan = plan_for_budget(heads, neurons, [2, 4, 8], FixedTable(), budget_ms=2 + 5 + 0.4)
+    plan = plan_for_budget(Values.from_importance(heads, neurons, [2, 4, 8]), FixedTable(), budget_ms=2 + 5 + 0.4)
     assert plan.predicted_ms <= 2 + 5 + 0.4
     assert plan.heads[0] > plan.heads[1]
 
 
 def test_no_plan_within_the_budget_is_one_line():
     with pytest.raises(UserError) as err:
-        candidate_plans(np.ones((2, 4)), np.ones((2, 8)), [2, 4, 8], FixedTable(), budget_ms=2.5)
+        candidate_plans(Values.from_importance(np.ones((2, 4)), np.ones((2, 8)), [2, 4, 8]), FixedTable(), budget_ms=2.5)
     assert "no sub-network meets it" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -78,6 +78,15 @@ def test_fisher_reorder_keeps_the_function_and_sorts_the_units():
     assert (np.diff(sorted_heads, axis=1) <= 0).all() and (np.diff(sorted_neurons, axis=1) <= 0).all()
     again, _ = fisher_importance(model, tiny_batches())
     np.testing.assert_allclose(again, sorted_heads, rtol=1e-3, atol=1e-12)  # importance moved with its head
+
+
+def test_layer_sensitivity_grows_as_a_layer_is_cut_and_is_zero_uncut():
+    model = bert(layers=2)
+    heads, neurons = layer_sensitivity(model, tiny_batches()[:2], [16, 32, 64], pad_id=0)
+    assert heads.shape == (2, 4) and neurons.shape == (2, 3)
+    np.testing.assert_allclose(heads[:, -1], 0, atol=1e-6)  # every head kept: the model itself
+    np.testing.assert_allclose(neurons[:, -1], 0, atol=1e-6)
+    assert (heads[:, 0] < -1e-6).all() and (neurons[:, 0] < -1e-6).all()  # values are -KL: a cut loses
 
 
 def test_masking_the_least_important_head_costs_less_than_the_most():

@@ -24,15 +24,10 @@ class Plan:
     heads: tuple
     neurons: tuple
     predicted_ms: float = 0.0
-    kept_importance: float = 0.0
+    worth: float = 0.0  # the summed values of its choices (``Values``)
 
     def describe(self):
         return f"heads {list(self.heads)}, neurons {list(self.neurons)}"
-
-
-def kept_importance(sorted_importance, kept):
-    """Importance a plan keeps: the leading ``kept[i]`` values of layer i (rows sorted most important first)."""
-    return float(sum(row[:k].sum() for row, k in zip(sorted_importance, kept)))
 
 
 def best_choices(groups, budget, resolution=RESOLUTION):
@@ -67,30 +62,56 @@ def best_choices(groups, budget, resolution=RESOLUTION):
     return chosen[::-1]
 
 
-def plan_for_budget(head_importance, neuron_importance, neuron_choices, table, budget_ms, head_weight=1.0):
-    """The plan keeping the most importance (heads' weighted by ``head_weight``) within ``budget_ms``, or None."""
-    layers, max_heads = head_importance.shape
-    head_options = [[(head_weight * row[:h].sum(), table.attention(h)) for h in range(1, max_heads + 1)]
-                    for row in head_importance]
-    neuron_options = [[(row[:n].sum(), table.ffn(n)) for n in neuron_choices] for row in neuron_importance]
+@dataclass
+class Values:
+    """What keeping each choice is worth, per layer: ``heads[i][h - 1]`` for h heads, ``neurons[i][k]`` for
+    ``neuron_choices[k]`` neurons (higher is better). ``source`` says how they were measured."""
+    heads: np.ndarray
+    neurons: np.ndarray
+    neuron_choices: list
+    source: str
+
+    @classmethod
+    def from_importance(cls, head_importance, neuron_importance, neuron_choices):
+        """Sorted per-unit importances (Fisher): a choice is worth the importance of the units it keeps."""
+        heads = np.cumsum(head_importance, axis=1)
+        neurons = np.cumsum(neuron_importance, axis=1)[:, np.asarray(neuron_choices) - 1]
+        return cls(heads, neurons, list(neuron_choices), "fisher")
+
+
+def plan_for_budget(values, table, budget_ms, head_weight=1.0):
+    """The plan worth most (heads' values weighted by ``head_weight``) within ``budget_ms``, or None."""
+    layers, max_heads = values.heads.shape
+    head_options = [[(head_weight * row[h - 1], table.attention(h)) for h in range(1, max_heads + 1)]
+                    for row in values.heads]
+    neuron_options = [[(row[k], table.ffn(n)) for k, n in enumerate(values.neuron_choices)] for row in values.neurons]
     chosen = best_choices(head_options + neuron_options, budget_ms - table.rest_ms)
     if chosen is None:
         return None
     heads = tuple(index + 1 for index in chosen[:layers])
-    neurons = tuple(neuron_choices[index] for index in chosen[layers:])
-    return Plan(heads, neurons, table.predict(heads, neurons),
-                kept_importance(head_importance, heads) + kept_importance(neuron_importance, neurons))
+    neurons = tuple(values.neuron_choices[index] for index in chosen[layers:])
+    worth = sum(row[h - 1] for row, h in zip(values.heads, heads)) + sum(
+        row[values.neuron_choices.index(n)] for row, n in zip(values.neurons, neurons))
+    return Plan(heads, neurons, table.predict(heads, neurons), float(worth))
 
 
-def candidate_plans(head_importance, neuron_importance, neuron_choices, table, budget_ms, weights=HEAD_WEIGHTS):
+def distinct(plans, key=lambda plan: plan):
+    """``plans`` without None and without repeats of the same heads and neurons, first kept, in order."""
+    seen, out = set(), []
+    for item in plans:
+        plan = key(item) if item is not None else None
+        if plan is not None and (plan.heads, plan.neurons) not in seen:
+            seen.add((plan.heads, plan.neurons))
+            out.append(item)
+    return out
+
+
+def candidate_plans(values, table, budget_ms, weights=HEAD_WEIGHTS):
     """The distinct plans of ``plan_for_budget`` for each head weight, refused in one line when none fits."""
-    plans = []
-    for weight in weights:
-        plan = plan_for_budget(head_importance, neuron_importance, neuron_choices, table, budget_ms, weight)
-        if plan is not None and all((plan.heads, plan.neurons) != (p.heads, p.neurons) for p in plans):
-            plans.append(plan)
+    plans = distinct([plan_for_budget(values, table, budget_ms, weight) for weight in weights])
     if not plans:
-        smallest = table.predict([1] * len(head_importance), [min(neuron_choices)] * len(head_importance))
+        layers, smallest_ffn = len(values.heads), min(values.neuron_choices)
+        smallest = table.predict([1] * layers, [smallest_ffn] * layers)
         raise UserError(f"latency budget {budget_ms:.3f} ms: no sub-network meets it (the smallest, one head and "
-                        f"{min(neuron_choices)} neurons a layer, is predicted at {smallest:.3f} ms); raise the budget")
+                        f"{smallest_ffn} neurons a layer, is predicted at {smallest:.3f} ms); raise the budget")
     return plans

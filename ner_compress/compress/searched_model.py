@@ -10,12 +10,11 @@ import logging
 import time
 from functools import partial
 
-import numpy as np
-
 from ner_compress.compress import reconstruction_stage
 from ner_compress.compress.supernet import importance_batches
 from ner_compress.compress.training import evaluate
-from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
+from ner_compress.compress.plan_search import Values
+from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
 from ner_compress.models.families import model_class_for
 from ner_compress.models.modeling import numpy_logits, sub_model_state
 from ner_compress.models.width_plan import layer_plan
@@ -38,6 +37,21 @@ def ranked_teacher(cfg, data, teacher):
     return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
 
 
+def candidate_values(cfg, data, ranked, heads, neurons, neuron_choices, sentences):
+    """What each per-layer choice is worth, two ways: Fisher importance kept, and the measured KL of cutting one
+    layer at a time (on ``sentences`` training sentences)."""
+    batches = importance_batches(data.windows("train"), cfg.per_device_eval_batch_size,
+                                 max(1, sentences // cfg.per_device_eval_batch_size), data.encoder.pad_id,
+                                 cfg.seed + 1)
+    start = time.process_time()
+    kl_heads, kl_neurons = layer_sensitivity(ranked, batches, neuron_choices, data.encoder.pad_id)
+    log.info("search: each layer cut alone to %d widths, KL measured on %d training sentences (%.0f CPU-s)",
+             kl_heads.shape[1] + kl_neurons.shape[1], sum(len(b["input_ids"]) for b in batches),
+             time.process_time() - start)
+    return [Values.from_importance(heads, neurons, neuron_choices),
+            Values(kl_heads, kl_neurons, list(neuron_choices), "layer KL")]
+
+
 def plan_model(teacher_dir, teacher, state, plan):
     """The family's NER class cut to ``plan`` (a ``search.Plan``), holding the leading slice of ``state``."""
     width_plan = layer_plan(teacher.config, plan.heads, plan.neurons)
@@ -53,12 +67,12 @@ def dev_f1(cfg, data, model):
 
 
 def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
-    """(model, plan, record of every candidate): each plan scored on dev as cut, the best few refit, the best
-    on dev kept."""
+    """(model, plan, record of every candidate) of ``plans``, (what chose it, plan) pairs: each scored on dev as
+    cut, the best few refit, the best on dev kept."""
     scored = []
-    for plan in plans:
+    for source, plan in plans:
         model = plan_model(teacher_dir, teacher, state, plan)
-        scored.append({"plan": plan, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
+        scored.append({"plan": plan, "source": source, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
         log.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
                  scored[-1]["dev_f1_cut"])
     scored.sort(key=lambda c: -c["dev_f1_cut"])
@@ -81,6 +95,6 @@ def candidate_record(candidate):
     plan = candidate["plan"]
     rec = candidate.get("reconstruction")
     return {"layer_heads": list(plan.heads), "layer_ffn_neurons": list(plan.neurons),
-            "predicted_ms": round(plan.predicted_ms, 4), "kept_importance": float(np.round(plan.kept_importance, 6)),
+            "predicted_ms": round(plan.predicted_ms, 4), "values": candidate["source"],
             "dev_f1_cut": candidate["dev_f1_cut"], "dev_f1": candidate["dev_f1"],
             "refit_kept": bool(rec and rec["kept"])}
