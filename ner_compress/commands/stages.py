@@ -56,7 +56,7 @@ def recorded_config(stage):
 
 def _start(cfg):
     parallel.init()
-    training.setup_logging()
+    runtime.setup_logging()
     training.set_device(cfg.device)
     if cfg.device == "cpu":
         runtime.set_cpu_threads(cfg.cpu_threads)
@@ -69,7 +69,7 @@ def pruned_teacher_config(cfg):
     if not cfg.prune_vocab:
         return cfg
     parallel.init()
-    training.setup_logging()
+    runtime.setup_logging()
     return vocab_pruning.pruned_config(cfg, os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR))
 
 
@@ -235,7 +235,7 @@ def prune_vocab_cli(argv=None):
     cfg, args = parse_stage_config("Cut a local model directory's vocabulary to the characters of the training corpus "
                              "(plus --keep_chars_file and the special tokens).",
                              DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv, extra=extra)
-    training.setup_logging()
+    runtime.setup_logging()
     out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
 

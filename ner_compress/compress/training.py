@@ -43,14 +43,6 @@ def hide_progress_bars():
     _PROGRESS["bars"] = False
 
 
-def setup_logging(level=logging.INFO):
-    """Our progress lines on stderr (rank 0 only); PaddleNLP's per-file notices only at WARNING."""
-    from paddlenlp.utils.log import logger as paddlenlp_logger
-
-    paddlenlp_logger.set_level("WARNING")
-    runtime.setup_logging(level if parallel.is_writer() else logging.WARNING)
-
-
 def set_device(device):
     if device == "gpu":
         runtime.require_cuda()
