@@ -13,8 +13,9 @@ from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.deploy.onnx_quant import calibration_sentences
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.layout import SOURCES, ModelRef
-from ner_compress.core.config import (DataOptions, ExportOptions, ModelOptions, OfaOptions, ReconstructionOptions,
-                                      RunOptions, StudentOptions, TeacherTraining, group_fields, parse_config)
+from ner_compress.core.config import (DataOptions, DropoutOptions, ExportOptions, HiddenMatchOptions, ModelOptions,
+                                      OfaOptions, ReconstructionOptions, RunOptions, StudentOptions, TeacherTraining,
+                                      group_fields, parse_config)
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
@@ -25,11 +26,10 @@ log = logging.getLogger("ner_compress")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
 DATA_FLAGS = group_fields(DataOptions)
-TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, TeacherTraining)
-OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
-# the student also takes the teacher's dropout and the hidden-state weight of the OFA stage
-STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions, ReconstructionOptions) + [
-    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, DropoutOptions, TeacherTraining)
+OFA_FLAGS = group_fields(DataOptions, RunOptions, HiddenMatchOptions, OfaOptions)
+STUDENT_FLAGS = group_fields(DataOptions, RunOptions, DropoutOptions, HiddenMatchOptions, StudentOptions,
+                             ReconstructionOptions)
 RECONSTRUCTION_FLAGS = group_fields(DataOptions, RunOptions, ReconstructionOptions) + ["width_mult"]
 EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir", "verbose"]
 # how the previous stage was run, not what it was run on

@@ -169,7 +169,6 @@ def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root
             log.info("student: start refit against teacher layers %s (%.0f CPU-s)", layers, start["cpu_seconds"])
 
     state = run_stage(cfg, Stage(
-        name="student", model=distiller.model, data=data, learning_rate=cfg.student_learning_rate,
-        max_steps=cfg.student_max_steps, epochs=cfg.student_num_train_epochs, eval_steps=cfg.student_eval_steps,
+        name="student", model=distiller.model, data=data, schedule=cfg.schedule("student"),
         step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root, before_training=refit_start))
     return best_of("student", state, out_dir)

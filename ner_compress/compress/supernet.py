@@ -284,8 +284,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
     state = run_stage(cfg, Stage(
-        name=name, model=ofa_model.model, data=data, learning_rate=cfg.ofa_learning_rate,
-        max_steps=cfg.ofa_max_steps, epochs=cfg.ofa_num_train_epochs, eval_steps=cfg.ofa_eval_steps,
+        name=name, model=ofa_model.model, data=data, schedule=cfg.schedule("ofa"),
         step_fn=lambda batch: distiller.step(batch, trained), eval_fn=eval_fn, checkpoint_root=checkpoint_root,
         before_training=reorder))
     return {float(k): v for k, v in state["best"].items()}, state["history"]

@@ -26,6 +26,7 @@ from ner_compress.core import parallel, runtime
 from ner_compress.models.families import save_tokenizer
 from ner_compress.core.artifacts import atomic_dir, write_manifest
 from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
+from ner_compress.core.config import Schedule
 from ner_compress.core.errors import StopRequested
 from ner_compress.data.corpus import IGNORE_INDEX, collate, train_batches
 from ner_compress.data.decoding import Decoder
@@ -145,10 +146,7 @@ class Stage:
     name: str  # of log lines, the progress bar and the final digest line
     model: paddle.nn.Layer  # trained whole: every parameter optimised, checkpointed and broadcast
     data: object  # corpus.NerData: trains on its train split
-    learning_rate: float
-    max_steps: int  # > 0: the step count, whatever ``epochs`` says
-    epochs: float
-    eval_steps: int
+    schedule: Schedule  # learning rate, steps or epochs, evaluation interval: ``cfg.schedule(stage)``
     step_fn: Callable  # step_fn(batch) -> {loss name: float}, gradients accumulated
     eval_fn: Callable  # eval_fn(step, state): scores dev, records the best in state["best"]
     checkpoint_root: str
@@ -174,20 +172,20 @@ def run_stage(cfg, stage):
     schedule -> ``train_loop``. Returns the loop's state (``best``, ``history``, ``step``, ``speed``)."""
     windows = stage.data.windows("train")
     steps_per_epoch = count_batches(windows, cfg.per_device_train_batch_size)
-    steps = total_steps(stage.max_steps, stage.epochs, steps_per_epoch)
+    steps = total_steps(stage.schedule.max_steps, stage.schedule.num_train_epochs, steps_per_epoch)
     log.info("%s: %d parameters, %d train windows, %d steps (%.2f epochs), %d process(es)", stage.name,
              count_parameters(stage.model), len(windows), steps, steps / steps_per_epoch, parallel.world_size())
     checkpointer = Checkpointer(stage.checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     resume = resume_path(cfg, checkpointer)
     if stage.before_training:
         stage.before_training(resume is not None)
-    optimizer, scheduler = make_optimizer(stage.model, stage.learning_rate, cfg, steps)
+    optimizer, scheduler = make_optimizer(stage.model, stage.schedule.learning_rate, cfg, steps)
     return train_loop(cfg, stage, Run(windows, steps, optimizer, scheduler, checkpointer, resume))
 
 
 def train_loop(cfg, stage, run):
     """``stage.step_fn`` for ``run.steps`` steps, from ``run.resume`` if set; ``stage.eval_fn`` every
-    ``stage.eval_steps``. Raises ``StopRequested`` after saving on SIGINT/SIGTERM."""
+    ``stage.schedule.eval_steps``. Raises ``StopRequested`` after saving on SIGINT/SIGTERM."""
     model = stage.model
     state = {"step": 0, "best": {}, "history": []}
     if run.resume:
@@ -211,7 +209,7 @@ def train_loop(cfg, stage, run):
                 log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
                          run.optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                          state["speed"]["train_sentences_per_s"])
-            if step % stage.eval_steps == 0 or step == run.steps:
+            if step % stage.schedule.eval_steps == 0 or step == run.steps:
                 evaluate_in_eval_mode(stage, step, state)
             if step % cfg.save_steps == 0 or epoch_end or step == run.steps or stop["signum"]:
                 path = run.checkpointer.save(step, model, run.optimizer, state)
@@ -325,8 +323,7 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
         return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}
 
     state = run_stage(cfg, Stage(
-        name="teacher", model=model, data=data, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
-        epochs=cfg.num_train_epochs, eval_steps=cfg.eval_steps, step_fn=step_fn,
+        name="teacher", model=model, data=data, schedule=cfg.schedule("teacher"), step_fn=step_fn,
         eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root,
         evaluate_at_start=False))
     return best_of("teacher", state, out_dir)

@@ -17,6 +17,32 @@ def flag_field(default, help_text, **argparse_extra):
 
 
 @dataclass
+class Schedule:
+    """How long and how fast one training stage trains. Each training stage's option group has its own copy
+    as prefixed flags (``with_schedule``: ``--ofa_max_steps``); ``Config.schedule(stage)`` reads it back."""
+    learning_rate: float = flag_field(2e-5, "{who}: peak learning rate")
+    num_train_epochs: float = flag_field(3.0, "{who}: epochs (when --{prefix}max_steps is not set)")
+    max_steps: int = flag_field(-1, "{who}: steps (> 0 overrides --{prefix}num_train_epochs)")
+    eval_steps: int = flag_field(500, "{who}: score dev every N steps{also}")
+
+
+SCHEDULE_PREFIXES = {}  # training stage -> the prefix of its schedule's flags
+
+
+def with_schedule(stage, prefix, who, also="", **defaults):
+    """Class decorator: the option group plus one field per ``Schedule`` field, named ``prefix + name``,
+    its default from ``defaults`` (else the schedule's), its help about ``who``."""
+    def add(group):
+        SCHEDULE_PREFIXES[stage] = prefix
+        extra = [(prefix + f.name, f.type, flag_field(defaults.get(f.name, f.default),
+                                                     f.metadata["help"].format(who=who, prefix=prefix, also=also)))
+                 for f in fields(Schedule)]
+        return dataclasses.make_dataclass(group.__name__, extra, bases=(group,),
+                                          namespace={"__doc__": group.__doc__, "__module__": group.__module__})
+    return add
+
+
+@dataclass
 class DataOptions:
     """The corpus, its splits and windows, the vocabulary (every training stage)."""
     train_file: Optional[str] = flag_field(
@@ -77,8 +103,6 @@ class ModelOptions:
     num_hidden_layers: int = flag_field(12, "encoder layers of a fresh model")
     num_attention_heads: int = flag_field(12, "attention heads of a fresh model")
     intermediate_size: int = flag_field(3072, "feed-forward size of a fresh model")
-    hidden_dropout_prob: float = flag_field(0.1, "dropout on hidden states (teacher and student)")
-    attention_probs_dropout_prob: float = flag_field(0.1, "dropout on attention probabilities (teacher and student)")
     normalize_before: bool = flag_field(False, "pre-LN encoder (a fresh model only; pretrained BERT is post-LN)")
     local_conv_kernel: int = flag_field(
         0,
@@ -92,28 +116,34 @@ class ModelOptions:
 
 
 @dataclass
+class DropoutOptions:
+    """Dropout of a fresh teacher and of the student."""
+    hidden_dropout_prob: float = flag_field(0.1, "dropout on hidden states (teacher and student)")
+    attention_probs_dropout_prob: float = flag_field(0.1, "dropout on attention probabilities (teacher and student)")
+
+
+@with_schedule("teacher", "", "teacher")
+@dataclass
 class TeacherTraining:
     """Fine-tuning the teacher."""
-    learning_rate: float = flag_field(2e-5, "teacher: peak learning rate")
     label_smoothing: float = flag_field(0.0, "teacher: label smoothing of its cross-entropy")
-    num_train_epochs: float = flag_field(3.0, "teacher: epochs (when --max_steps is not set)")
-    max_steps: int = flag_field(-1, "teacher: steps (> 0 overrides --num_train_epochs)")
-    eval_steps: int = flag_field(500, "teacher: score dev every N steps")
 
 
+@dataclass
+class HiddenMatchOptions:
+    """The hidden-state term of both distillations (width supernet and student)."""
+    lambda_distill: float = flag_field(
+        0.1,
+        "weight of the hidden-state MSE to the teacher (summed over layers, real characters only)")
+
+
+@with_schedule("ofa", "ofa_", "width supernet", learning_rate=5e-5, also=" (every width, and at step 0)")
 @dataclass
 class OfaOptions:
     """The OFA width supernet (ner_compress/compress/supernet.py)."""
     width_mult_list: List[float] = dataclasses.field(
         default_factory=lambda: [1.0, 0.75, 0.5],
         metadata={"help": "widths of the supernet (whole heads: 12 heads x 0.5 = 6)"})
-    ofa_learning_rate: float = flag_field(5e-5, "width supernet: peak learning rate")
-    ofa_num_train_epochs: float = flag_field(3.0, "width supernet: epochs (when --ofa_max_steps is not set)")
-    ofa_max_steps: int = flag_field(-1, "width supernet: steps (> 0 overrides --ofa_num_train_epochs)")
-    ofa_eval_steps: int = flag_field(500, "width supernet: score every width on dev every N steps (and at step 0)")
-    lambda_distill: float = flag_field(
-        0.1,
-        "weight of the hidden-state MSE to the teacher (summed over layers, real characters only)")
     lambda_logit: float = flag_field(1.0, "width supernet: weight of the soft cross-entropy to the teacher's logits")
     ofa_hard_label_weight: float = flag_field(0.0, "width supernet: weight of the cross-entropy to the gold labels")
     ofa_train_full_width: bool = flag_field(
@@ -124,6 +154,7 @@ class OfaOptions:
         "training batches for head and neuron importance (unset in YAML as null: all)")
 
 
+@with_schedule("student", "student_", "student", learning_rate=1e-4, also=" (and at step 0)")
 @dataclass
 class StudentOptions:
     """The shallower student (ner_compress/compress/student.py); None sizes: the teacher's."""
@@ -138,10 +169,6 @@ class StudentOptions:
     student_temperature: float = flag_field(1.0, "temperature of the soft cross-entropy")
     student_lambda_logit: float = flag_field(1.0, "student: weight of the soft cross-entropy to the teacher's logits")
     student_hard_label_weight: float = flag_field(0.0, "student: weight of the cross-entropy to the gold labels")
-    student_learning_rate: float = flag_field(1e-4, "student: peak learning rate")
-    student_num_train_epochs: float = flag_field(3.0, "student: epochs (when --student_max_steps is not set)")
-    student_max_steps: int = flag_field(-1, "student: steps (> 0 overrides --student_num_train_epochs)")
-    student_eval_steps: int = flag_field(500, "student: score dev every N steps (and at step 0)")
 
 
 @dataclass
@@ -188,13 +215,18 @@ class PipelineOptions:
 
 
 @dataclass
-class Config(PipelineOptions, ExportOptions, ReconstructionOptions, StudentOptions, OfaOptions, TeacherTraining,
-             ModelOptions, RunOptions, DataOptions):
+class Config(PipelineOptions, ExportOptions, ReconstructionOptions, StudentOptions, OfaOptions, HiddenMatchOptions,
+             TeacherTraining, DropoutOptions, ModelOptions, RunOptions, DataOptions):
     """One configuration for all stages: dataclass defaults < YAML file < command-line flags. Each stage's
     command line offers the fields of the groups it reads (``group_fields``)."""
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def schedule(self, stage):
+        """The ``Schedule`` of a training stage (teacher, ofa, student), read from its prefixed fields."""
+        prefix = SCHEDULE_PREFIXES[stage]
+        return Schedule(**{f.name: getattr(self, prefix + f.name) for f in fields(Schedule)})
 
 
 def group_fields(*groups):
@@ -337,6 +369,9 @@ def validate(cfg):
                         f"(the whole graph or nothing)")
     if cfg.int8_calibration_sentences < 1:
         raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
+    for prefix in SCHEDULE_PREFIXES.values():
+        if getattr(cfg, f"{prefix}eval_steps") < 1:
+            raise UserError(f"--{prefix}eval_steps {getattr(cfg, f'{prefix}eval_steps')}: must be at least 1")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:
