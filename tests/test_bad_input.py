@@ -115,6 +115,14 @@ def test_each_stage_schedule_is_read_from_its_prefixed_yaml_keys_and_a_near_miss
     assert "ofa_warmup_steps" in str(err.value) and bad in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_config_records_only_the_options_that_apply():
+    fresh = Config(hidden_size=64, num_attention_heads=4).to_dict()
+    assert (fresh["hidden_size"], fresh["num_attention_heads"]) == (64, 4)
+    pretrained = Config(model_name_or_path="some/dir").to_dict()
+    assert not set(config.FRESH_MODEL_ONLY) & set(pretrained)  # the model's own sizes apply, not the defaults
+    assert pretrained["model_name_or_path"] == "some/dir" and Config(**pretrained).model_name_or_path == "some/dir"
+
+
 @pytest.mark.parametrize("flag", ["eval_steps", "ofa_eval_steps", "student_eval_steps"])
 def test_an_evaluation_interval_below_one_is_refused_naming_its_flag(flag):
     with pytest.raises(UserError, match=f"--{flag} 0"):

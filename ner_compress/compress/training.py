@@ -9,6 +9,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from ner_compress.core import parallel, runtime
 from ner_compress.models.families import save_tokenizer
-from ner_compress.core.artifacts import atomic_dir, write_manifest
+from ner_compress.core.artifacts import atomic_dir, model_input, write_manifest
 from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
 from ner_compress.core.config import Schedule
 from ner_compress.core.errors import StopRequested
@@ -33,6 +34,7 @@ from ner_compress.data.decoding import Decoder
 from ner_compress.data.window_scores import sentence_log_probs
 from ner_compress.core.errors import UserError
 from ner_compress.data.entity_scores import entity_scores
+from ner_compress.models.e5_pretrained import resolve_model_path
 from ner_compress.models.modeling import build_teacher, count_parameters, numpy_logits
 
 log = logging.getLogger("ner_compress")
@@ -310,10 +312,20 @@ def best_of(name, state, out_dir):
     return state["best"]
 
 
+def starting_model(cfg):
+    """The teacher's inputs: the pretrained model it starts from (``artifacts.model_input``; a hub name as
+    given), nothing for a fresh model."""
+    if not cfg.model_name_or_path:
+        return {}
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
+    return {"model": model_input(source) if os.path.isdir(source) else {"name": source}}
+
+
 def train_teacher(cfg, data, out_dir, checkpoint_root):
     """Fine-tune the teacher; the best dev-F1 model is (re)written to ``out_dir`` as it appears."""
     set_seed(cfg.seed)
     model = build_teacher(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
+    inputs = starting_model(cfg)  # hashed before training: what it started from, not what it became
 
     def step_fn(batch):
         logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
@@ -324,6 +336,6 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
 
     state = run_stage(cfg, Stage(
         name="teacher", model=model, data=data, schedule=cfg.schedule("teacher"), step_fn=step_fn,
-        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root,
+        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir, inputs=inputs), checkpoint_root=checkpoint_root,
         evaluate_at_start=False))
     return best_of("teacher", state, out_dir)
