@@ -89,7 +89,7 @@ def test_flops_count_the_heads_and_neurons_a_snapped_width_keeps(tmp_path):
     layer = model.bert.encoder.layers[0]
     built = (layer.self_attn.q_proj.weight.shape[1], layer.linear1.weight.shape[1])
     shape = benchmark.model_shape(str(tmp_path))
-    assert (shape["heads"], shape["ffn"]) == (10, 2560) and (shape["attn_inner"], shape["ffn"]) == built
+    assert (shape["heads"], shape["ffn"]) == (10, 2560) and (shape["layer_attn_inner"][0], shape["ffn"]) == built
     n, t = 2, 5
     per_layer = 2 * n * t * 96 * (4 * 10 * 8 + 2 * 2560) + 4 * n * t * t * 10 * 8
     assert benchmark.forward_flops(shape, [{"input_ids": np.zeros((n, t))}]) == per_layer + 2 * n * t * 96 * 7

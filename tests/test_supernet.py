@@ -237,7 +237,8 @@ def test_pruned_model_save_and_reload(tiny_bert, batches, tmp_path, safe):
     else:
         reloaded = families.PrunedBertForTokenClassification.from_pretrained(str(tmp_path))
     reloaded.eval()
-    assert float(reloaded.config.width_mult) == 0.5
+    assert reloaded.config.layer_heads == [2, 2] and reloaded.config.layer_neurons == [32, 32]
+    assert not hasattr(reloaded.config, "width_mult")  # the config given the previous format is saved in the new
     assert reloaded.bert.encoder.layers[1].self_attn.num_heads == 2
     assert list(reloaded.bert.encoder.layers[1].linear2.weight.shape) == [32, 32]
     for batch in batches:

@@ -18,7 +18,8 @@ from ner_compress.core.artifacts import MANIFEST, atomic_dir, read_manifest, wei
 from ner_compress.core.checkpoint import load_weights, save_weights
 from ner_compress.core.errors import UserError
 from ner_compress.models.modeling import build_sub_model, into_supernet_state, load_pretrained, numpy_logits
-from ner_compress.models.families import model_class_for
+from ner_compress.models.families import load_config, model_class_for
+from ner_compress.models.width_plan import width_plan
 
 log = logging.getLogger("ner_compress")
 RECORD = "reconstruction"
@@ -116,8 +117,10 @@ def reconstruct_width(cfg, data, teacher, width_dir, width, name):
     def write(model, tmp):
         save_weights(into_supernet_state(state, model.state_dict()), os.path.join(tmp, SUPERNET_WEIGHTS))
 
-    return reconstruct_dir(cfg, data, teacher, width_dir, "ofa",
-                           lambda manifest: build_sub_model(width_dir, width, state, flag="ofa"), write, name)
+    def load(manifest):
+        return build_sub_model(width_dir, width_plan(load_config(width_dir, "ofa"), width), state, flag="ofa")
+
+    return reconstruct_dir(cfg, data, teacher, width_dir, "ofa", load, write, name)
 
 
 def reconstruct_model_dir(cfg, data, teacher, model_dir, stage):

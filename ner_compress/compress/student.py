@@ -18,6 +18,7 @@ from ner_compress.compress.distill_losses import (FeatureRecorder, LabelWeights,
 from ner_compress.core.errors import UserError
 from ner_compress.compress.matches import layer_map, match_parts, parse_matches
 from ner_compress.models.modeling import count_parameters
+from ner_compress.models.width_plan import without_plan
 from ner_compress.compress.reconstruction_stage import refit
 from ner_compress.compress.training import (Stage, best_model_eval, best_of, frozen_copy, global_token_count,
                                             run_stage, set_seed)
@@ -30,7 +31,7 @@ SIZE_FLAGS = {"num_hidden_layers": "student_num_layers", "hidden_size": "student
 
 def student_config(cfg, teacher_config):
     """The teacher's config with the ``student_*`` sizes that are set (None keeps the teacher's)."""
-    config = type(teacher_config)(**{k: v for k, v in teacher_config.to_dict().items() if k != "width_mult"})
+    config = without_plan(teacher_config)
     for key, flag in SIZE_FLAGS.items():
         value = getattr(cfg, flag)
         if value is not None:

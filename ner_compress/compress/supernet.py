@@ -11,6 +11,7 @@ patches the classes with an attention that drops the 1/sqrt(head_dim) scale.
 import copy
 import logging
 import os
+import re
 import types
 
 import numpy as np
@@ -150,21 +151,27 @@ class WidthDistiller:
 
 
 def net_config(ofa_model, plan):
-    """OFA's per-layer config for a ``WidthPlan``: whole heads in q/k/v, neurons in the first FFN
-    layer, everything else at full size (by channel count, not a ratio a float can round)."""
+    """OFA's per-layer config for a ``WidthPlan``: each layer's whole heads in q/k/v, its neurons in the first
+    FFN layer, everything else at full size (by channel count, not a ratio a float can round)."""
     config = utils.dynabert_config(ofa_model, 1.0)
+    widths = plan.attention_widths()
     for key in config:
-        if any(name in key for name in ("q_proj", "k_proj", "v_proj")):
-            config[key] = {"channel": plan.attention_width}
-        elif "linear1" in key:
-            config[key] = {"channel": plan.neurons}
+        layer = re.search(r"\.layers\.(\d+)\.", key)  # which encoder layer's plan cuts this sublayer
+        if layer and any(name in key for name in ("q_proj", "k_proj", "v_proj")):
+            config[key] = {"channel": widths[int(layer.group(1))]}
+        elif layer and "linear1" in key:
+            config[key] = {"channel": plan.layer_neurons[int(layer.group(1))]}
         else:
             config[key] = {"expand_ratio": 1.0}
     return config
 
 
 def set_width(ofa_model, width):
-    plan = width_plan(ofa_model.model.config, width)
+    return set_plan(ofa_model, width_plan(ofa_model.model.config, width))
+
+
+def set_plan(ofa_model, plan):
+    """The supernet at ``plan`` (a uniform width or per-layer counts); returns the plan."""
     ofa_model.set_net_config(net_config(ofa_model, plan))
     return plan
 

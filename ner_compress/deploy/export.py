@@ -1,7 +1,7 @@
 """Cut a width out of the supernet, save it reloadable (dynamic) and as a static graph, check parity.
 
 ``DIR/export/width_W/dynamic``: ``PrunedBertForTokenClassification.from_pretrained`` loads it
-(config with ``width_mult``, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
+(config with each layer's heads and neurons, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
 with int64 ``input_ids`` and ``token_type_ids`` of shape [None, None], plus what
 ``inference.StaticTagger`` needs. ``DIR/export/width_W/onnx/model.onnx``: the static graph
 converted by paddle2onnx for ONNX Runtime. Before the directory is swapped in, the supernet at
@@ -28,8 +28,8 @@ from ner_compress.core import layout
 from ner_compress.core.checkpoint import load_weights
 from ner_compress.models.families import load_config, model_class_for, save_tokenizer
 from ner_compress.models.modeling import build_sub_model, count_parameters, load_pretrained, numpy_logits
-from ner_compress.models.width_plan import width_plan
-from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_width, to_supernet
+from ner_compress.models.width_plan import plan_of, width_plan
+from ner_compress.compress.supernet import SUPERNET_WEIGHTS, ofa_logits, set_plan, to_supernet
 
 log = logging.getLogger("ner_compress")
 INPUT_SPEC = [InputSpec([None, None], "int64", name="input_ids"),
@@ -76,7 +76,7 @@ def sample_inputs(data, n=16):
     return batch["input_ids"], batch["token_type_ids"]
 
 
-def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, width):
+def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, plan):
     """Save dynamic, static and ONNX into a scratch dir, check parity against ``reference_fn``, swap in."""
     input_ids, token_type_ids = sample_inputs(data)
     reference = reference_fn(input_ids, token_type_ids)
@@ -98,13 +98,13 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
             "onnx runtime": onnx_logits,
         })
         log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
-        onnx_meta = write_variants(cfg, data, static_dir, onnx_path, width_plan(model.config, width),
+        onnx_meta = write_variants(cfg, data, static_dir, onnx_path, plan,
                                    model.config.num_hidden_layers,
                                    partial(check_parity, reference_name, reference), (input_ids, token_type_ids))
         for sub in (dynamic_dir, static_dir, onnx_dir):
             write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
                            {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
-                           inputs={source_manifest["stage"]: source_manifest}, width_mult=width,
+                           inputs={source_manifest["stage"]: source_manifest}, **plan.record(),
                            parameters=count_parameters(model), architecture=model.config.model_type,
                            **({"onnx": onnx_meta} if sub == onnx_dir else {}))
     if onnx_meta["int8"] and onnx_meta["int8"]["refused"]:  # the FP32 export is in place; INT8 is not
@@ -114,13 +114,19 @@ def write_export(out_dir, model, data, cfg, source_manifest, reference_name, ref
 
 def export_width(cfg, data, ofa_dir, out_dir, width):
     source = layout.require_trained_width(ofa_dir, width)
+    return export_plan(cfg, data, source, out_dir, width_plan(load_config(source, "ofa"), width))
+
+
+def export_plan(cfg, data, source, out_dir, plan):
+    """The sub-model ``plan`` cuts from the supernet weights in ``source`` (a trained ``ofa/width_W``; a
+    uniform width or per-layer counts), exported to ``out_dir`` with parity against the supernet at ``plan``."""
     manifest = read_manifest(source, "ofa")
     check_same_inputs(manifest, data.labels, data.vocab_sha256, source)
     ofa_model, state = load_supernet_width(source)
-    set_width(ofa_model, width)
-    model = build_sub_model(source, width, state)
-    return write_export(out_dir, model, data, cfg, manifest, f"supernet at width {width}", ofa_logits(ofa_model),
-                        width)
+    set_plan(ofa_model, plan)
+    model = build_sub_model(source, plan, state)
+    name = f"width {plan.requested}" if plan.requested is not None else f"heads {list(plan.layer_heads)}"
+    return write_export(out_dir, model, data, cfg, manifest, f"supernet at {name}", ofa_logits(ofa_model), plan)
 
 
 def export_full_width(cfg, data, teacher_dir, out_dir, stage="teacher"):
@@ -130,6 +136,7 @@ def export_full_width(cfg, data, teacher_dir, out_dir, stage="teacher"):
     teacher = load_pretrained(model_class_for(teacher_dir, stage), teacher_dir, flag=stage)
     teacher.eval()
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
-    model = build_sub_model(teacher_dir, 1.0, state)
+    plan = plan_of(teacher.config)
+    model = build_sub_model(teacher_dir, plan, state)
     return write_export(out_dir, model, data, cfg, manifest, stage,
-                        partial(numpy_logits, teacher), 1.0)
+                        partial(numpy_logits, teacher), plan)

@@ -183,12 +183,22 @@ def fusion_options():
     return options
 
 
+def fusion_sizes(plan):
+    """``fuse``'s ``num_heads`` and ``attention_width`` for a ``WidthPlan``: a uniform plan's, or 0 and 0 when
+    layers differ. The optimizer (``FusionAttention.get_num_heads_and_hidden_size``, onnxruntime 1.32) reads
+    each layer's heads and head size from its Q ``Reshape`` to [0, 0, heads, head_dim] (a constant
+    after ``rewrite_for_fusion``); the values given are only a fallback, and one layer's would be wrong for
+    the others."""
+    return (plan.heads, plan.attention_width) if plan.uniform else (0, 0)
+
+
 def fuse(onnx_path, out_path, num_heads, attention_width):
     """Rewrite and optimize ``onnx_path`` into ``out_path``; returns ``{rewrites, fused: {op: count}}``.
 
     ``num_heads``/``attention_width``: heads kept and their q/k/v width (heads x head_dim, less than the
-    hidden size in a width sub-model). ``opt_level=0``: the optimizer's own ONNX Runtime pre-pass
-    imports torch; the rewrites above do the constant folding it would have done."""
+    hidden size in a width sub-model; 0 and 0: read per layer, ``fusion_sizes``). ``opt_level=0``: the
+    optimizer's own ONNX Runtime pre-pass imports torch; the rewrites above do the constant folding it
+    would have done."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = onnx.load(onnx_path)

@@ -29,7 +29,7 @@ def fused_variant(static_dir, onnx_path, plan, num_layers, check, inputs, thread
     """Fuse ``onnx_path`` into ``model.opt.onnx``; ``check({name: logits})`` is export's parity check."""
     path = os.path.join(os.path.dirname(onnx_path), FUSED_FILE)
     try:
-        meta = onnx_graph.fuse(onnx_path, path, plan.heads, plan.attention_width)
+        meta = onnx_graph.fuse(onnx_path, path, *onnx_graph.fusion_sizes(plan))
     except Exception as err:  # noqa: BLE001 -- the optimizer asserts on graphs it half-matches
         return _fallback(path, f"transformer optimizer failed ({type(err).__name__}: {err})")
     try:

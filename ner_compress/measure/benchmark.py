@@ -27,7 +27,7 @@ from ner_compress.deploy.backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_
 from ner_compress.deploy.inference import Tagger
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
 from ner_compress.data.entity_scores import entity_scores
-from ner_compress.models.width_plan import width_plan
+from ner_compress.models.width_plan import plan_of
 from ner_compress.deploy.parity import max_abs_diff
 
 
@@ -139,22 +139,27 @@ def sample_logits_diff(a, b, sentences, batch_size=32):
 
 
 def model_shape(export_dir):
-    """Layer sizes of the exported model as built: its config, cut by ``width_plan`` (whole heads,
-    FFN neurons in the same ratio), the rule the model itself was shrunk by."""
+    """Layer sizes of the exported model as built: each layer's heads, q/k/v width and FFN neurons from the
+    ``WidthPlan`` its config records (the plan the model itself was cut by)."""
     config = load_config(os.path.join(export_dir, "dynamic"), "export")
-    plan = width_plan(config, float(getattr(config, "width_mult", 1.0)))
-    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": plan.heads,
-            "attn_inner": plan.attention_width, "ffn": plan.neurons, "labels": config.num_labels}
+    plan = plan_of(config, os.path.join(export_dir, "dynamic", "config.json"))
+    def summary(counts):  # the table's figure: one count, or each layer's
+        return counts[0] if plan.uniform else list(counts)
+
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": summary(plan.layer_heads),
+            "ffn": summary(plan.layer_neurons), "layer_attn_inner": plan.attention_widths(),
+            "layer_ffn": list(plan.layer_neurons), "labels": config.num_labels}
 
 
 def forward_flops(shape, batches):
-    """Multiply-adds x2 of one forward over padded batches: projections, attention, FFN, classifier."""
+    """Multiply-adds x2 of one forward over padded batches: projections, attention, FFN (each layer its own
+    widths), classifier."""
     total = 0
     for b in batches:
         n, t = b["input_ids"].shape
-        per_layer = 2 * n * t * shape["hidden"] * (4 * shape["attn_inner"] + 2 * shape["ffn"]) \
-            + 4 * n * t * t * shape["attn_inner"]
-        total += shape["layers"] * per_layer + 2 * n * t * shape["hidden"] * shape["labels"]
+        for attn_inner, ffn in zip(shape["layer_attn_inner"], shape["layer_ffn"]):
+            total += 2 * n * t * shape["hidden"] * (4 * attn_inner + 2 * ffn) + 4 * n * t * t * attn_inner
+        total += 2 * n * t * shape["hidden"] * shape["labels"]
     return total
 
 

@@ -1,13 +1,12 @@
 """The encoder changes our configs record, applied to any family's token classifier after it is built:
-``width_mult`` (heads and neurons cut by ``width_plan``), ``normalize_before`` (pre-LN), ``local_conv_kernel``
-(a convolution after the embeddings). ``configure_encoder`` applies what a config says.
+a ``WidthPlan`` (heads and neurons each layer keeps), ``normalize_before`` (pre-LN), ``local_conv_kernel``
+(a convolution after the embeddings). ``configure_encoder`` applies them.
 """
 import types
 
 import paddle
 from paddle import nn
 
-from ner_compress.models.width_plan import width_plan
 
 
 def encoder_layers(model):
@@ -15,34 +14,34 @@ def encoder_layers(model):
     return model.base_model.encoder.layers
 
 
-def configure_encoder(model, config):
-    """Apply the options our configs record; called by every family's class after building it."""
+def configure_encoder(model, config, plan):
+    """Apply the options our configs record and cut to ``plan``; called by every family's class after
+    building it."""
     if getattr(config, "local_conv_kernel", 0):
         use_local_context(model, int(config.local_conv_kernel))
     if getattr(config, "normalize_before", False):
         use_pre_layer_norm(model)
-    width_mult = float(getattr(config, "width_mult", 1.0))
-    if width_mult < 1.0:
-        shrink_encoder(model, width_mult)
+    if not plan.full:
+        shrink_encoder(model, plan)
 
 
 def _linear(in_features, out_features):
     return nn.Linear(in_features, out_features)
 
 
-def shrink_encoder(model, width_mult):
-    """Cut heads and feed-forward neurons of every encoder layer as ``width_plan`` says."""
-    plan = width_plan(model.config, width_mult)
+def shrink_encoder(model, plan):
+    """Cut each encoder layer to the heads and feed-forward neurons ``plan`` gives it."""
     hidden = model.config.hidden_size
-    for layer in encoder_layers(model):
+    for layer, heads, width, neurons in zip(encoder_layers(model), plan.layer_heads, plan.attention_widths(),
+                                            plan.layer_neurons):
         attn = layer.self_attn
-        attn.num_heads = plan.heads
-        attn.q_proj = _linear(hidden, plan.attention_width)
-        attn.k_proj = _linear(hidden, plan.attention_width)
-        attn.v_proj = _linear(hidden, plan.attention_width)
-        attn.out_proj = _linear(plan.attention_width, hidden)
-        layer.linear1 = _linear(hidden, plan.neurons)
-        layer.linear2 = _linear(plan.neurons, hidden)
+        attn.num_heads = heads
+        attn.q_proj = _linear(hidden, width)
+        attn.k_proj = _linear(hidden, width)
+        attn.v_proj = _linear(hidden, width)
+        attn.out_proj = _linear(width, hidden)
+        layer.linear1 = _linear(hidden, neurons)
+        layer.linear2 = _linear(neurons, hidden)
     return model
 
 

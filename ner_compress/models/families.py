@@ -2,7 +2,7 @@
 
 RoBERTa-wwm-ext and MacBERT ship as BERT-shaped checkpoints and load as ``bert``. Each family
 gets one NER class: PaddleNLP's ``XForTokenClassification`` plus the encoder options our configs
-record (``width_mult``: heads and neurons cut by ``width_plan``; ``normalize_before``:
+record (a ``WidthPlan``: the heads and neurons each layer keeps; ``normalize_before``:
 pre-LN; ``local_conv_kernel``: a convolution after the embeddings). The family is the config's
 ``model_type``, recorded in every manifest, so a later stage rebuilds the same class and never
 assumes BERT.
@@ -18,14 +18,19 @@ from paddlenlp.transformers import (BertConfig, BertForTokenClassification, Bert
 
 from ner_compress.core.errors import UserError
 from ner_compress.models.encoder_changes import configure_encoder
+from ner_compress.models.width_plan import plan_of, recorded
 
 
 def _ner_class(base):
-    """``Pruned<Base>``: ``base`` whose ``__init__`` then applies ``configure_encoder``."""
+    """``Pruned<Base>(config, plan=None)``: ``base`` whose ``__init__`` then applies ``configure_encoder``,
+    cut to ``plan`` (None: the plan ``config`` records, as ``from_pretrained`` builds it). The model's
+    config records the plan, so ``save_pretrained`` writes its shape."""
     def body(namespace):
-        def __init__(self, config):
+        def __init__(self, config, plan=None):
+            plan = plan_of(config) if plan is None else plan
+            config = recorded(config, plan)
             base.__init__(self, config)
-            configure_encoder(self, config)
+            configure_encoder(self, config, plan)
         namespace.update({"__init__": __init__, "__module__": __name__})
     return types.new_class(f"Pruned{base.__name__}", (base,), exec_body=body)
 

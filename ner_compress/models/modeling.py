@@ -1,8 +1,8 @@
 """Building the teacher (fresh or from pretrained weights, safetensors unless pickles are allowed), slicing
 supernet weights into a sub-model, and small helpers on a built model.
 
-The config carries ``width_mult`` and the family's NER class (``families``) shrinks its layers to match
-(``encoder_changes``), so ``save_pretrained`` / ``from_pretrained`` round-trip an exported width.
+A sub-model is the family's NER class (``families``) cut to a ``WidthPlan`` (``encoder_changes``); its config
+records the plan, so ``save_pretrained`` / ``from_pretrained`` round-trip an exported width.
 """
 import os
 
@@ -151,11 +151,10 @@ def into_supernet_state(supernet_state, sub_state):
     return merged
 
 
-def build_sub_model(source_dir, width, state, flag="export"):
-    """The family's NER class cut to ``width`` (``source_dir``'s config), holding the leading slice of ``state``."""
-    config = load_config(source_dir, flag)
-    config.width_mult = width
-    model = model_class_for(source_dir, flag)(config)
+def build_sub_model(source_dir, plan, state, flag="export"):
+    """The family's NER class of ``source_dir``'s config cut to ``plan`` (a ``WidthPlan``; None: the config's
+    own shape), holding the leading slice of ``state`` in every layer."""
+    model = model_class_for(source_dir, flag)(load_config(source_dir, flag), plan=plan)
     model.set_state_dict(sub_model_state(state, model))
     model.eval()
     return model
