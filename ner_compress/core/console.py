@@ -42,6 +42,8 @@ HARMLESS_LOGGERS = {
     # "Please consider to run pre-processing before quantization": the export quantizes an optimized graph
     "onnxruntime.quantization.quantize": logging.ERROR,
 }
+# a relayed stdout line that names its level keeps it
+MARKED_LEVELS = {"[ERROR]": logging.ERROR, "[WARNING]": logging.WARNING}
 # Paddle's C++ log (glog): errors only; its warnings here are notices while an export traces the graph
 GLOG_LEVEL = ("GLOG_minloglevel", "2")
 
@@ -98,8 +100,8 @@ def quiet_onnx_export():
 @contextmanager
 def stdout_lines_to(logger_name):
     """paddle2onnx's C++ converter prints its progress to stdout with no level to set: during the block, what
-    reaches file descriptor 1 goes to ``logger_name`` at INFO instead (shown with --verbose). Its errors go to
-    stderr and exceptions, which are left alone."""
+    reaches file descriptor 1 goes to ``logger_name``, at INFO (shown with --verbose) unless the line names its
+    level (``[WARNING]``, ``[ERROR]``: its Python log), which it keeps. Its C++ errors go to stderr, left alone."""
     if verbose():
         yield
         return
@@ -114,4 +116,5 @@ def stdout_lines_to(logger_name):
             os.close(saved)
             captured.seek(0)
             for line in captured.read().decode("utf-8", "replace").splitlines():
-                logging.getLogger(logger_name).info(line)
+                level = next((lvl for mark, lvl in MARKED_LEVELS.items() if mark in line), logging.INFO)
+                logging.getLogger(logger_name).log(level, line)
