@@ -1,7 +1,8 @@
 """A quiet console: our own progress lines, the warnings that concern the user, and the final table.
 
 Third-party INFO lines and warnings known to be harmless here are silenced at their loggers and warning
-filters, never by redirecting a stream; ``--verbose`` (or ``NER_COMPRESS_VERBOSE=1``) leaves every library
+filters, never by redirecting stderr (paddle2onnx's C++ progress on stdout, which has no level to set, is
+relayed to a logger: ``stdout_lines_to``); ``--verbose`` (or ``NER_COMPRESS_VERBOSE=1``) leaves every library
 as it set itself up and shows our ``detail`` lines too.
 
 What each stage prints by default (tests/test_console.py counts them on the tiny pipeline):
@@ -12,7 +13,8 @@ What each stage prints by default (tests/test_console.py counts them on the tiny
   and the best dev F1 per model; the student adds its shape and how it starts (one or two lines);
 - reconstruction: one line per model refit, dev F1 before and after;
 - export: one line per model (formats, parity, the INT8 copy kept), and a warning when INT8 is refused;
-- the pipeline: one line when side by side, one before measuring, then the table.
+- the pipeline: one line when side by side, one before measuring, then the table;
+- the benchmark: a progress bar, then its report (the targets met and missed among it).
 
 Each logging step, dev score, INT8 configuration tried and parameter digest goes to ``detail``.
 """
