@@ -81,6 +81,7 @@ def quiet_libraries():
     for name, level in HARMLESS_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     paddlenlp = logging.getLogger("PaddleNLP")
+    paddlenlp.setLevel(logging.WARNING)  # its INFO: a line per file it loads
     if expected_load_notice not in paddlenlp.filters:
         paddlenlp.addFilter(expected_load_notice)
 
