@@ -31,6 +31,7 @@ from paddleslim.nas.ofa.convert_super import Convert, supernet
 from ner_compress.core import compat, layout, parallel, runtime
 from ner_compress.core.artifacts import atomic_dir, write_manifest
 from ner_compress.core.checkpoint import save_weights
+from ner_compress.core.console import detail
 from ner_compress.data.corpus import collate
 from ner_compress.compress.distill_losses import (FeatureRecorder, LabelWeights, backward_parts, label_parts,
                                                   real_token_mask)
@@ -260,7 +261,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
     def reorder(resuming):
         if not resuming and parallel.is_writer():
             # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
-            log.info("%s: computing head and neuron importance on training sentences", name)
+            detail.info("%s: computing head and neuron importance on training sentences", name)
             reorder_by_importance(ofa_model.model, importance_batches(
                 data.windows("train"), cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id,
                 cfg.seed))
@@ -269,7 +270,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
         for width in (widths if step == 0 else trained):  # an untrained width only drifts with the shared weights
             set_width(ofa_model, width)
             scores = evaluate(ofa_logits(ofa_model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
-            log.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
+            detail.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
             key = str(width)
             if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
                 state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ner_compress.core import parallel, runtime
 from ner_compress.models.families import save_tokenizer
 from ner_compress.core.artifacts import atomic_dir, model_input, write_manifest
+from ner_compress.core.console import detail, verbose
 from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
 from ner_compress.core.config import Schedule
 from ner_compress.core.errors import StopRequested
@@ -208,7 +209,7 @@ def train_loop(cfg, stage, run):
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
             if step % cfg.logging_steps == 0:
-                log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
+                detail.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
                          run.optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                          state["speed"]["train_sentences_per_s"])
             if step % stage.schedule.eval_steps == 0 or step == run.steps:
@@ -219,8 +220,9 @@ def train_loop(cfg, stage, run):
                 if stop["signum"]:
                     raise StopRequested(stop["signum"], step, path)
     bar.close()
-    print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
-          file=sys.stderr)
+    if parallel.world_size() > 1 or verbose():  # every rank's, to compare (tests/test_distributed.py)
+        print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
+              file=sys.stderr)
     return state
 
 
@@ -298,7 +300,7 @@ def best_model_eval(name, model, data, cfg, out_dir, **manifest):
         # every rank scores the whole dev set with identical weights: one F1, one decision
         scores = evaluate(partial(numpy_logits, model), data, dev_windows, cfg.per_device_eval_batch_size,
                           cfg.decoding)
-        log.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
+        detail.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
                  scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
             state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
