@@ -1,7 +1,7 @@
 """ner_compress: shrink a Chinese NER BERT with a once-for-all width supernet.
 
 Stages: ``training`` (teacher), ``supernet`` (OFA distillation), ``export``
-(sub-model to dynamic and static graph), ``inference`` (Paddle Inference).
+(sub-model to dynamic and static graph and ONNX), ``inference`` (Paddle Inference, ONNX Runtime).
 """
 from ner_compress.core import console, runtime
 

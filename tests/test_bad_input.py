@@ -102,6 +102,33 @@ def test_yaml_unknown_key_names_key_and_file(write_file):
     assert "hiden_size" in str(err.value) and path in str(err.value)
 
 
+def test_each_stage_schedule_is_read_from_its_prefixed_yaml_keys_and_a_near_miss_is_refused(write_file):
+    path = write_file("c.yaml", "max_steps: 7\nofa_max_steps: 5\nofa_learning_rate: 0.01\nstudent_eval_steps: 3\n")
+    cfg = Config(**config.load_yaml(path))
+    assert (cfg.schedule("teacher").max_steps, cfg.schedule("ofa").max_steps, cfg.schedule("student").max_steps) == \
+        (7, 5, -1)
+    assert cfg.schedule("ofa").learning_rate == 0.01 and cfg.schedule("student").eval_steps == 3
+    assert cfg.schedule("student").learning_rate == 1e-4  # each stage keeps its own default
+    bad = write_file("d.yaml", "ofa_warmup_steps: 10\n")
+    with pytest.raises(UserError) as err:
+        config.load_yaml(bad)
+    assert "ofa_warmup_steps" in str(err.value) and bad in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_records_only_the_options_that_apply():
+    fresh = Config(hidden_size=64, num_attention_heads=4).to_dict()
+    assert (fresh["hidden_size"], fresh["num_attention_heads"]) == (64, 4)
+    pretrained = Config(model_name_or_path="some/dir").to_dict()
+    assert not set(config.FRESH_MODEL_ONLY) & set(pretrained)  # the model's own sizes apply, not the defaults
+    assert pretrained["model_name_or_path"] == "some/dir" and Config(**pretrained).model_name_or_path == "some/dir"
+
+
+@pytest.mark.parametrize("flag", ["eval_steps", "ofa_eval_steps", "student_eval_steps"])
+def test_an_evaluation_interval_below_one_is_refused_naming_its_flag(flag):
+    with pytest.raises(UserError, match=f"--{flag} 0"):
+        config.validate(Config(**{flag: 0}))
+
+
 @pytest.mark.parametrize("text, key", [("max_seq_length: abc\n", "max_seq_length"),
                                        ("learning_rate: fast\n", "learning_rate"),
                                        ("strict_tags: 3\n", "strict_tags"),

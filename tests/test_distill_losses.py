@@ -1,10 +1,13 @@
 """Feature recording and the masked distillation losses."""
+import copy
+
 import numpy as np
 import paddle
 import pytest
 
 from ner_compress.compress import distill_losses
 from ner_compress.compress.distill_losses import FEATURE_LOSSES, FeatureRecorder
+from ner_compress.models.encoder_changes import use_pre_layer_norm
 
 
 def tensors(seed, shape=(2, 5, 8)):
@@ -56,15 +59,27 @@ def test_soft_cross_entropy_sum_ignores_special_positions():
     assert loss == pytest.approx(float(-(p_t * log_p_s).sum()), rel=1e-5)
 
 
-def test_feature_recorder_keeps_named_outputs_and_refuses_unknown_names(tiny_bert):
-    names = ["bert.embeddings", "bert.encoder.layers.1"]
-    recorder = FeatureRecorder(tiny_bert, names)
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_feature_recorder_numbers_features_as_paddlenlp_does(tiny_bert, pre_ln):
+    model = tiny_bert
+    if pre_ln:  # the last hidden state is the final LayerNorm's output
+        model = copy.deepcopy(tiny_bert)
+        use_pre_layer_norm(model)
+        model.eval()
+    recorder = FeatureRecorder(model)
     ids = paddle.to_tensor([[101, 2476, 676, 102]], dtype="int64")
     with paddle.no_grad():
-        out = tiny_bert(input_ids=ids, output_hidden_states=True, return_dict=True)
-    embeddings, last = recorder.features()
-    np.testing.assert_allclose(embeddings.numpy(), out.hidden_states[0].numpy(), atol=1e-6)
-    np.testing.assert_allclose(last.numpy(), out.hidden_states[2].numpy(), atol=1e-6)
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True, return_dict=True)
+    assert recorder.layers == len(out.hidden_states) - 1 == 2
+    for i, expected in enumerate(out.hidden_states):
+        np.testing.assert_array_equal(recorder.hidden(i).numpy(), expected.numpy())
+    for i, expected in enumerate(out.attentions, 1):
+        np.testing.assert_array_equal(recorder.attention(i).numpy(), expected.numpy())
+    with paddle.no_grad():
+        model(input_ids=ids)
     recorder.remove()
-    with pytest.raises(KeyError, match="bert.encoder.layers.9"):
-        FeatureRecorder(tiny_bert, ["bert.encoder.layers.9"])
+    fresh = FeatureRecorder(model)
+    with paddle.no_grad():
+        model(input_ids=ids)
+    with pytest.raises(KeyError, match="output_attentions"):
+        fresh.attention(1)

@@ -154,6 +154,9 @@ def test_teacher_from_local_pretrained_directory(pipeline_dir, tmp_path):
          "--output_dir", tmp_path)
     manifest = json.load(open(tmp_path / "teacher" / "manifest.json"))
     assert manifest["config"]["model_name_or_path"] == str(pipeline_dir / "teacher")
+    start = json.load(open(pipeline_dir / "teacher" / "manifest.json"))
+    assert manifest["inputs"]["model"]["weights_sha256"] == start["weights_sha256"]  # what it started from
+    assert manifest["inputs"]["model"]["stage"] == "teacher" and "hidden_size" not in manifest["config"]
     source = load_file(str(pipeline_dir / "teacher" / "model.safetensors"))
     loaded = load_file(str(tmp_path / "teacher" / "model.safetensors"))
     assert sorted(source) == sorted(loaded)

@@ -118,7 +118,7 @@ def supernet(uninterrupted):
 
 def test_export_whose_parity_is_off_is_refused_and_leaves_no_directory(supernet, monkeypatch, capsys):
     from ner_compress.deploy import export
-    from ner_compress.commands import stages as pipeline
+    from ner_compress.commands import stages
     from ner_compress.core.errors import run_cli
 
     class DriftingStatic(export.StaticTagger):
@@ -129,7 +129,7 @@ def test_export_whose_parity_is_off_is_refused_and_leaves_no_directory(supernet,
 
     monkeypatch.setattr(export, "StaticTagger", DriftingStatic)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: pipeline.export_cli(["--output_dir", str(supernet), "--width_mult", "0.5"]))
+        run_cli(lambda: stages.export_cli(["--output_dir", str(supernet), "--width_mult", "0.5"]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: export parity failed: static predictor differs from supernet at width 0.5 by 1.00e-03 "

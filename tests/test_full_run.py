@@ -127,7 +127,7 @@ def test_pipeline_with_the_student_tables_every_model(tmp_path):
     # the two branches ran side by side, each with half the cores (one after another on a 1-core machine)
     assert threads["ofa"] == threads["student"] == threads["student ofa"] == max(1, cores // 2)
     assert ("side by side" in result.stderr) == (cores >= 2)
-    assert "student_ofa step 2 width 0.5 dev F1" in result.stderr
+    assert "student_ofa: width 0.5 best dev F1" in result.stderr  # each step's score: --verbose
     # how each was made: width 1.0 is never trained (the teacher itself), width 0.5 kept some step of its own
     made = {r["model"]: r["made"] for r in report["rows"]}
     assert made["teacher"].startswith("fine-tuned") and made["width 1.0"] == "cut"

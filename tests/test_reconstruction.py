@@ -213,7 +213,8 @@ def test_the_student_keeps_its_best_step_its_refit_start_included(tiny_run, tmp_
     shutil.copytree(layout.stage_dir(tiny_run, "teacher"), layout.stage_dir(tmp_path, "teacher"))
     # a learning rate that wrecks every weight in its first step
     result = run_tool("distill.py", "--output_dir", tmp_path, "--student_num_layers", 1, "--student_max_steps", 4,
-                      "--student_eval_steps", 2, "--student_learning_rate", 1.0, "--calibration_sentences", 32)
+                      "--student_eval_steps", 2, "--student_learning_rate", 1.0, "--calibration_sentences", 32,
+                      "--verbose")  # each dev score
     manifest = read_manifest(layout.stage_dir(tmp_path, "student"))
     scored = {int(step): float(f1) for step, f1 in re.findall(r"student step (\d+) dev P \S+ R \S+ F1 (\S+)",
                                                                result.stderr)}

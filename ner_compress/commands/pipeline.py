@@ -10,12 +10,12 @@ import os
 
 from ner_compress.commands import stage_pool
 from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, RECONSTRUCTION_FLAGS, STUDENT_FLAGS,
-                                          TEACHER_FLAGS, _start, load_teacher, parse_stage_config,
+                                          TEACHER_FLAGS, load_teacher, parse_stage_config,
                                           pruned_teacher_config, run_export, run_ofa, run_reconstruction,
-                                          run_student, run_teacher)
+                                          run_student, run_teacher, start)
 from ner_compress.compress import student
 from ner_compress.core import layout
-from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
+from ner_compress.core.artifacts import MANIFEST, read_manifest
 from ner_compress.core.checkpoint import TRAINER_STATE, Checkpointer
 from ner_compress.core.config import PipelineOptions, group_fields
 from ner_compress.core.errors import Int8Refused
@@ -51,7 +51,7 @@ def reconstruct(cfg, refs, data):
 
 def teacher_widths(cfg, data=None):
     """The teacher's width supernet, each width refit, then the teacher and each width exported."""
-    data = data or _start(cfg)
+    data = data or start(cfg)
     run_ofa(cfg, data)
     reconstruct(cfg, [ModelRef("teacher", width) for width in widths(cfg)], data)
     for width in [None, *widths(cfg)]:
@@ -60,7 +60,7 @@ def teacher_widths(cfg, data=None):
 
 def student_widths(cfg, data=None):
     """The student (refit), its own width supernet (each width refit), then the student and its widths exported."""
-    data = data or _start(cfg)
+    data = data or start(cfg)
     run_student(cfg, data)
     reconstruct(cfg, [ModelRef("student")], data)
     run_ofa(cfg, data, "student")
@@ -84,7 +84,7 @@ def check_student_plan(cfg, data):
 
 def run_all(cfg):
     cfg = pruned_teacher_config(cfg)  # every stage after it reads the pruned model's vocabulary
-    data = _start(cfg)
+    data = start(cfg)
     if cfg.run_student:
         check_student_plan(cfg, data)
     run_teacher(cfg, data)
@@ -96,17 +96,19 @@ def run_all(cfg):
     rows = [benchmark.summary_row(ref, layout.export_dir(cfg.output_dir, ref), data.splits.test, cfg.cpu_threads,
                                   cfg.device) for ref in layout.planned_models(cfg.width_mult_list, cfg.run_student)]
     speeds = training_speeds(cfg)
-    text = report.summary_table(rows) + "\n\n" + "\n".join(
+    report.write_report(layout.report_dir(cfg.output_dir), {"config": cfg.to_dict(), "rows": rows,
+                                                            "training_speed": speeds},
+                        pipeline_markdown(rows, speeds, reconstruction_lines(cfg.output_dir)),
+                        "pipeline.json", "pipeline.md")
+    return rows
+
+
+def pipeline_markdown(rows, speeds, reconstruction):
+    """The test-set table, then a line per training stage (speed, CPU-seconds) and per refit model."""
+    return report.summary_table(rows) + "\n\n" + "\n".join(
         [f"- {stage} training: {v['train_sentences_per_s']:.1f} sentences/s ({v['train_seconds']:.0f} s, "
          f"{v.get('train_cpu_seconds', float('nan')):.0f} CPU-s incl. dev evaluation, {v['cpu_threads']} CPU thread(s))"
-         for stage, v in speeds.items()] + reconstruction_lines(cfg.output_dir))
-    report_dir = layout.report_dir(cfg.output_dir)
-    os.makedirs(report_dir, exist_ok=True)
-    write_json(os.path.join(report_dir, "pipeline.json"), {"config": cfg.to_dict(), "rows": rows, "training_speed": speeds})
-    with open(os.path.join(report_dir, "pipeline.md"), "w", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-    print(text)
-    return rows
+         for stage, v in speeds.items()] + reconstruction)
 
 
 def reconstruction_lines(output_dir):

@@ -13,8 +13,9 @@ from ner_compress.deploy.backends import BACKENDS, check_backend
 from ner_compress.deploy.onnx_quant import calibration_sentences
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.layout import SOURCES, ModelRef
-from ner_compress.core.config import (DataOptions, ExportOptions, ModelOptions, OfaOptions, ReconstructionOptions,
-                                      RunOptions, StudentOptions, TeacherTraining, group_fields, parse_config)
+from ner_compress.core.config import (DataOptions, DropoutOptions, ExportOptions, HiddenMatchOptions, ModelOptions,
+                                      OfaOptions, ReconstructionOptions, RunOptions, StudentOptions, TeacherTraining,
+                                      group_fields, parse_config)
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
@@ -25,11 +26,10 @@ log = logging.getLogger("ner_compress")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.yaml")
 DATA_FLAGS = group_fields(DataOptions)
-TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, TeacherTraining)
-OFA_FLAGS = group_fields(DataOptions, RunOptions, OfaOptions)
-# the student also takes the teacher's dropout and the hidden-state weight of the OFA stage
-STUDENT_FLAGS = group_fields(DataOptions, RunOptions, StudentOptions, ReconstructionOptions) + [
-    "lambda_distill", "hidden_dropout_prob", "attention_probs_dropout_prob"]
+TEACHER_FLAGS = group_fields(DataOptions, RunOptions, ModelOptions, DropoutOptions, TeacherTraining)
+OFA_FLAGS = group_fields(DataOptions, RunOptions, HiddenMatchOptions, OfaOptions)
+STUDENT_FLAGS = group_fields(DataOptions, RunOptions, DropoutOptions, HiddenMatchOptions, StudentOptions,
+                             ReconstructionOptions)
 RECONSTRUCTION_FLAGS = group_fields(DataOptions, RunOptions, ReconstructionOptions) + ["width_mult"]
 EXPORT_FLAGS = group_fields(ExportOptions) + ["device", "cpu_threads", "vocab_file", "cache_dir", "verbose"]
 # how the previous stage was run, not what it was run on
@@ -54,9 +54,10 @@ def recorded_config(stage):
     return inherit
 
 
-def _start(cfg):
+def start(cfg):
+    """What every stage does first: processes, logging, device and threads; returns the data it runs on."""
     parallel.init()
-    training.setup_logging()
+    runtime.setup_logging()
     training.set_device(cfg.device)
     if cfg.device == "cpu":
         runtime.set_cpu_threads(cfg.cpu_threads)
@@ -69,12 +70,12 @@ def pruned_teacher_config(cfg):
     if not cfg.prune_vocab:
         return cfg
     parallel.init()
-    training.setup_logging()
+    runtime.setup_logging()
     return vocab_pruning.pruned_config(cfg, os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR))
 
 
 def run_teacher(cfg, data=None):
-    data = data or _start(cfg)
+    data = data or start(cfg)
     return training.train_teacher(cfg, data, layout.stage_dir(cfg.output_dir, "teacher"),
                                   layout.checkpoint_dir(cfg.output_dir, "teacher"))
 
@@ -84,7 +85,7 @@ def run_student(cfg, data=None):
     teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
     teacher_manifest = read_manifest(teacher_dir, "teacher")
     student.student_plan(cfg, load_config(teacher_dir, "teacher"))  # a bad shape or match fails before data
-    data = data or _start(cfg)
+    data = data or start(cfg)
     teacher = load_checked(teacher_dir, "teacher", teacher_manifest, data)
     return student.train_student(cfg, data, teacher, teacher_manifest, layout.stage_dir(cfg.output_dir, "student"),
                                  layout.checkpoint_dir(cfg.output_dir, "student"))
@@ -95,7 +96,7 @@ def run_ofa(cfg, data=None, source="teacher"):
     its hidden states are matched layer by layer, so they must have the supernet's depth and size."""
     source_dir = layout.stage_dir(cfg.output_dir, source)
     teacher_manifest = read_manifest(source_dir, source)
-    data = data or _start(cfg)
+    data = data or start(cfg)
     teacher = load_checked(source_dir, source, teacher_manifest, data)
     training.set_seed(cfg.seed)
     out_dir = layout.ofa_dir(cfg.output_dir, source)
@@ -126,7 +127,7 @@ def load_teacher(cfg, data):
 
 def run_reconstruction(cfg, ref, data=None, teacher=None):
     """Refit one trained model against the teacher (``ref``: a width of a supernet, or the student)."""
-    data = data or _start(cfg)
+    data = data or start(cfg)
     teacher = teacher or load_teacher(cfg, data)
     if ref.width is None:
         return reconstruction_stage.reconstruct_model_dir(cfg, data, teacher, layout.stage_dir(cfg.output_dir,
@@ -137,7 +138,7 @@ def run_reconstruction(cfg, ref, data=None, teacher=None):
 
 def run_export(cfg, ref, data=None):
     """Export one model: a width of its source's supernet, or the source itself (``ref.width`` None)."""
-    data = data or _start(cfg)
+    data = data or start(cfg)
     out_dir = layout.export_dir(cfg.output_dir, ref)
     if ref.width is None:
         source_dir, stage = layout.trained_dir(cfg.output_dir, ref)
@@ -157,13 +158,28 @@ def chosen_models(output_dir, names=None):
 
 def run_benchmark(cfg, opts, command):
     """Measure the teacher and every exported width; write DIR/report/{results.json,report.md,pareto.png}."""
-    from tqdm import tqdm
-
-    data = _start(cfg)
+    data = start(cfg)
     if opts["export_missing"]:
-        for ref in layout.trained_models(cfg.output_dir):
-            if not layout.is_exported(cfg.output_dir, ref):
-                run_export(cfg, ref, data)
+        export_missing(cfg, data)
+    models = models_to_measure(cfg, opts)
+    pruned = pruning_sizes(cfg)
+    measured = measure(cfg, opts, models, data.splits)
+    results = {"command": command, **measured, "vocab_pruning": pruned, "targets": report.all_targets(measured["rows"])}
+    report_dir = layout.report_dir(cfg.output_dir)
+    report.write_report(report_dir, results, report.markdown(results), "results.json", "report.md")
+    report.plot_pareto(results["rows"], os.path.join(report_dir, "pareto.png"))
+    return results
+
+
+def export_missing(cfg, data):
+    """``--export_missing``: each trained model without an export is exported now."""
+    for ref in layout.trained_models(cfg.output_dir):
+        if not layout.is_exported(cfg.output_dir, ref):
+            run_export(cfg, ref, data)
+
+
+def models_to_measure(cfg, opts):
+    """(ref, export dir) of each chosen export, once every chosen backend is known to be able to run it."""
     models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in chosen_models(cfg.output_dir, opts["models"])]
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
@@ -171,32 +187,34 @@ def run_benchmark(cfg, opts, command):
     for backend in opts["backends"]:
         for _, directory in models:
             check_backend(backend, os.path.join(directory, "static"))
-    pruned = vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
-    report_dir = layout.report_dir(cfg.output_dir)
-    work_dir = os.path.join(report_dir, "models")
+    return models
+
+
+def pruning_sizes(cfg):
+    """The teacher's vocabulary pruning (rows before and after), when it started from a pruned model."""
+    return vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
+
+
+def measure(cfg, opts, models, splits):
+    """Every model x backend x precision on the test set, each in a fresh process; the rows with the machine
+    and the settings they were measured with."""
+    from tqdm import tqdm
+
+    work_dir = os.path.join(layout.report_dir(cfg.output_dir), "models")
     os.makedirs(work_dir, exist_ok=True)
-    sentences = data.splits.test
+    sentences = splits.test
     # Paddle INT8 calibrates on training sentences: dev and test are what it is judged on
-    opts = {**opts, "calibration_sentences": calibration_sentences(data.splits.train, opts["calibration_sentences"],
+    opts = {**opts, "calibration_sentences": calibration_sentences(splits.train, opts["calibration_sentences"],
                                                                    opts["calibration_seed"])}
     # the ceiling first: after the predictors run, their OpenMP threads keep spinning and steal cores
     ceiling = benchmark.matmul_gflops(opts["threads"])
     with tqdm(desc="benchmark", dynamic_ncols=True) as bar:
         rows = report.annotate(benchmark.measure_in_fresh_processes(models, sentences, work_dir, opts,
                                                                     bar.set_postfix_str))
-    results = {"command": command, "machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
-               "matmul_gflops": ceiling, "batch_size": opts["batch_size"],
-               "repeats": opts["repeats"], "test_sentences": len(sentences),
-               "speed_sentences": min(len(sentences), opts["speed_sentences"]),
-               "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows,
-               "vocab_pruning": pruned, "targets": report.targets(rows) + report.student_targets(rows)
-               + report.smallest_within(rows) + report.deployment_targets(rows)}
-    write_json(os.path.join(report_dir, "results.json"), results)
-    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report.markdown(results))
-    report.plot_pareto(rows, os.path.join(report_dir, "pareto.png"))
-    print(report.markdown(results))
-    return results
+    return {"machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
+            "matmul_gflops": ceiling, "batch_size": opts["batch_size"], "repeats": opts["repeats"],
+            "test_sentences": len(sentences), "speed_sentences": min(len(sentences), opts["speed_sentences"]),
+            "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows}
 
 
 def benchmark_cli(argv=None):
@@ -235,7 +253,7 @@ def prune_vocab_cli(argv=None):
     cfg, args = parse_stage_config("Cut a local model directory's vocabulary to the characters of the training corpus "
                              "(plus --keep_chars_file and the special tokens).",
                              DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv, extra=extra)
-    training.setup_logging()
+    runtime.setup_logging()
     out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
 

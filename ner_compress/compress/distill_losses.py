@@ -1,34 +1,54 @@
-"""What a student learns from its teacher besides the labels: recorded features and their losses.
+"""What a student learns from its teacher besides the labels: recorded features, their losses, and how
+both distillers (width supernet, student) weigh and sum them.
 
-``FeatureRecorder`` keeps the outputs of named sublayers (forward post-hooks, so any model and
-any forward work, including PaddleSlim's supernet). The losses average over real characters
+``FeatureRecorder`` keeps an encoder's hidden states and attention probabilities (forward hooks, so any
+model and any forward work, including PaddleSlim's supernet). The losses average over real characters
 only: ``[CLS]``, ``[SEP]`` and padding carry no signal a tagger needs.
 """
+from dataclasses import dataclass
+from functools import partial
+
 import paddle
 import paddle.nn.functional as F
 
+from ner_compress.core import parallel
 from ner_compress.data.corpus import IGNORE_INDEX
 
 
 class FeatureRecorder:
-    """Records the output of each named sublayer of ``model`` at every forward."""
+    """The features of ``model``'s encoder at its latest forward, numbered as ``compress.matches`` numbers
+    them (PaddleNLP's ``hidden_states`` and ``attentions``): hidden 0 is the encoder's input, hidden i the
+    output of encoder layer i (the last after the encoder's final LayerNorm, if any); attention i the
+    probabilities of layer i, recorded when the forward is asked for them (``output_attentions=True``)."""
 
-    def __init__(self, model, names):
-        layers = dict(model.named_sublayers())
-        missing = [n for n in names if n not in layers]
-        if missing:
-            raise KeyError(f"no sublayer {missing[0]!r} in {type(model).__name__}")
-        self.names = list(names)
-        self.outputs = {}
-        self._handles = [layers[n].register_forward_post_hook(self._hook(n)) for n in self.names]
+    def __init__(self, model):
+        encoder = model.base_model.encoder
+        self.layers = len(encoder.layers)
+        self._hidden, self._attention = {}, {}
+        self._handles = [encoder.layers[0].register_forward_pre_hook(self._keep_input)]
+        self._handles += [layer.register_forward_post_hook(partial(self._keep_output, i))
+                          for i, layer in enumerate(encoder.layers, 1)]
+        if getattr(encoder, "norm", None) is not None:  # pre-LN: the final norm's output is the last state
+            self._handles.append(encoder.norm.register_forward_post_hook(partial(self._keep_output, self.layers)))
 
-    def _hook(self, name):
-        def record(layer, inputs, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return record
+    def _keep_input(self, layer, inputs):
+        self._hidden[0] = inputs[0]
 
-    def features(self):
-        return [self.outputs[n] for n in self.names]
+    def _keep_output(self, index, layer, inputs, output):
+        if isinstance(output, (tuple, list)):  # (hidden, attention probabilities) when asked for them
+            self._hidden[index] = output[0]
+            if len(output) > 1:
+                self._attention[index] = output[-1]
+        else:
+            self._hidden[index] = output
+
+    def hidden(self, index):
+        return self._hidden[index]
+
+    def attention(self, index):
+        if index not in self._attention:
+            raise KeyError(f"attention {index} was not recorded: run the model with output_attentions=True")
+        return self._attention[index]
 
     def remove(self):
         for handle in self._handles:
@@ -86,3 +106,32 @@ def soft_cross_entropy_sum(student_logits, teacher_logits, labels, temperature=1
     teacher_probs = F.softmax(teacher_logits.detach() / temperature, axis=-1)
     per_token = -(teacher_probs * F.log_softmax(student_logits / temperature, axis=-1)).sum(-1)
     return (per_token * (labels != IGNORE_INDEX).astype(per_token.dtype)).sum()
+
+
+@dataclass(frozen=True)
+class LabelWeights:
+    """How a distilled model's logits are trained: toward the teacher's and toward the gold labels."""
+    logit: float  # soft cross-entropy to the teacher's distribution
+    hard: float = 0.0  # cross-entropy to the gold labels
+    temperature: float = 1.0
+
+
+def label_parts(weights, student_logits, teacher_logits, labels, tokens):
+    """{name: (weight, loss)} of the logit terms, each a share of the global batch's mean over real characters
+    (``tokens``: their count over all processes)."""
+    soft = soft_cross_entropy_sum(student_logits, teacher_logits, labels, weights.temperature) / tokens
+    # T^2 keeps the soft term's gradient scale independent of the temperature (Hinton et al.)
+    parts = {"logit": (weights.logit * weights.temperature ** 2, soft)}
+    if weights.hard:
+        parts["hard"] = (weights.hard, F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX,
+                                                       reduction="sum") / tokens)
+    return parts
+
+
+def backward_parts(parts):
+    """Backward of the weighted sum of ``parts`` ({name: (weight, loss)}); the total ("loss") and each part's
+    loss, summed over processes (each process holds its share of the global mean)."""
+    total = paddle.add_n([weight * loss for weight, loss in parts.values()])
+    total.backward()
+    return {"loss": parallel.all_reduce_sum(float(total)),
+            **{name: parallel.all_reduce_sum(float(loss)) for name, (_, loss) in parts.items()}}

@@ -14,7 +14,7 @@ would be initialised from (``layer_map``), hidden MSE at ``lambda_distill``.
 """
 from dataclasses import dataclass
 
-from ner_compress.compress.distill_losses import FEATURE_LOSSES
+from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss
 from ner_compress.core.errors import UserError
 
 FIELD = "intermediate_matches"
@@ -95,9 +95,22 @@ def parse_matches(spec, student_layers, teacher_layers, default_weight):
     return matches
 
 
-def features(outputs, match, student):
-    """The feature ``match`` names, from a model output with hidden states and attentions."""
+def features(recorded, match, student):
+    """The feature ``match`` names, from a ``distill_losses.FeatureRecorder`` of the student or the teacher."""
     layer = match.student_layer if student else match.teacher_layer
-    if match.feature == "hidden":
-        return outputs.hidden_states[layer]
-    return outputs.attentions[layer - 1]
+    return recorded.hidden(layer) if match.feature == "hidden" else recorded.attention(layer)
+
+
+def match_parts(matches, student, teacher, mask, count, projections=None):
+    """{match name: (weight, loss)} of the matches between two recorded models; hidden states of the student
+    go through ``projections[name]`` where it has one (another hidden size)."""
+    parts = {}
+    for m in matches:
+        s, t = features(student, m, True), features(teacher, m, False)
+        if m.feature == "attention":
+            loss = attention_loss(m.loss, s, t, mask, count)
+        else:
+            s = projections[m.name](s) if projections and m.name in projections else s
+            loss = FEATURE_LOSSES[m.loss](s, t, mask, count)
+        parts[m.name] = (m.weight, loss)
+    return parts

@@ -16,6 +16,7 @@ from ner_compress.compress.training import evaluate
 from ner_compress.core import parallel
 from ner_compress.core.artifacts import MANIFEST, atomic_dir, read_manifest, weight_hashes, write_json
 from ner_compress.core.checkpoint import load_weights, save_weights
+from ner_compress.core.console import detail
 from ner_compress.core.errors import UserError
 from ner_compress.models.modeling import build_sub_model, into_supernet_state, load_pretrained, numpy_logits
 from ner_compress.models.families import load_config, model_class_for
@@ -94,12 +95,12 @@ def reconstruct_dir(cfg, data, teacher, directory, stage, load, write_weights, n
         log.info("%s: already reconstructed (%s)", name, directory)
         return manifest[RECORD]
     if unchanged_start(manifest):
-        log.info("%s: kept its start (step 0), which is its source or was refit already; nothing to refit", name)
+        detail.info("%s: kept its start (step 0), which is its source or was refit already; nothing to refit", name)
         return None
     model = load(manifest)
     if model.config.hidden_size != teacher.config.hidden_size:
-        log.info("%s: hidden size %d, the teacher's %d: no layer output to refit against", name,
-                 model.config.hidden_size, teacher.config.hidden_size)
+        detail.info("%s: hidden size %d, the teacher's %d: no layer output to refit against", name,
+                    model.config.hidden_size, teacher.config.hidden_size)
         return None
     record, scores = refit_and_score(cfg, data, model, teacher, manifest["metrics"]["dev_f1"])
     if parallel.is_writer():

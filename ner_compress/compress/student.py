@@ -10,14 +10,13 @@ is exact) but never saved with the student.
 import logging
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 from ner_compress.core import parallel
 from ner_compress.models.families import FAMILIES
-from ner_compress.data.corpus import IGNORE_INDEX
-from ner_compress.compress.distill_losses import FEATURE_LOSSES, attention_loss, real_token_mask, soft_cross_entropy_sum
+from ner_compress.compress.distill_losses import (FeatureRecorder, LabelWeights, backward_parts, label_parts,
+                                                  real_token_mask)
 from ner_compress.core.errors import UserError
-from ner_compress.compress.matches import features, layer_map, parse_matches
+from ner_compress.compress.matches import layer_map, match_parts, parse_matches
 from ner_compress.models.modeling import count_parameters
 from ner_compress.models.width_plan import without_plan
 from ner_compress.compress.reconstruction_stage import refit
@@ -100,49 +99,34 @@ class StudentWithProjections(nn.Layer):
 
 
 class StudentDistiller:
-    """Teacher copy in eval (once per step under ``no_grad``), the trainable student and its objective."""
+    """Teacher copy in eval (once per step under ``no_grad``), the trainable student and its objective: the
+    logit terms and the ``matches`` between their recorded features."""
 
     def __init__(self, teacher, student, matches, cfg):
         self.teacher = frozen_copy(teacher)
         self.model = StudentWithProjections(student, matches, teacher.config.hidden_size)
         self.matches = matches
-        self.temperature, self.lambda_logit = cfg.student_temperature, cfg.student_lambda_logit
-        self.hard_weight = cfg.student_hard_label_weight
-        self.outputs = {"output_hidden_states": any(m.feature == "hidden" for m in matches),
-                        "output_attentions": any(m.feature == "attention" for m in matches), "return_dict": True}
+        self.weights = LabelWeights(cfg.student_lambda_logit, cfg.student_hard_label_weight, cfg.student_temperature)
+        self.teacher_features = FeatureRecorder(self.teacher)
+        self.student_features = FeatureRecorder(student)
+        self.attentions = any(m.feature == "attention" for m in matches)
 
-    def _run(self, model, batch):
-        return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], **self.outputs)
-
-    def match_loss(self, match, student_out, teacher_out, mask, count):
-        s, t = features(student_out, match, True), features(teacher_out, match, False)
-        if match.feature == "attention":
-            return attention_loss(match.loss, s, t, mask, count)
-        if match.name in self.model.projections:
-            s = self.model.projections[match.name](s)
-        return FEATURE_LOSSES[match.loss](s, t, mask, count)
+    def _logits(self, model, batch):
+        out = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                    output_attentions=self.attentions, return_dict=True)
+        return out.logits
 
     def step(self, batch):
         """Forward and backward; every loss is a mean over the real characters of the global batch."""
         labels = batch["labels"]
         tokens = global_token_count(labels)
-        mask = real_token_mask(labels)
         with paddle.no_grad():
-            teacher_out = self._run(self.teacher, batch)
-        student_out = self._run(self.model.student, batch)
-        # T^2 keeps the soft term's gradient scale independent of the temperature (Hinton et al.)
-        soft = soft_cross_entropy_sum(student_out.logits, teacher_out.logits, labels, self.temperature) / tokens
-        parts = {"logit": (self.lambda_logit * self.temperature ** 2, soft)}
-        if self.hard_weight:
-            hard = F.cross_entropy(student_out.logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / tokens
-            parts["hard"] = (self.hard_weight, hard)
-        for m in self.matches:
-            parts[m.name] = (m.weight, self.match_loss(m, student_out, teacher_out, mask, tokens))
-        total = paddle.add_n([weight * loss for weight, loss in parts.values()])
-        total.backward()
-        losses = {"loss": parallel.all_reduce_sum(float(total))}
-        losses.update({name: parallel.all_reduce_sum(float(loss)) for name, (_, loss) in parts.items()})
-        return losses
+            teacher_logits = self._logits(self.teacher, batch)
+        student_logits = self._logits(self.model.student, batch)
+        parts = label_parts(self.weights, student_logits, teacher_logits, labels, tokens)
+        parts.update(match_parts(self.matches, self.student_features, self.teacher_features, real_token_mask(labels),
+                                 tokens, self.model.projections))
+        return backward_parts(parts)
 
 
 def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root):
@@ -170,7 +154,6 @@ def train_student(cfg, data, teacher, teacher_manifest, out_dir, checkpoint_root
             log.info("student: start refit against teacher layers %s (%.0f CPU-s)", layers, start["cpu_seconds"])
 
     state = run_stage(cfg, Stage(
-        name="student", model=distiller.model, data=data, learning_rate=cfg.student_learning_rate,
-        max_steps=cfg.student_max_steps, epochs=cfg.student_num_train_epochs, eval_steps=cfg.student_eval_steps,
+        name="student", model=distiller.model, data=data, schedule=cfg.schedule("student"),
         step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root, before_training=refit_start))
     return best_of("student", state, out_dir)

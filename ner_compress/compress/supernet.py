@@ -31,12 +31,15 @@ from paddleslim.nas.ofa.convert_super import Convert, supernet
 from ner_compress.core import compat, layout, parallel, runtime
 from ner_compress.core.artifacts import atomic_dir, write_manifest
 from ner_compress.core.checkpoint import save_weights
+from ner_compress.core.console import detail
 from ner_compress.data.corpus import collate
-from ner_compress.compress.distill_losses import FeatureRecorder, masked_mse, real_token_mask, soft_cross_entropy_sum
+from ner_compress.compress.distill_losses import (FeatureRecorder, LabelWeights, backward_parts, label_parts,
+                                                  real_token_mask)
+from ner_compress.compress.matches import default_matches, match_parts
 from ner_compress.models.width_plan import width_plan
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.compress.training import (Stage, evaluate, frozen_copy, global_token_count, run_stage, to_tensors,
-                                            token_loss, token_loss_sum)
+                                            token_loss)
 
 log = logging.getLogger("ner_compress")
 
@@ -107,60 +110,44 @@ def to_supernet(model):
     return bind_ofa_forwards(converted)
 
 
-def mapping_layers(model):
-    """Where hidden states are matched: the embeddings and every encoder layer."""
-    prefix = model.base_model_prefix
-    return [f"{prefix}.embeddings"] + [f"{prefix}.encoder.layers.{i}"
-                                       for i in range(model.config.num_hidden_layers)]
-
-
 class WidthDistiller:
     """The supernet (OFA, width only) of a copy of ``teacher``, and a frozen teacher copy in eval mode.
 
     The teacher runs once per step under ``no_grad``; its hidden states and logits are reused at
     every width (PaddleSlim's ``DistillConfig`` would rerun it per width with autograd on, and its
-    MSE covers padding). Hidden states are matched over real characters only.
+    MSE covers padding). Hidden states (the embeddings and every layer) are matched over real characters.
     """
 
     def __init__(self, teacher, lambda_distill, lambda_logit, lambda_hard=0.0):
         self.teacher = frozen_copy(teacher)
         self.ofa_model = OFA(to_supernet(copy.deepcopy(teacher)), elastic_order=["width"])
         self.config = teacher.config
-        self.lambda_distill, self.lambda_logit, self.lambda_hard = lambda_distill, lambda_logit, lambda_hard
-        names = mapping_layers(teacher)
-        self.teacher_features = FeatureRecorder(self.teacher, names)
-        self.student_features = FeatureRecorder(self.ofa_model.model, names)
+        self.lambda_distill = lambda_distill
+        self.weights = LabelWeights(lambda_logit, lambda_hard)
+        layers = teacher.config.num_hidden_layers
+        self.matches = default_matches(layers, layers, 1.0)  # each layer with itself
+        self.teacher_features = FeatureRecorder(self.teacher)
+        self.student_features = FeatureRecorder(self.ofa_model.model)
 
     @property
     def student(self):
         return self.ofa_model.model
 
-    def teacher_outputs(self, batch):
-        with paddle.no_grad():
-            logits = self.teacher(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        return logits, self.teacher_features.features()
-
     def step(self, batch, widths):
-        """Forward and backward at every width; {"w<width>_logit": .., "w<width>_hidden": ..}, means
-        over the real characters of the global batch (all ranks)."""
+        """Forward and backward at every width; {"w<width>_logit": .., "w<width>_hidden": .., ...}, means
+        over the real characters of the global batch (all ranks); hidden: the sum over layers."""
         tokens = global_token_count(batch["labels"])
         mask = real_token_mask(batch["labels"])
-        teacher_logits, teacher_hidden = self.teacher_outputs(batch)
+        with paddle.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         losses = {}
         for width in widths:
             set_width(self.ofa_model, width)
             student_logits = self.ofa_model(**ofa_inputs(batch))
-            # normalised by the global character count: summed gradients equal one process's
-            hidden = paddle.add_n([masked_mse(s, t, mask, tokens) for s, t in
-                                   zip(self.student_features.features(), teacher_hidden)])
-            logit_sum = soft_cross_entropy_sum(student_logits, teacher_logits, batch["labels"])
-            hard_sum = token_loss_sum(student_logits, batch["labels"]) if self.lambda_hard else paddle.zeros([])
-            (self.lambda_distill * hidden + (self.lambda_logit * logit_sum + self.lambda_hard * hard_sum) / tokens
-             ).backward()
-            losses[f"w{width}_logit"] = parallel.all_reduce_sum(float(logit_sum)) / tokens
-            losses[f"w{width}_hidden"] = parallel.all_reduce_sum(float(hidden))
-            if self.lambda_hard:
-                losses[f"w{width}_hard"] = parallel.all_reduce_sum(float(hard_sum)) / tokens
+            parts = label_parts(self.weights, student_logits, teacher_logits, batch["labels"], tokens)
+            layers = match_parts(self.matches, self.student_features, self.teacher_features, mask, tokens)
+            parts["hidden"] = (self.lambda_distill, paddle.add_n([loss for _, loss in layers.values()]))
+            losses.update({f"w{width}_{name}": value for name, value in backward_parts(parts).items()})
         return losses
 
 
@@ -274,7 +261,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
     def reorder(resuming):
         if not resuming and parallel.is_writer():
             # once, on rank 0; train_loop then broadcasts rank 0's (reordered) weights to every rank
-            log.info("%s: computing head and neuron importance on training sentences", name)
+            detail.info("%s: computing head and neuron importance on training sentences", name)
             reorder_by_importance(ofa_model.model, importance_batches(
                 data.windows("train"), cfg.per_device_eval_batch_size, cfg.importance_batches, data.encoder.pad_id,
                 cfg.seed))
@@ -283,7 +270,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
         for width in (widths if step == 0 else trained):  # an untrained width only drifts with the shared weights
             set_width(ofa_model, width)
             scores = evaluate(ofa_logits(ofa_model), data, dev_w, cfg.per_device_eval_batch_size, cfg.decoding)
-            log.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
+            detail.info("%s step %d width %s dev F1 %.4f", name, step, width, scores["f1"])
             key = str(width)
             if scores["f1"] > state["best"].get(key, {}).get("dev_f1", -1.0):
                 state["best"][key] = {"dev_f1": scores["f1"], "dev": scores, "step": step,
@@ -291,8 +278,7 @@ def train_supernet(cfg, data, teacher, teacher_manifest, ofa_dir, checkpoint_roo
                 save_width(ofa_model, teacher, data, cfg, width, state["best"][key], teacher_manifest, ofa_dir)
 
     state = run_stage(cfg, Stage(
-        name=name, model=ofa_model.model, data=data, learning_rate=cfg.ofa_learning_rate,
-        max_steps=cfg.ofa_max_steps, epochs=cfg.ofa_num_train_epochs, eval_steps=cfg.ofa_eval_steps,
+        name=name, model=ofa_model.model, data=data, schedule=cfg.schedule("ofa"),
         step_fn=lambda batch: distiller.step(batch, trained), eval_fn=eval_fn, checkpoint_root=checkpoint_root,
         before_training=reorder))
     return {float(k): v for k, v in state["best"].items()}, state["history"]

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -24,14 +25,17 @@ from tqdm import tqdm
 
 from ner_compress.core import parallel, runtime
 from ner_compress.models.families import save_tokenizer
-from ner_compress.core.artifacts import atomic_dir, write_manifest
+from ner_compress.core.artifacts import atomic_dir, model_input, write_manifest
+from ner_compress.core.console import detail, verbose
 from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
+from ner_compress.core.config import Schedule
 from ner_compress.core.errors import StopRequested
 from ner_compress.data.corpus import IGNORE_INDEX, collate, train_batches
 from ner_compress.data.decoding import Decoder
 from ner_compress.data.window_scores import sentence_log_probs
 from ner_compress.core.errors import UserError
 from ner_compress.data.entity_scores import entity_scores
+from ner_compress.models.e5_pretrained import resolve_model_path
 from ner_compress.models.modeling import build_teacher, count_parameters, numpy_logits
 
 log = logging.getLogger("ner_compress")
@@ -41,14 +45,6 @@ _PROGRESS = {"bars": True}
 def hide_progress_bars():
     """This process logs progress lines only (stages running side by side share one terminal)."""
     _PROGRESS["bars"] = False
-
-
-def setup_logging(level=logging.INFO):
-    """Our progress lines on stderr (rank 0 only); PaddleNLP's per-file notices only at WARNING."""
-    from paddlenlp.utils.log import logger as paddlenlp_logger
-
-    paddlenlp_logger.set_level("WARNING")
-    runtime.setup_logging(level if parallel.is_writer() else logging.WARNING)
 
 
 def set_device(device):
@@ -153,10 +149,7 @@ class Stage:
     name: str  # of log lines, the progress bar and the final digest line
     model: paddle.nn.Layer  # trained whole: every parameter optimised, checkpointed and broadcast
     data: object  # corpus.NerData: trains on its train split
-    learning_rate: float
-    max_steps: int  # > 0: the step count, whatever ``epochs`` says
-    epochs: float
-    eval_steps: int
+    schedule: Schedule  # learning rate, steps or epochs, evaluation interval: ``cfg.schedule(stage)``
     step_fn: Callable  # step_fn(batch) -> {loss name: float}, gradients accumulated
     eval_fn: Callable  # eval_fn(step, state): scores dev, records the best in state["best"]
     checkpoint_root: str
@@ -182,20 +175,20 @@ def run_stage(cfg, stage):
     schedule -> ``train_loop``. Returns the loop's state (``best``, ``history``, ``step``, ``speed``)."""
     windows = stage.data.windows("train")
     steps_per_epoch = count_batches(windows, cfg.per_device_train_batch_size)
-    steps = total_steps(stage.max_steps, stage.epochs, steps_per_epoch)
+    steps = total_steps(stage.schedule.max_steps, stage.schedule.num_train_epochs, steps_per_epoch)
     log.info("%s: %d parameters, %d train windows, %d steps (%.2f epochs), %d process(es)", stage.name,
              count_parameters(stage.model), len(windows), steps, steps / steps_per_epoch, parallel.world_size())
     checkpointer = Checkpointer(stage.checkpoint_root, cfg.save_total_limit, writer=parallel.is_writer())
     resume = resume_path(cfg, checkpointer)
     if stage.before_training:
         stage.before_training(resume is not None)
-    optimizer, scheduler = make_optimizer(stage.model, stage.learning_rate, cfg, steps)
+    optimizer, scheduler = make_optimizer(stage.model, stage.schedule.learning_rate, cfg, steps)
     return train_loop(cfg, stage, Run(windows, steps, optimizer, scheduler, checkpointer, resume))
 
 
 def train_loop(cfg, stage, run):
     """``stage.step_fn`` for ``run.steps`` steps, from ``run.resume`` if set; ``stage.eval_fn`` every
-    ``stage.eval_steps``. Raises ``StopRequested`` after saving on SIGINT/SIGTERM."""
+    ``stage.schedule.eval_steps``. Raises ``StopRequested`` after saving on SIGINT/SIGTERM."""
     model = stage.model
     state = {"step": 0, "best": {}, "history": []}
     if run.resume:
@@ -216,10 +209,10 @@ def train_loop(cfg, stage, run):
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:2]})
             if step % cfg.logging_steps == 0:
-                log.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
+                detail.info("%s step %d/%d epoch %d lr %.2e %s, %.1f sentences/s", stage.name, step, run.steps, epoch,
                          run.optimizer.get_lr(), " ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                          state["speed"]["train_sentences_per_s"])
-            if step % stage.eval_steps == 0 or step == run.steps:
+            if step % stage.schedule.eval_steps == 0 or step == run.steps:
                 evaluate_in_eval_mode(stage, step, state)
             if step % cfg.save_steps == 0 or epoch_end or step == run.steps or stop["signum"]:
                 path = run.checkpointer.save(step, model, run.optimizer, state)
@@ -227,8 +220,9 @@ def train_loop(cfg, stage, run):
                 if stop["signum"]:
                     raise StopRequested(stop["signum"], step, path)
     bar.close()
-    print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
-          file=sys.stderr)
+    if parallel.world_size() > 1 or verbose():  # every rank's, to compare (tests/test_distributed.py)
+        print(f"{stage.name} rank {parallel.rank()} final parameters sha256 {parameters_digest(model)}",
+              file=sys.stderr)
     return state
 
 
@@ -306,7 +300,7 @@ def best_model_eval(name, model, data, cfg, out_dir, **manifest):
         # every rank scores the whole dev set with identical weights: one F1, one decision
         scores = evaluate(partial(numpy_logits, model), data, dev_windows, cfg.per_device_eval_batch_size,
                           cfg.decoding)
-        log.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
+        detail.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
                  scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
             state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
@@ -320,10 +314,20 @@ def best_of(name, state, out_dir):
     return state["best"]
 
 
+def starting_model(cfg):
+    """The teacher's inputs: the pretrained model it starts from (``artifacts.model_input``; a hub name as
+    given), nothing for a fresh model."""
+    if not cfg.model_name_or_path:
+        return {}
+    source = resolve_model_path(cfg.model_name_or_path, cfg.cache_dir)
+    return {"model": model_input(source) if os.path.isdir(source) else {"name": source}}
+
+
 def train_teacher(cfg, data, out_dir, checkpoint_root):
     """Fine-tune the teacher; the best dev-F1 model is (re)written to ``out_dir`` as it appears."""
     set_seed(cfg.seed)
     model = build_teacher(cfg, data.labels, len(data.encoder.vocab), data.encoder.pad_id)
+    inputs = starting_model(cfg)  # hashed before training: what it started from, not what it became
 
     def step_fn(batch):
         logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
@@ -333,8 +337,7 @@ def train_teacher(cfg, data, out_dir, checkpoint_root):
         return {"loss": parallel.all_reduce_sum(float(loss_sum)) / tokens}
 
     state = run_stage(cfg, Stage(
-        name="teacher", model=model, data=data, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
-        epochs=cfg.num_train_epochs, eval_steps=cfg.eval_steps, step_fn=step_fn,
-        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir), checkpoint_root=checkpoint_root,
+        name="teacher", model=model, data=data, schedule=cfg.schedule("teacher"), step_fn=step_fn,
+        eval_fn=best_model_eval("teacher", model, data, cfg, out_dir, inputs=inputs), checkpoint_root=checkpoint_root,
         evaluate_at_start=False))
     return best_of("teacher", state, out_dir)

