@@ -137,7 +137,7 @@ def uniform_plan(table, layers, heads, intermediate, budget):
 def run_search(cfg, opts):
     """Search, write ``search/<name>``, export it and time it: the manifest of the searched model."""
     check_options(opts)
-    data = stages._start(cfg)
+    data = stages.start(cfg)
     teacher = stages.load_teacher(cfg, data)
     threads = opts.threads or os.cpu_count() or 1
     feeds = workload_feeds(data, opts)

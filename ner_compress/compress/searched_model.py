@@ -6,7 +6,6 @@ The teacher's units are sorted by Fisher importance on training sentences (``uni
 and the best on dev is kept. Test is never read here.
 """
 import copy
-import logging
 import time
 from functools import partial
 
@@ -14,12 +13,12 @@ from ner_compress.compress import reconstruction_stage
 from ner_compress.compress.supernet import importance_batches
 from ner_compress.compress.training import evaluate
 from ner_compress.compress.plan_search import Values
+from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
 from ner_compress.models.families import model_class_for
 from ner_compress.models.modeling import numpy_logits, sub_model_state
 from ner_compress.models.width_plan import layer_plan
 
-log = logging.getLogger("ner_compress")
 REFIT_CANDIDATES = 3  # measured: the refit lifted a per-layer cut 4.1 dev points, a uniform one 2.0
 
 
@@ -31,7 +30,7 @@ def ranked_teacher(cfg, data, teacher):
                                  data.encoder.pad_id, cfg.seed)
     start = time.process_time()
     heads, neurons = reorder_by_importance(model, *fisher_importance(model, batches))
-    log.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%.0f CPU-s)",
+    detail.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%.0f CPU-s)",
              heads.size, neurons.size, len(batches), time.process_time() - start)
     model.eval()
     return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
@@ -45,7 +44,7 @@ def candidate_values(cfg, data, ranked, heads, neurons, neuron_choices, sentence
                                  cfg.seed + 1)
     start = time.process_time()
     kl_heads, kl_neurons = layer_sensitivity(ranked, batches, neuron_choices, data.encoder.pad_id)
-    log.info("search: each layer cut alone to %d widths, KL measured on %d training sentences (%.0f CPU-s)",
+    detail.info("search: each layer cut alone to %d widths, KL measured on %d training sentences (%.0f CPU-s)",
              kl_heads.shape[1] + kl_neurons.shape[1], sum(len(b["input_ids"]) for b in batches),
              time.process_time() - start)
     return [Values.from_importance(heads, neurons, neuron_choices),
@@ -73,7 +72,7 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
     for source, plan in plans:
         model = plan_model(teacher_dir, teacher, state, plan)
         scored.append({"plan": plan, "source": source, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
-        log.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
+        detail.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
                  scored[-1]["dev_f1_cut"])
     scored.sort(key=lambda c: -c["dev_f1_cut"])
     for candidate in scored[:0 if cfg.skip_reconstruction else REFIT_CANDIDATES]:
@@ -82,7 +81,7 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
         if not record["kept"]:  # the refit lowered dev F1: back to the cut weights
             candidate["model"] = plan_model(teacher_dir, teacher, state, candidate["plan"])
         candidate["reconstruction"] = record
-        log.info("search: %s refit dev F1 %.4f -> %.4f", candidate["plan"].describe(), candidate["dev_f1_cut"],
+        detail.info("search: %s refit dev F1 %.4f -> %.4f", candidate["plan"].describe(), candidate["dev_f1_cut"],
                  after["f1"])
     for candidate in scored:
         rec = candidate.get("reconstruction")
