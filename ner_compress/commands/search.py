@@ -45,7 +45,7 @@ class SearchOptions:
     precision: str = flag_field("fp32", "fp32 (the fused graph) or int8 (its INT8 copy)", choices=["fp32", "int8"])
     threads: Optional[int] = flag_field(None, "CPU threads the latency is measured with (default: all cores)")
     workload_sentences: int = flag_field(128, "dev sentences whose lengths the latency is measured on")
-    sensitivity_sentences: int = flag_field(128, "training sentences each layer's cut is measured on (KL)")
+    sensitivity_sentences: int = flag_field(64, "training sentences each layer's cut is measured on (KL)")
     name: Optional[str] = flag_field(None, "the searched model's name (default: from the budget, e.g. b1_4.2ms)")
     skip_export: bool = flag_field(False, "write search/<name> only; export it later")
 

@@ -7,6 +7,8 @@ and the best on dev is kept. Test is never read here.
 """
 import copy
 import time
+
+import numpy as np
 from functools import partial
 
 from ner_compress.compress import reconstruction_stage
@@ -43,9 +45,11 @@ def candidate_values(cfg, data, ranked, heads, neurons, neuron_choices, sentence
                                  max(1, sentences // cfg.per_device_eval_batch_size), data.encoder.pad_id,
                                  cfg.seed + 1)
     start = time.process_time()
-    kl_heads, kl_neurons = layer_sensitivity(ranked, batches, neuron_choices, data.encoder.pad_id)
+    measured = neuron_choices[:1] + neuron_choices[1::2]  # the smallest and each uniform width's; the rest interpolated
+    kl_heads, kl_measured = layer_sensitivity(ranked, batches, measured, data.encoder.pad_id)
+    kl_neurons = np.array([np.interp(neuron_choices, measured, row) for row in kl_measured])
     detail.info("search: each layer cut alone to %d widths, KL measured on %d training sentences (%.0f CPU-s)",
-             kl_heads.shape[1] + kl_neurons.shape[1], sum(len(b["input_ids"]) for b in batches),
+             kl_heads.shape[1] + kl_measured.shape[1], sum(len(b["input_ids"]) for b in batches),
              time.process_time() - start)
     return [Values.from_importance(heads, neurons, neuron_choices),
             Values(kl_heads, kl_neurons, list(neuron_choices), "layer KL")]
