@@ -58,7 +58,8 @@ def test_plan_spends_the_budget_where_importance_is():
 
 def test_no_plan_within_the_budget_is_one_line():
     with pytest.raises(UserError) as err:
-        candidate_plans(Values.from_importance(np.ones((2, 4)), np.ones((2, 8)), [2, 4, 8]), FixedTable(), budget_ms=2.5)
+        values = Values.from_importance(np.ones((2, 4)), np.ones((2, 8)), [2, 4, 8])
+        candidate_plans(values, FixedTable(), budget_ms=2.5)
     assert "no sub-network meets it" in str(err.value) and "\n" not in str(err.value)
 
 

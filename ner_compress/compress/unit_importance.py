@@ -42,7 +42,8 @@ def unit_masks(layers, trainable=False):
     neuron_masks = [_ones(layer.linear2.weight.shape[0], trainable) for layer in layers]
     hooks = [layer.self_attn.out_proj.register_forward_pre_hook(_masked_heads(mask, layer.self_attn.num_heads))
              for layer, mask in zip(layers, head_masks)]
-    hooks += [layer.linear2.register_forward_pre_hook(_masked_neurons(mask)) for layer, mask in zip(layers, neuron_masks)]
+    hooks += [layer.linear2.register_forward_pre_hook(_masked_neurons(mask))
+              for layer, mask in zip(layers, neuron_masks)]
     return head_masks, neuron_masks, hooks
 
 

@@ -91,7 +91,8 @@ def _skip_norm(prefix, shape, rng, source, skip, out):
     weights = [numpy_helper.from_array(np.ones(shape.hidden, "float32"), prefix + "gamma"),
                numpy_helper.from_array(np.zeros(shape.hidden, "float32"), prefix + "beta"),
                _weight(prefix + "bias", rng, shape.hidden)]
-    node = helper.make_node("SkipLayerNormalization", [source, skip, prefix + "gamma", prefix + "beta", prefix + "bias"],
+    inputs = [source, skip, prefix + "gamma", prefix + "beta", prefix + "bias"]
+    node = helper.make_node("SkipLayerNormalization", inputs,
                             [out], domain=MS_DOMAIN, epsilon=EPSILON)
     return node, weights
 
