@@ -12,8 +12,9 @@ import numpy as np
 from functools import partial
 
 from ner_compress.compress import reconstruction_stage
+from ner_compress.compress.reconstruction import calibration_set
 from ner_compress.compress.supernet import importance_batches
-from ner_compress.compress.training import evaluate
+from ner_compress.compress.training import evaluate, to_tensors
 from ner_compress.compress.plan_search import Values
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
@@ -41,9 +42,9 @@ def ranked_teacher(cfg, data, teacher):
 def candidate_values(cfg, data, ranked, heads, neurons, neuron_choices, sentences):
     """What each per-layer choice is worth, two ways: Fisher importance kept, and the measured KL of cutting one
     layer at a time (on ``sentences`` training sentences)."""
-    batches = importance_batches(data.windows("train"), cfg.per_device_eval_batch_size,
-                                 max(1, sentences // cfg.per_device_eval_batch_size), data.encoder.pad_id,
-                                 cfg.seed + 1)
+    calibration = calibration_set(data.windows("train"), sentences, cfg.per_device_eval_batch_size,
+                                  data.encoder.pad_id, cfg.seed + 1)  # length-sorted: little padding to run
+    batches = [to_tensors(batch) for batch in calibration.batches]
     start = time.process_time()
     measured = neuron_choices[:1] + neuron_choices[1::2]  # the smallest and each uniform width's; the rest interpolated
     kl_heads, kl_measured = layer_sensitivity(ranked, batches, measured, data.encoder.pad_id)
