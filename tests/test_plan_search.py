@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from ner_compress.compress.plan_search import Values, best_choices, candidate_plans, plan_for_budget
-from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
+from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.core.errors import UserError
 from ner_compress.measure import latency_table as lt
 from ner_compress.models.modeling import numpy_logits
@@ -79,15 +79,6 @@ def test_fisher_reorder_keeps_the_function_and_sorts_the_units():
     assert (np.diff(sorted_heads, axis=1) <= 0).all() and (np.diff(sorted_neurons, axis=1) <= 0).all()
     again, _ = fisher_importance(model, tiny_batches())
     np.testing.assert_allclose(again, sorted_heads, rtol=1e-3, atol=1e-12)  # importance moved with its head
-
-
-def test_layer_sensitivity_grows_as_a_layer_is_cut_and_is_zero_uncut():
-    model = bert(layers=2)
-    heads, neurons = layer_sensitivity(model, tiny_batches()[:2], [16, 32, 64], pad_id=0)
-    assert heads.shape == (2, 4) and neurons.shape == (2, 3)
-    np.testing.assert_allclose(heads[:, -1], 0, atol=1e-6)  # every head kept: the model itself
-    np.testing.assert_allclose(neurons[:, -1], 0, atol=1e-6)
-    assert (heads[:, 0] < -1e-6).all() and (neurons[:, 0] < -1e-6).all()  # values are -KL: a cut loses
 
 
 def test_masking_the_least_important_head_costs_less_than_the_most():

@@ -16,7 +16,7 @@ import numpy as np
 
 from ner_compress.commands import stages
 from ner_compress.compress import searched_model
-from ner_compress.compress.plan_search import Plan, candidate_plans, distinct
+from ner_compress.compress.plan_search import Plan, Values, candidate_plans, distinct
 from ner_compress.compress.training import save_model_dir
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
@@ -45,7 +45,6 @@ class SearchOptions:
     precision: str = flag_field("fp32", "fp32 (the fused graph) or int8 (its INT8 copy)", choices=["fp32", "int8"])
     threads: Optional[int] = flag_field(None, "CPU threads the latency is measured with (default: all cores)")
     workload_sentences: int = flag_field(128, "dev sentences whose lengths the latency is measured on")
-    sensitivity_sentences: int = flag_field(64, "training sentences each layer's cut is measured on (KL)")
     name: Optional[str] = flag_field(None, "the searched model's name (default: from the budget, e.g. b1_4.2ms)")
     skip_export: bool = flag_field(False, "write search/<name> only; export it later")
 
@@ -144,10 +143,8 @@ def run_search(cfg, opts):
     table, teacher_ms = latency_model(cfg, opts, teacher, feeds, threads)
     budget = budget_ms(opts, teacher_ms)
     ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
-    choices = lt.neuron_grid(neurons.shape[1], heads.shape[1])
-    plans = [(values.source, plan) for values in searched_model.candidate_values(
-        cfg, data, ranked, heads, neurons, choices, opts.sensitivity_sentences)
-        for plan in candidate_plans(values, table, budget)]
+    values = Values.from_importance(heads, neurons, lt.neuron_grid(neurons.shape[1], heads.shape[1]))
+    plans = [(values.source, plan) for plan in candidate_plans(values, table, budget)]
     uniform = uniform_plan(table, heads.shape[0], heads.shape[1], neurons.shape[1], budget)
     if uniform:
         plans.append(("uniform", uniform))

@@ -7,17 +7,13 @@ and the best on dev is kept. Test is never read here.
 """
 import copy
 import time
-
-import numpy as np
 from functools import partial
 
 from ner_compress.compress import reconstruction_stage
-from ner_compress.compress.reconstruction import calibration_set
 from ner_compress.compress.supernet import importance_batches
-from ner_compress.compress.training import evaluate, to_tensors
-from ner_compress.compress.plan_search import Values
+from ner_compress.compress.training import evaluate
 from ner_compress.core.console import detail
-from ner_compress.compress.unit_importance import fisher_importance, layer_sensitivity, reorder_by_importance
+from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.models.families import model_class_for
 from ner_compress.models.modeling import numpy_logits, sub_model_state
 from ner_compress.models.width_plan import layer_plan
@@ -37,23 +33,6 @@ def ranked_teacher(cfg, data, teacher):
              heads.size, neurons.size, len(batches), time.process_time() - start)
     model.eval()
     return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
-
-
-def candidate_values(cfg, data, ranked, heads, neurons, neuron_choices, sentences):
-    """What each per-layer choice is worth, two ways: Fisher importance kept, and the measured KL of cutting one
-    layer at a time (on ``sentences`` training sentences)."""
-    calibration = calibration_set(data.windows("train"), sentences, cfg.per_device_eval_batch_size,
-                                  data.encoder.pad_id, cfg.seed + 1)  # length-sorted: little padding to run
-    batches = [to_tensors(batch) for batch in calibration.batches]
-    start = time.process_time()
-    measured = neuron_choices[:1] + neuron_choices[1::2]  # the smallest and each uniform width's; the rest interpolated
-    kl_heads, kl_measured = layer_sensitivity(ranked, batches, measured, data.encoder.pad_id)
-    kl_neurons = np.array([np.interp(neuron_choices, measured, row) for row in kl_measured])
-    detail.info("search: each layer cut alone to %d widths, KL measured on %d training sentences (%.0f CPU-s)",
-             kl_heads.shape[1] + kl_measured.shape[1], sum(len(b["input_ids"]) for b in batches),
-             time.process_time() - start)
-    return [Values.from_importance(heads, neurons, neuron_choices),
-            Values(kl_heads, kl_neurons, list(neuron_choices), "layer KL")]
 
 
 def plan_model(teacher_dir, teacher, state, plan):

@@ -4,13 +4,7 @@ masked; the sum over batches of the squared gradient of the loss with respect to
 output. Unlike a per-layer ranking, the values are comparable across layers and between heads and neurons,
 which is what a per-layer width search needs. ``reorder_by_importance`` then puts each layer's best units
 first, so a plan keeping k heads of a layer keeps its k most important (the leading slice, as supernets do).
-
-Fisher information is a second-order guess from gradients at the full model and is poor at large cuts;
-``layer_sensitivity`` measures instead what cutting one layer at a time to each width does to the model's
-output distribution (KL divergence from the uncut model's), with the same masks set to 0 and 1.
 """
-from functools import partial
-
 import numpy as np
 import paddle
 from paddlenlp.transformers.ofa_utils import reorder_head, reorder_neuron
@@ -34,12 +28,12 @@ def _masked_neurons(mask):
     return hook
 
 
-def unit_masks(layers, trainable=False):
+def unit_masks(layers):
     """A mask of ones on every layer's heads (the context before the output projection) and FFN neurons (the
     activations before the second linear), multiplied in by forward pre-hooks: (head masks, neuron masks,
-    hooks to remove). A unit masked to 0 is a unit cut: its output reaches nothing."""
-    head_masks = [_ones(layer.self_attn.num_heads, trainable) for layer in layers]
-    neuron_masks = [_ones(layer.linear2.weight.shape[0], trainable) for layer in layers]
+    hooks to remove)."""
+    head_masks = [_ones(layer.self_attn.num_heads) for layer in layers]
+    neuron_masks = [_ones(layer.linear2.weight.shape[0]) for layer in layers]
     hooks = [layer.self_attn.out_proj.register_forward_pre_hook(_masked_heads(mask, layer.self_attn.num_heads))
              for layer, mask in zip(layers, head_masks)]
     hooks += [layer.linear2.register_forward_pre_hook(_masked_neurons(mask))
@@ -51,7 +45,7 @@ def fisher_importance(model, batches):
     """(heads [layers, heads], neurons [layers, neurons]) numpy Fisher information over ``batches`` (collated
     training batches as tensors, labels included)."""
     layers = encoder_layers(model)
-    head_masks, neuron_masks, hooks = unit_masks(layers, trainable=True)
+    head_masks, neuron_masks, hooks = unit_masks(layers)
     heads = np.zeros((len(layers), head_masks[0].shape[0]))
     neurons = np.zeros((len(layers), neuron_masks[0].shape[0]))
     was_training = model.training
@@ -72,49 +66,9 @@ def fisher_importance(model, batches):
     return heads, neurons
 
 
-def layer_sensitivity(model, batches, neuron_choices, pad_id):
-    """``-KL`` (per real token, from the uncut model's tag distribution) of the model with only layer i cut to
-    h leading heads (``heads[i, h - 1]``) or to ``neuron_choices[k]`` leading neurons (``neurons[i, k]``)."""
-    head_masks, neuron_masks, hooks = unit_masks(encoder_layers(model))
-    model.eval()
-    try:
-        with paddle.no_grad():
-            reference = [_log_probs(model, batch) for batch in batches]
-            kl = partial(_mean_kl, model, batches, reference, pad_id)
-            heads = np.array([[_cut(mask, h, kl) for h in range(1, mask.shape[0] + 1)] for mask in head_masks])
-            neurons = np.array([[_cut(mask, n, kl) for n in neuron_choices] for mask in neuron_masks])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return -heads, -neurons
-
-
-def _cut(mask, kept, measure):
-    """``measure()`` with ``mask`` keeping its first ``kept`` units, then the mask whole again."""
-    mask.set_value(paddle.to_tensor((np.arange(mask.shape[0]) < kept).astype("float32")))
-    try:
-        return measure()
-    finally:
-        mask.set_value(paddle.ones(mask.shape))
-
-
-def _log_probs(model, batch):
-    logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
-    return paddle.nn.functional.log_softmax(logits, axis=-1).numpy()
-
-
-def _mean_kl(model, batches, reference, pad_id):
-    total, tokens = 0.0, 0
-    for batch, ref in zip(batches, reference):
-        real = batch["input_ids"].numpy() != pad_id
-        kl = (np.exp(ref) * (ref - _log_probs(model, batch))).sum(-1)
-        total, tokens = total + float(kl[real].sum()), tokens + int(real.sum())
-    return total / max(tokens, 1)
-
-
-def _ones(size, trainable):
+def _ones(size):
     mask = paddle.ones([size], dtype="float32")
-    mask.stop_gradient = not trainable
+    mask.stop_gradient = False  # its gradient is what Fisher information is made of
     return mask
 
 
