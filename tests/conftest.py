@@ -75,6 +75,11 @@ def exported_dir(out, sub="static", source="teacher", width=None):
     return pathlib.Path(layout.export_dir(str(out), layout.ModelRef(source, width)), sub)
 
 
+def checkpoints_dir(out, stage="teacher"):
+    """A stage's resumable checkpoints under ``out`` (``core/layout``)."""
+    return pathlib.Path(layout.checkpoint_dir(str(out), stage))
+
+
 def build_tiny_export(out):
     """The tiny config's teacher after two training steps at a negligible rate, exported by the tools (static,
     ONNX, INT8); returns its static dir. Near-random weights tag many (wrong) entities even under argmax decoding
