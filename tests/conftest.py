@@ -122,9 +122,10 @@ def tiny_run(tmp_path_factory):
     """ONE tiny run for the session, for tests that only read it: the near-random teacher of
     ``build_tiny_export`` with its export, a width supernet (1.0 and 0.5: two steps at a negligible rate, so
     width 0.5 still tags many entities) and width 0.5's export. A test that writes copies what it changes into
-    its own directory first (``copy_stages``): after every test that used it, the run's files must be as they
-    were (size and mtime, naming the test), and at the session's end their sha256 too. Tests using it are
-    marked slow (``pytest_collection_modifyitems``)."""
+    its own directory first (``copy_stages``): after every test the run's files must be as they were (size and
+    mtime; the failure names the test), and at the session's end their sha256 too. Root ignores file modes, so
+    these checks, not a read-only tree, are the guard. Tests using it are marked slow
+    (``pytest_collection_modifyitems``)."""
     out = tmp_path_factory.mktemp("tiny_run")
     build_tiny_export(out)
     # no --config: the OFA stage inherits the teacher's recorded config
