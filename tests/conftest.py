@@ -3,6 +3,8 @@ a zlib clash that otherwise breaks importing paddlenlp after paddle. Nothing her
 the top: the serving tests (tests/serving_tests.txt) run in the deploy install, which has none."""
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,7 +15,7 @@ import ner_compress  # noqa: E402,F401  (before paddle)
 
 import pytest  # noqa: E402
 
-from ner_compress.core import resources  # noqa: E402
+from ner_compress.core import layout, resources  # noqa: E402
 
 TINY_LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -63,26 +65,121 @@ def tiny_bert(vocab_file):
 TEST_EXPORT_VARIABLE = "NER_COMPRESS_TEST_EXPORT"
 
 
+def trained_dir(out, source="teacher", width=None):
+    """Where the stages put a trained model under ``out`` (``core/layout``), as a ``pathlib.Path``."""
+    return pathlib.Path(layout.trained_dir(str(out), layout.ModelRef(source, width))[0])
+
+
+def exported_dir(out, sub="static", source="teacher", width=None):
+    """``sub`` (static, dynamic or onnx) of a model's export under ``out`` (``core/layout``)."""
+    return pathlib.Path(layout.export_dir(str(out), layout.ModelRef(source, width)), sub)
+
+
+def checkpoints_dir(out, stage="teacher"):
+    """A stage's resumable checkpoints under ``out`` (``core/layout``)."""
+    return pathlib.Path(layout.checkpoint_dir(str(out), stage))
+
+
 def build_tiny_export(out):
-    """The tiny config's teacher after two training steps, exported by the tools (static, ONNX, INT8); returns
-    its static dir. Barely trained, it still tags entities under argmax decoding (a longer-trained tiny model
-    predicts all "O"), so comparing two ways of predicting compares real entity lists."""
-    run_tool("train_teacher.py", "--config", TINY, "--max_steps", 2, "--eval_steps", 2, "--output_dir", out)
+    """The tiny config's teacher after two training steps at a negligible rate, exported by the tools (static,
+    ONNX, INT8); returns its static dir. Near-random weights tag many (wrong) entities even under argmax decoding
+    (a longer-trained tiny model predicts all "O"), so comparing two ways of predicting compares real entity
+    lists. The first stages of the shared ``tiny_run``; CI's deploy install serves it (.ci/serving-tests)."""
+    train_near_random_teacher(out)
     run_tool("export.py", "--teacher", "--output_dir", out)
-    return os.path.join(str(out), "export", "teacher", "static")
+    return exported_dir(out)
+
+
+# --- the shared tiny run: built once a session, read by many modules, written by none ------------------
+
+def file_stats(root):
+    """Every file under ``root``: relative path -> (size, mtime_ns)."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            stat = os.stat(os.path.join(folder, name))
+            found[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def file_hashes(root):
+    """Every file under ``root``: relative path -> sha256."""
+    import hashlib
+
+    return {rel: hashlib.sha256(open(os.path.join(root, rel), "rb").read()).hexdigest() for rel in file_stats(root)}
+
+
+def changed_files(before, after):
+    """Paths added, removed or altered between two ``file_stats`` or ``file_hashes`` of one tree."""
+    return sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+
+
+_SHARED_RUN_STATS = {}  # the tiny run's directory -> its file_stats when it was finished
 
 
 @pytest.fixture(scope="session")
-def served_export(tmp_path_factory):
-    """The static dir of a tiny export: ``$NER_COMPRESS_TEST_EXPORT`` when set, else built here."""
-    import pathlib
+def tiny_run(tmp_path_factory):
+    """ONE tiny run for the session, for tests that only read it: the near-random teacher of
+    ``build_tiny_export`` with its export, a width supernet (1.0 and 0.5: two steps at a negligible rate, so
+    width 0.5 still tags many entities) and width 0.5's export. A test that writes copies what it changes into
+    its own directory first (``copy_stages``): after every test the run's files must be as they were (size and
+    mtime; the failure names the test), and at the session's end their sha256 too. Root ignores file modes, so
+    these checks, not a read-only tree, are the guard. Tests using it are marked slow
+    (``pytest_collection_modifyitems``)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    build_tiny_export(out)
+    # no --config: the OFA stage inherits the teacher's recorded config
+    run_tool("ofa_compress.py", "--output_dir", out, "--width_mult_list", 1.0, 0.5, "--ofa_max_steps", 2,
+             "--ofa_eval_steps", 1, "--ofa_learning_rate", 1e-7)
+    run_tool("export.py", "--width_mult", 0.5, "--output_dir", out)
+    hashes = file_hashes(out)
+    _SHARED_RUN_STATS[str(out)] = file_stats(out)
+    yield out
+    assert not changed_files(hashes, file_hashes(out)), \
+        f"the shared tiny run {out} was changed during the session: {changed_files(hashes, file_hashes(out))}"
 
+
+@pytest.fixture(autouse=True)
+def _shared_run_untouched():
+    """Fails the test (at its teardown) that changed a file of the shared ``tiny_run``, whichever path it took;
+    the next test is compared with the changed files (the session's end, with the files as built)."""
+    yield
+    for out, stats in _SHARED_RUN_STATS.items():
+        _SHARED_RUN_STATS[out] = file_stats(out)
+        changed = changed_files(stats, _SHARED_RUN_STATS[out])
+        assert not changed, f"this test changed the shared tiny run {out} (copy what you change with copy_stages): " \
+                            f"{changed}"
+
+
+def copy_stages(run, destination, *, supernet=False):
+    """The trained teacher of ``run`` (and, with ``supernet``, its width supernet) copied under
+    ``destination``: an output dir of the test's own, to write in."""
+    sources = [layout.stage_dir(str(run), "teacher")] + ([layout.ofa_dir(str(run))] if supernet else [])
+    for source in sources:
+        shutil.copytree(source, os.path.join(destination, os.path.relpath(source, run)))
+    return destination
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or exports a model through the tools, or reads the shared "
+                                       "tiny run (pytest -m 'not slow' for a quick loop)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # served_export asks for the tiny run only when it is built here, so it is named too
+        if {"tiny_run", "served_export"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def served_export(request):
+    """The static dir of a tiny export: ``$NER_COMPRESS_TEST_EXPORT`` when set, else the shared run's teacher."""
     given = os.environ.get(TEST_EXPORT_VARIABLE)
     if given:
         assert os.path.isfile(os.path.join(given, "inference.json")), \
             f"${TEST_EXPORT_VARIABLE} {given}: not a static export dir; make one with conftest.build_tiny_export"
         return pathlib.Path(given)
-    return pathlib.Path(build_tiny_export(tmp_path_factory.mktemp("served")))
+    return exported_dir(request.getfixturevalue("tiny_run"))
 
 
 def random_bio_tags(rng, n, types=("PER", "LOC", "ORG")):
@@ -111,8 +208,8 @@ def export_vs_supernet_diff(output_dir, width, n_sentences=200):
     from ner_compress.models.model_data import prepare_data
     from ner_compress.core.config import Config
 
-    static = StaticTagger(os.path.join(output_dir, "export", f"width_{width}", "static"))
-    ofa_model, _ = export.load_supernet_width(os.path.join(output_dir, "ofa", f"width_{width}"))
+    static = StaticTagger(str(exported_dir(output_dir, width=width)))
+    ofa_model, _ = export.load_supernet_width(str(trained_dir(output_dir, width=width)))
     supernet.set_width(ofa_model, width)
     cfg = Config(max_seq_length=static.max_seq_length, test_limit=n_sentences)
     windows = static.windows(prepare_data(cfg).splits.test)
@@ -171,5 +268,5 @@ def max_weight_diff(a, b):
 def train_near_random_teacher(out):
     """A tiny teacher trained 2 steps at a negligible rate: near-random weights tag many (wrong)
     entities, so comparing two backends' predictions is not 0 == 0."""
-    run_tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--output_dir", out,
-             "--max_steps", 2, "--eval_steps", 1, "--learning_rate", 1e-7)
+    run_tool("train_teacher.py", "--config", TINY, "--output_dir", out, "--max_steps", 2, "--eval_steps", 1,
+             "--learning_rate", 1e-7)

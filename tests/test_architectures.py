@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import paddle
 import pytest
-from conftest import run_tool
+from conftest import exported_dir, run_tool, trained_dir
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,26 +49,30 @@ def family_run(request, tmp_path_factory, vocab_file):
     return model_type, out
 
 
+@pytest.mark.slow
 def test_every_family_is_refit_layer_by_layer(family_run):
     _, out = family_run
-    record = json.load(open(out / "ofa" / "width_0.5" / "manifest.json"))["reconstruction"]
+    record = json.load(open(trained_dir(out, width=0.5) / "manifest.json"))["reconstruction"]
     assert [layer["layer"] for layer in record["layers"]] == [0, 1]
     assert all(layer[p]["fit_error_after"] <= layer[p]["fit_error_before"] + 1e-9
                for layer in record["layers"] for p in ("attention_output", "ffn_output"))
 
 
+@pytest.mark.slow
 def test_every_artifact_records_the_architecture(family_run):
     model_type, out = family_run
-    for path in ("teacher", "ofa/width_0.5", "export/width_0.5/static", "export/width_0.5/dynamic"):
-        assert json.load(open(out / path / "manifest.json"))["architecture"] == model_type, path
+    for path in (trained_dir(out), trained_dir(out, width=0.5), exported_dir(out, width=0.5),
+                 exported_dir(out, "dynamic", width=0.5)):
+        assert json.load(open(path / "manifest.json"))["architecture"] == model_type, path
 
 
+@pytest.mark.slow
 def test_supernet_at_full_width_equals_the_teacher(family_run):
     from ner_compress.compress import supernet
     from ner_compress.models.families import model_class_for
 
     _, out = family_run
-    teacher = model_class_for(str(out / "teacher")).from_pretrained(str(out / "teacher"))
+    teacher = model_class_for(str(trained_dir(out))).from_pretrained(str(trained_dir(out)))
     teacher.eval()
     ofa_model = supernet.WidthDistiller(teacher, 0.1, 1.0).ofa_model
     ofa_model.model.eval()
@@ -81,11 +85,12 @@ def test_supernet_at_full_width_equals_the_teacher(family_run):
     assert float((out_ - ref).abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_exported_half_width_reloads_and_predicts(family_run):
     from ner_compress.models.families import FAMILIES, model_class_for
 
     model_type, out = family_run
-    dynamic = str(out / "export" / "width_0.5" / "dynamic")
+    dynamic = str(exported_dir(out, "dynamic", width=0.5))
     model = model_class_for(dynamic).from_pretrained(dynamic)
     assert type(model) is FAMILIES[model_type][1]
     layer = model.base_model.encoder.layers[0]
@@ -93,7 +98,7 @@ def test_exported_half_width_reloads_and_predicts(family_run):
     if model_type == "electra":  # the embedding projection is kept whole
         assert list(model.base_model.embeddings_project.weight.shape) == [16, 32]
     text = "中国人民银行在北京开会" * 8  # longer than max length 64: windows
-    result = tool("predict.py", "--model_dir", out / "export" / "width_0.5" / "static", "--text", text)
+    result = tool("predict.py", "--model_dir", exported_dir(out, width=0.5), "--text", text)
     record = json.loads(result.stdout)
     assert record["text"] == text and all(text[e["start"]:e["end"]] == e["text"] for e in record["entities"])
 
@@ -117,7 +122,7 @@ def test_checkpoint_with_other_labels_is_refused_with_the_flag(tmp_path, vocab_f
                   tmp_path / "out", check=False)
     assert result.returncode == 2
     assert f"--model_name_or_path {source}: its labels" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "out" / "teacher").exists()
+    assert not trained_dir(tmp_path / "out").exists()
 
 
 def test_a_model_directory_brings_its_own_vocabulary_one_id_per_character(tmp_path, vocab_file):

@@ -1,22 +1,20 @@
 """ONNX Runtime beside Paddle Inference: export parity, same entities, bucketed padding, --backend refusals."""
 import json
-import os
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
-from conftest import ROOT, train_near_random_teacher
+from conftest import TINY, exported_dir
 from conftest import run_tool as tool
 
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+from ner_compress.core import layout
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("backends")
-    train_near_random_teacher(out)
-    tool("export.py", "--teacher", "--output_dir", out)
-    return out / "export" / "teacher"
+def export_dir(tiny_run):
+    """The shared run's teacher export (near-random: it tags many entities)."""
+    return pathlib.Path(layout.export_dir(str(tiny_run), layout.ModelRef("teacher")))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +95,7 @@ def test_unknown_backend_is_refused_in_one_line(export_dir):
 
 
 def test_missing_onnx_file_is_refused_with_the_command_that_writes_it(export_dir, tmp_path):
-    static = tmp_path / "export" / "teacher" / "static"
+    static = exported_dir(tmp_path)
     shutil.copytree(export_dir / "static", static)
     result = tool("predict.py", "--model_dir", static, "--text", "北京", "--backend", "onnxruntime", check=False)
     assert result.returncode == 2

@@ -1,10 +1,11 @@
 """tools/benchmark.py on tiny artifacts: report structure, accuracy = predict.py's, ONNX = Paddle."""
 import json
 import os
+import shutil
 
 import paddle
 import pytest
-from conftest import TINY, train_near_random_teacher
+from conftest import TINY, exported_dir
 from conftest import run_tool as run
 
 from ner_compress.core import layout, static_files
@@ -13,14 +14,15 @@ INT8 = {"int8"} if paddle.__version__.startswith("2.") else set()
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tiny_run, tmp_path_factory):
+    """The benchmark on a copy of the shared run (teacher, widths 1.0 and 0.5, two of them exported): it
+    exports width 1.0 itself and writes the report."""
     out = tmp_path_factory.mktemp("bench")
-    train_near_random_teacher(out)
-    run("ofa_compress.py", "--output_dir", out, "--width_mult_list", 1.0, 0.5, "--ofa_max_steps", 2,
-        "--ofa_eval_steps", 1, "--ofa_learning_rate", 1e-7)
+    shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+    assert not layout.is_exported(str(out), layout.ModelRef("teacher", 1.0))  # --export_missing's to make
     run("benchmark.py", "--output_dir", out, "--export_missing", "--repeats", 1, "--speed_sentences", 32,
         "--latency_sentences", 8, "--calibration_sentences", 32)
-    return out, json.load(open(out / "report" / "results.json"))
+    return out, json.load(open(os.path.join(layout.report_dir(str(out)), "results.json")))
 
 
 def test_report_has_every_model_backend_and_figure(bench):
@@ -39,11 +41,17 @@ def test_report_has_every_model_backend_and_figure(bench):
         {"width 0.5 INT8"} if INT8 else set())
     half_share = next(t for t in results["targets"] if t["target"] == "width 0.5 FP32: >= 99% of teacher F1")
     assert half_share["met"] == (teacher["f1"] > 0 and half["f1"] >= 0.99 * teacher["f1"])  # no share of 0
-    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    report = read_report(out)
     assert "python tools/benchmark.py" in report
     for t in results["targets"]:
         assert f"- {t['target']}: {t['measured']} — **{'met' if t['met'] else 'missed'}**" in report
-    assert (out / "report" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(layout.report_dir(str(out)), "pareto.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def read_report(out):
+    with open(os.path.join(layout.report_dir(str(out)), "report.md"), encoding="utf-8") as fh:
+        return fh.read()
 
 
 def assert_figures_are_of_the_rows_export(out, row):
@@ -116,24 +124,23 @@ def test_int8_rows_carry_their_own_models_int8_f1(bench):
 
     out, results = bench
     test = load_splits(Config(**load_yaml(TINY))).test
-    static = out / "export" / "width_0.5" / "static"
-    int8 = OnnxTagger(str(static), precision="int8").tag_sentences(test)
+    int8 = OnnxTagger(str(exported_dir(out, width=0.5)), precision="int8").tag_sentences(test)
     row = next(r for r in results["rows"] if (r["model"], r["precision_kind"]) == ("width 0.5", "onnxruntime-int8"))
     assert row["graph"] == "model.int8.onnx"
     assert row["f1"] == pytest.approx(entity_scores([s.tags for s in test], int8)["f1"], abs=1e-12)
     fp32 = next(r for r in results["rows"] if (r["model"], r["precision_kind"]) == ("width 0.5", "onnxruntime-fp32"))
     assert row["int8_f1_drop_points"] == pytest.approx((fp32["f1"] - row["f1"]) * 100)
-    chosen = json.load(open(out / "export" / "width_0.5" / "onnx" / "manifest.json"))["onnx"]["int8"]
+    chosen = json.load(open(exported_dir(out, "onnx", width=0.5) / "manifest.json"))["onnx"]["int8"]
     assert row["int8_configuration"] == f"dynamic, {chosen['configuration']}"  # as the export chose it
-    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    report = read_report(out)
     assert f"| width 0.5 | dynamic, {chosen['configuration']} | {fp32['f1']:.4f} | {row['f1']:.4f} |" in report
 
 
 def test_fusion_counts_in_the_report_are_the_manifests(bench):
     out, results = bench
-    report = (out / "report" / "report.md").read_text(encoding="utf-8")
-    for model, directory in (("teacher", "teacher"), ("width 0.5", "width_0.5")):
-        manifest = json.load(open(out / "export" / directory / "onnx" / "manifest.json"))
+    report = read_report(out)
+    for model, width in (("teacher", None), ("width 0.5", 0.5)):
+        manifest = json.load(open(exported_dir(out, "onnx", width=width) / "manifest.json"))
         fused = manifest["onnx"]["fusion"]["fused"]
         counts = "/".join(str(fused[op]) for op in ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization",
                                                    "BiasGelu"))
@@ -172,7 +179,7 @@ def test_accuracy_equals_predict_tool_on_the_same_sentences(bench, tmp_path):
     test = load_splits(Config(**load_yaml(TINY))).test
     texts = tmp_path / "test.txt"
     texts.write_text("\n".join("".join(s.chars) for s in test) + "\n", encoding="utf-8")
-    predicted = run("predict.py", "--model_dir", out / "export" / "width_0.5" / "static", "--input_file", texts)
+    predicted = run("predict.py", "--model_dir", exported_dir(out, width=0.5), "--input_file", texts)
     records = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(records) == len(test)
     assert sum(len(r["entities"]) for r in records) > 10

@@ -5,12 +5,15 @@ import re
 
 import numpy as np
 import pytest
-from conftest import TINY, export_vs_supernet_diff, launch, run_tool
+from conftest import TINY, checkpoints_dir, export_vs_supernet_diff, launch, run_tool
 from safetensors.numpy import load_file
+
+from ner_compress.core import layout
 
 COMMON = ["--config", TINY, "--save_steps", "2", "--logging_steps", "1", "--save_total_limit", "10"]
 # no dropout: 1 process x batch 16 and 2 processes x batch 8 would draw different masks
 TEACHER = [*COMMON, "--eval_steps", "2", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
+pytestmark = pytest.mark.slow  # every test trains through the tools
 
 
 def digests(logs, stage):
@@ -41,7 +44,7 @@ def test_ranks_end_with_identical_parameters(two_process_run):
 
 def test_hidden_state_distillation_loss_is_kept_every_step(two_process_run):
     out, _, _ = two_process_run
-    history = json.load(open(out / "ofa" / "summary.json"))["loss_history"]
+    history = json.load(open(os.path.join(layout.ofa_dir(str(out)), "summary.json")))["loss_history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for entry in history:  # width 1.0 is the teacher itself and is not trained (--ofa_train_full_width)
         hidden = {k: v for k, v in entry.items() if k.endswith("_hidden")}
@@ -64,11 +67,11 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_run, 
              "--max_steps", 4, timeout=600)
     for step in (2, 4):
         name = f"step-{step:08d}"
-        one = load_file(str(tmp_path / "checkpoints" / "teacher" / name / "model.safetensors"))
-        two = load_file(str(out / "checkpoints" / "teacher" / name / "model.safetensors"))
+        one = load_file(str(checkpoints_dir(tmp_path) / name / "model.safetensors"))
+        two = load_file(str(checkpoints_dir(out) / name / "model.safetensors"))
         assert max(float(np.abs(one[k] - two[k]).max()) for k in one) < 1e-4
-    one_state = json.load(open(tmp_path / "checkpoints" / "teacher" / "step-00000004" / "trainer_state.json"))
-    two_state = json.load(open(out / "checkpoints" / "teacher" / "step-00000004" / "trainer_state.json"))
+    one_state, two_state = (json.load(open(checkpoints_dir(d) / "step-00000004" / "trainer_state.json"))
+                            for d in (tmp_path, out))
     assert [h["step"] for h in one_state["history"]] == [h["step"] for h in two_state["history"]] == [1, 2, 3, 4]
     for a, b in zip(one_state["history"], two_state["history"]):
         assert abs(a["loss"] - b["loss"]) < 1e-4

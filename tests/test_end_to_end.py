@@ -1,59 +1,47 @@
-"""The four tools as a user runs them, on configs/tiny.yaml, into a temporary directory."""
+"""The four tools as a user runs them, on configs/tiny.yaml: the shared tiny run (conftest), or a directory of
+the test's own."""
 import json
 import os
 
 import pytest
-from conftest import TINY_LABELS, export_vs_supernet_diff
+from conftest import TINY, TINY_LABELS, export_vs_supernet_diff, exported_dir, file_stats, trained_dir
 from conftest import run_tool as tool
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def last_line(text):
     return text.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--output_dir", out)
-    # no --config: the OFA stage inherits the teacher's recorded config
-    tool("ofa_compress.py", "--width_mult_list", 1.0, 0.5, "--output_dir", out)
-    tool("export.py", "--width_mult", 0.5, "--output_dir", out)
-    tool("export.py", "--teacher", "--output_dir", out)
-    return out
-
-
-def test_stages_leave_self_describing_artifacts(pipeline_dir):
-    teacher = json.load(open(pipeline_dir / "teacher" / "manifest.json"))
+def test_stages_leave_self_describing_artifacts(tiny_run):
+    teacher = json.load(open(trained_dir(tiny_run) / "manifest.json"))
     assert teacher["stage"] == "teacher"
     assert teacher["labels"] == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert teacher["config"]["hidden_size"] == 64 and teacher["config"]["train_limit"] == 400
     assert "model.safetensors" in teacher["weights_sha256"]
-    ofa = json.load(open(pipeline_dir / "ofa" / "width_0.5" / "manifest.json"))
+    ofa = json.load(open(trained_dir(tiny_run, width=0.5) / "manifest.json"))
     assert ofa["width_mult"] == 0.5
     assert ofa["config"]["hidden_size"] == 64  # inherited, not the 768 default
     assert ofa["inputs"]["teacher"]["weights_sha256"] == teacher["weights_sha256"]
     assert ofa["effective_width_mult"] == 0.5 and ofa["heads"] == 2 and ofa["num_heads"] == 4
     assert teacher["runtime"]["cpu_threads"] == os.cpu_count() and teacher["speed"]["train_sentences_per_s"] > 0
-    assert not [p for p in os.listdir(pipeline_dir) if ".partial-" in p]
+    assert not [p for p in os.listdir(tiny_run) if ".partial-" in p]
 
 
-def test_exported_width_predicts_as_the_supernet_on_test_sentences(pipeline_dir):
-    windows, diff = export_vs_supernet_diff(str(pipeline_dir), 0.5)
+def test_exported_width_predicts_as_the_supernet_on_test_sentences(tiny_run):
+    windows, diff = export_vs_supernet_diff(str(tiny_run), 0.5)
     assert windows >= 200 and diff < 1e-4
 
 
-def test_reloaded_teacher_reproduces_its_recorded_dev_scores(pipeline_dir):
+def test_reloaded_teacher_reproduces_its_recorded_dev_scores(tiny_run):
     """The exported static teacher, decoded as predict.py decodes, scores dev exactly as training did."""
     from ner_compress.deploy.backends import StaticTagger
     from ner_compress.core.config import Config
     from ner_compress.models.model_data import prepare_data
     from ner_compress.compress.training import evaluate
 
-    manifest = json.load(open(pipeline_dir / "teacher" / "manifest.json"))
+    manifest = json.load(open(trained_dir(tiny_run) / "manifest.json"))
     data = prepare_data(Config(**manifest["config"]))
-    tagger = StaticTagger(str(pipeline_dir / "export" / "teacher" / "static"))
+    tagger = StaticTagger(str(exported_dir(tiny_run)))
     scores = evaluate(tagger.logits, data, tagger.windows(data.splits.dev), 64)
     recorded = manifest["metrics"]["dev"]
     # the dev loss is a continuous fingerprint of every log-probability (F1 of a tiny model is often 0)
@@ -62,11 +50,11 @@ def test_reloaded_teacher_reproduces_its_recorded_dev_scores(pipeline_dir):
         assert scores[key] == recorded[key], key
 
 
-def test_exported_dynamic_model_reloads_at_half_width(pipeline_dir):
+def test_exported_dynamic_model_reloads_at_half_width(tiny_run):
     import ner_compress  # noqa: F401
     from ner_compress.models.families import PrunedBertForTokenClassification
 
-    model = PrunedBertForTokenClassification.from_pretrained(str(pipeline_dir / "export" / "width_0.5" / "dynamic"))
+    model = PrunedBertForTokenClassification.from_pretrained(str(exported_dir(tiny_run, "dynamic", width=0.5)))
     layer = model.bert.encoder.layers[0]
     assert layer.self_attn.num_heads == 2 and layer.linear1.weight.shape == [64, 64]
 
@@ -120,12 +108,12 @@ def test_viterbi_repairs_a_model_that_only_says_inside(tmp_path, vocab_file):
     assert json.loads(result.stdout)["entities"] == [{"type": "LOC", "start": 0, "end": 30, "text": text}]
 
 
-def test_untrained_width_is_refused_and_export_kept(pipeline_dir):
-    before = sorted(os.listdir(pipeline_dir / "export" / "width_0.5" / "static"))
-    result = tool("export.py", "--width_mult", 0.75, "--output_dir", pipeline_dir, check=False)
+def test_untrained_width_is_refused_and_export_kept(tiny_run):
+    before = file_stats(tiny_run)
+    result = tool("export.py", "--width_mult", 0.75, "--output_dir", tiny_run, check=False)
     assert result.returncode == 2
     assert "--width_mult 0.75: not trained" in last_line(result.stderr)
-    assert sorted(os.listdir(pipeline_dir / "export" / "width_0.5" / "static")) == before
+    assert file_stats(tiny_run) == before  # the exports there, and everything else
 
 
 def test_missing_teacher_names_the_command(tmp_path):
@@ -137,42 +125,41 @@ def test_missing_teacher_names_the_command(tmp_path):
 def test_bad_training_file_fails_with_file_and_line(tmp_path):
     bad = tmp_path / "train.txt"
     bad.write_text("中\tB-PER\n国\tI-PER\n人\n", encoding="utf-8")
-    result = tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
-                  "--train_file", bad, "--output_dir", tmp_path / "out", check=False)
+    result = tool("train_teacher.py", "--config", TINY, "--train_file", bad, "--output_dir", tmp_path / "out",
+                  check=False)
     assert result.returncode == 2
     assert f"{bad}:3:" in last_line(result.stderr)
-    assert not (tmp_path / "out" / "teacher").exists()
+    assert not trained_dir(tmp_path / "out").exists()
 
 
-def test_teacher_from_local_pretrained_directory(pipeline_dir, tmp_path):
+def test_teacher_from_local_pretrained_directory(tiny_run, tmp_path):
     """--model_name_or_path with a directory: with a zero learning rate the new teacher is exactly
     the one the fixture saved (not a fresh random model)."""
     from safetensors.numpy import load_file
 
-    tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--max_steps", 1,
-         "--eval_steps", 1, "--learning_rate", 0, "--model_name_or_path", pipeline_dir / "teacher",
-         "--output_dir", tmp_path)
-    manifest = json.load(open(tmp_path / "teacher" / "manifest.json"))
-    assert manifest["config"]["model_name_or_path"] == str(pipeline_dir / "teacher")
-    start = json.load(open(pipeline_dir / "teacher" / "manifest.json"))
+    tool("train_teacher.py", "--config", TINY, "--max_steps", 1, "--eval_steps", 1, "--learning_rate", 0,
+         "--model_name_or_path", trained_dir(tiny_run), "--output_dir", tmp_path)
+    manifest = json.load(open(trained_dir(tmp_path) / "manifest.json"))
+    assert manifest["config"]["model_name_or_path"] == str(trained_dir(tiny_run))
+    start = json.load(open(trained_dir(tiny_run) / "manifest.json"))
     assert manifest["inputs"]["model"]["weights_sha256"] == start["weights_sha256"]  # what it started from
     assert manifest["inputs"]["model"]["stage"] == "teacher" and "hidden_size" not in manifest["config"]
-    source = load_file(str(pipeline_dir / "teacher" / "model.safetensors"))
-    loaded = load_file(str(tmp_path / "teacher" / "model.safetensors"))
+    source = load_file(str(trained_dir(tiny_run) / "model.safetensors"))
+    loaded = load_file(str(trained_dir(tmp_path) / "model.safetensors"))
     assert sorted(source) == sorted(loaded)
     assert all((source[k] == loaded[k]).all() for k in source)
 
 
+@pytest.mark.slow
 def test_reference_width_list_on_a_12_head_model(tmp_path):
     """1.0 0.8333 0.6667 0.5 on 12 heads: whole heads 12/10/8/6, exports that predict as the supernet."""
-    tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--hidden_size", 96,
-         "--num_attention_heads", 12, "--intermediate_size", 192, "--max_steps", 6, "--eval_steps", 6,
-         "--output_dir", tmp_path)
+    tool("train_teacher.py", "--config", TINY, "--hidden_size", 96, "--num_attention_heads", 12,
+         "--intermediate_size", 192, "--max_steps", 6, "--eval_steps", 6, "--output_dir", tmp_path)
     tool("ofa_compress.py", "--width_mult_list", 1.0, 0.8333, 0.6667, 0.5, "--ofa_max_steps", 4,
          "--ofa_eval_steps", 4, "--output_dir", tmp_path)
     for width, heads in ((0.8333, 10), (0.6667, 8)):
         tool("export.py", "--width_mult", width, "--output_dir", tmp_path)
-        manifest = json.load(open(tmp_path / "export" / f"width_{width}" / "static" / "manifest.json"))
+        manifest = json.load(open(exported_dir(tmp_path, width=width) / "manifest.json"))
         ofa = manifest["inputs"]["ofa"]
         assert ofa["heads"] == heads and ofa["effective_width_mult"] == pytest.approx(heads / 12)
         assert ofa["ffn_neurons"] == 192 * heads // 12

@@ -4,11 +4,12 @@ import os
 from functools import partial
 
 import pytest
-from conftest import run_tool
+from conftest import exported_dir, run_tool, trained_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 PAD_LINE = 100
+pytestmark = pytest.mark.slow  # every test trains through the tools
 
 
 tool = partial(run_tool, timeout=600)
@@ -31,7 +32,7 @@ def moved_pad_run(tmp_path_factory, vocab_file):
 
 
 def test_the_model_masks_the_vocabularys_pad(moved_pad_run):
-    config = json.load(open(moved_pad_run / "teacher" / "config.json"))
+    config = json.load(open(trained_dir(moved_pad_run) / "config.json"))
     assert config["pad_token_id"] == PAD_LINE
     assert config["local_conv_kernel"] == 3
 
@@ -42,10 +43,10 @@ def test_dev_evaluation_and_the_exported_predictor_agree(moved_pad_run):
     from ner_compress.models.model_data import prepare_data
     from ner_compress.compress.training import evaluate
 
-    manifest = json.load(open(moved_pad_run / "teacher" / "manifest.json"))
+    manifest = json.load(open(trained_dir(moved_pad_run) / "manifest.json"))
     data = prepare_data(Config(**manifest["config"]))
     assert data.encoder.pad_id == PAD_LINE
-    tagger = StaticTagger(str(moved_pad_run / "export" / "teacher" / "static"))
+    tagger = StaticTagger(str(exported_dir(moved_pad_run)))
     scores = evaluate(tagger.logits, data, tagger.windows(data.splits.dev), 64)
     assert scores["loss"] == pytest.approx(manifest["metrics"]["dev"]["loss"], rel=1e-5)
 
@@ -56,7 +57,7 @@ def test_padding_does_not_change_a_sentences_prediction(moved_pad_run):
     from ner_compress.deploy.backends import StaticTagger
     from ner_compress.data.corpus import Sentence, collate
 
-    tagger = StaticTagger(str(moved_pad_run / "export" / "teacher" / "static"))
+    tagger = StaticTagger(str(exported_dir(moved_pad_run)))
     short, long = Sentence(list("我在北京"), []), Sentence(list("中国人民银行在上海召开会议" * 3), [])
     windows = tagger.windows([short, long])
     exact = np.array([windows[0].input_ids], dtype="int64")  # no padding at all

@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT, TINY_LABELS, run_tool
+from conftest import TINY_LABELS, copy_stages, run_tool
 from ner_compress.compress import reconstruction_stage
 from ner_compress.compress.reconstruction import PROJECTIONS, calibration_set, reconstruct, ridge_solution
 from ner_compress.core import layout
@@ -152,15 +152,6 @@ def test_no_training_split_is_refused_in_one_line():
     assert "\n" not in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny teacher and its width supernet (2 OFA steps), not yet reconstructed."""
-    out = tmp_path_factory.mktemp("recon")
-    run_tool("train_teacher.py", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--output_dir", out)
-    run_tool("ofa_compress.py", "--output_dir", out, "--ofa_max_steps", 2, "--ofa_eval_steps", 2)
-    return out
-
-
 def read_manifest(directory):
     with open(os.path.join(directory, "manifest.json"), encoding="utf-8") as fh:
         return json.load(fh)
@@ -175,9 +166,11 @@ def test_every_width_is_scored_at_step_zero(tiny_run):
     assert full["step"] == 0 or full["dev_f1"] > teacher_f1
 
 
-def test_reconstruction_records_calibration_and_errors_and_runs_once(tiny_run):
-    result = run_tool("reconstruct.py", "--output_dir", tiny_run, "--width_mult", 0.5, "--calibration_sentences", 64)
-    directory = layout.width_dir(layout.ofa_dir(tiny_run), 0.5)
+def test_reconstruction_records_calibration_and_errors_and_runs_once(tiny_run, tmp_path):
+    """On a copy of the shared run's teacher and supernet (its widths not yet reconstructed)."""
+    out = copy_stages(tiny_run, tmp_path, supernet=True)
+    result = run_tool("reconstruct.py", "--output_dir", out, "--width_mult", 0.5, "--calibration_sentences", 64)
+    directory = layout.width_dir(layout.ofa_dir(out), 0.5)
     record = read_manifest(directory)["reconstruction"]
     assert record["calibration"]["split"] == "train" and record["calibration"]["sentences"] == 64
     assert len(record["layers"]) == 2
@@ -186,11 +179,11 @@ def test_reconstruction_records_calibration_and_errors_and_runs_once(tiny_run):
             assert layer[proj]["held_out_error_after"] <= layer[proj]["held_out_error_before"] + 1e-9
     assert record["kept"] == (record["dev_f1_after"] > record["dev_f1_before"])
     assert "reconstruction" in result.stderr
-    again = run_tool("reconstruct.py", "--output_dir", tiny_run, "--width_mult", 0.5)
+    again = run_tool("reconstruct.py", "--output_dir", out, "--width_mult", 0.5)
     assert "already reconstructed" in again.stderr
     # export reads what reconstruction left: the manifests chain
-    run_tool("export.py", "--output_dir", tiny_run, "--width_mult", 0.5)
-    export = read_manifest(os.path.join(layout.export_dir(tiny_run, layout.ModelRef("teacher", 0.5)), "static"))
+    run_tool("export.py", "--output_dir", out, "--width_mult", 0.5)
+    export = read_manifest(os.path.join(layout.export_dir(out, layout.ModelRef("teacher", 0.5)), "static"))
     assert export["inputs"]["ofa"]["reconstruction"] == record
 
 
@@ -208,9 +201,7 @@ def test_bad_reconstruction_input_is_one_line(tiny_run, args, message):
 
 
 def test_the_student_keeps_its_best_step_its_refit_start_included(tiny_run, tmp_path):
-    import shutil
-
-    shutil.copytree(layout.stage_dir(tiny_run, "teacher"), layout.stage_dir(tmp_path, "teacher"))
+    copy_stages(tiny_run, tmp_path)
     # a learning rate that wrecks every weight in its first step
     result = run_tool("distill.py", "--output_dir", tmp_path, "--student_num_layers", 1, "--student_max_steps", 4,
                       "--student_eval_steps", 2, "--student_learning_rate", 1.0, "--calibration_sentences", 32,

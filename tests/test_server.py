@@ -17,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT
+from conftest import ROOT, exported_dir
 from conftest import run_tool as tool
 
 from ner_compress.core.compat import PADDLE_VERSION
@@ -378,7 +378,7 @@ def test_each_refused_flag_is_one_line_naming_it(model_dir, changes, message):
 
 
 def test_default_backend_without_its_onnx_file_is_refused_naming_the_way_out(model_dir, tmp_path):
-    static = shutil.copytree(model_dir, tmp_path / "export" / "teacher" / "static")  # no onnx/ beside it
+    static = shutil.copytree(model_dir, exported_dir(tmp_path))  # no onnx/ beside it
     check_options(ServeOptions(model_dir=str(model_dir)))  # the real export passes
     with pytest.raises(UserError, match=r"--backend onnxruntime: no .*onnx/model\.onnx; re-export .* --backend paddle"):
         check_options(ServeOptions(model_dir=str(static)))

@@ -1,6 +1,5 @@
 """The student stage: layer initialisation, the match losses, refusals, export, two processes, resume."""
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -8,8 +7,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY, TINY_LABELS, launch, max_weight_diff, run_tool, \
-    tool_command, wait_for
+from conftest import NO_DROPOUT, ROOT, STUDENT_MATCHES, TINY_LABELS, checkpoints_dir, copy_stages, exported_dir, \
+    launch, max_weight_diff, run_tool, tool_command, trained_dir, wait_for
 from ner_compress.core import layout
 from ner_compress.commands import stages
 from ner_compress.compress import student
@@ -151,11 +150,11 @@ def test_every_match_of_a_student_that_is_the_teacher_is_zero_and_positive_once_
 
 
 @pytest.fixture(scope="module")
-def composed(tmp_path_factory):
-    """Tiny teacher -> projected student -> its export, its width supernet and width 0.5 export."""
-    out = tmp_path_factory.mktemp("student")
-    run_tool("train_teacher.py", "--output_dir", out, "--config", TINY, "--max_steps", 8, "--eval_steps", 8,
-             *NO_DROPOUT)
+def composed(tiny_run, tmp_path_factory):
+    """The shared run's teacher (copied) -> projected student -> its export, its width supernet and width 0.5
+    export. The teacher distils in eval mode; the student's dropout is off (SMALL), so two processes can match
+    one."""
+    out = copy_stages(tiny_run, tmp_path_factory.mktemp("student"))
     run_tool("distill.py", "--output_dir", out, *SMALL, "--student_max_steps", 4)
     run_tool("export.py", "--output_dir", out, "--student")
     run_tool("ofa_compress.py", "--output_dir", out, "--from", "student", "--ofa_max_steps", 2,
@@ -167,19 +166,19 @@ def composed(tmp_path_factory):
 def test_projection_is_trained_but_absent_from_the_student_and_its_export(composed):
     from paddlenlp.transformers import BertConfig, BertForTokenClassification
 
-    checkpoint = load_file(str(composed / "checkpoints" / "student" / "step-00000004" / "model.safetensors"))
+    checkpoint = load_file(str(checkpoints_dir(composed, "student") / "step-00000004" / "model.safetensors"))
     assert sorted(k for k in checkpoint if k.startswith("projections.")) == [
         "projections.hidden_cosine_s1_t2.bias", "projections.hidden_cosine_s1_t2.weight",
         "projections.hidden_mse_s0_t0.bias", "projections.hidden_mse_s0_t0.weight"]
-    fresh = BertForTokenClassification(BertConfig.from_pretrained(str(composed / "student")))
-    saved = load_file(str(composed / "student" / "model.safetensors"))
+    fresh = BertForTokenClassification(BertConfig.from_pretrained(str(trained_dir(composed, "student"))))
+    saved = load_file(str(trained_dir(composed, "student") / "model.safetensors"))
     assert sorted(saved) == sorted(fresh.state_dict())
-    manifest = json.load(open(composed / "student" / "manifest.json"))
+    manifest = json.load(open(trained_dir(composed, "student") / "manifest.json"))
     assert manifest["stage"] == "student" and manifest["parameters"] == count_parameters(fresh)
-    assert manifest["inputs"]["teacher"] == json.load(open(composed / "teacher" / "manifest.json"))
-    exported = load_file(str(composed / "export" / "student" / "dynamic" / "model.safetensors"))
+    assert manifest["inputs"]["teacher"] == json.load(open(trained_dir(composed) / "manifest.json"))
+    exported = load_file(str(exported_dir(composed, "dynamic", "student") / "model.safetensors"))
     assert sorted(exported) == sorted(fresh.state_dict())
-    static = json.load(open(composed / "export" / "student" / "static" / "manifest.json"))
+    static = json.load(open(exported_dir(composed, "static", "student") / "manifest.json"))
     assert static["parameters"] == count_parameters(fresh)
 
 
@@ -188,51 +187,51 @@ def test_student_and_its_width_reload_and_pass_parity(composed):
 
     from ner_compress.models.families import PrunedBertForTokenClassification
 
-    model = BertForTokenClassification.from_pretrained(str(composed / "student"))
+    model = BertForTokenClassification.from_pretrained(str(trained_dir(composed, "student")))
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32
-    for name in ("student", "student_width_0.5"):
-        reloaded = PrunedBertForTokenClassification.from_pretrained(str(composed / "export" / name / "dynamic"))
+    for width in (None, 0.5):
+        reloaded = PrunedBertForTokenClassification.from_pretrained(str(exported_dir(composed, "dynamic", "student",
+                                                                                     width)))
         assert reloaded.config.hidden_size == 32
         for sub in ("dynamic", "static"):
-            metrics = json.load(open(composed / "export" / name / sub / "manifest.json"))["metrics"]
+            metrics = json.load(open(exported_dir(composed, sub, "student", width) / "manifest.json"))["metrics"]
             assert max(metrics["parity_max_abs_diff"].values()) < 1e-4
     assert reloaded.bert.encoder.layers[0].self_attn.num_heads == 1
-    ofa = json.load(open(composed / "student_ofa" / "width_0.5" / "manifest.json"))
+    ofa = json.load(open(trained_dir(composed, "student", 0.5) / "manifest.json"))
     assert ofa["inputs"]["teacher"]["stage"] == "student"  # the supernet's teacher is the student
     assert [ref.name for ref in layout.exported_models(str(composed))] == ["student", "student width 0.5"]
 
 
 def test_two_processes_equal_one_process_with_the_global_batch(composed, tmp_path):
     two = tmp_path / "two"
-    two.mkdir()
-    shutil.copytree(composed / "teacher", two / "teacher")
+    copy_stages(composed, two)
     launch(2, "distill.py", two, *SMALL, "--student_max_steps", 4, "--per_device_train_batch_size", 8)
     for step in (2, 4):
         name = f"step-{step:08d}"
-        one = load_file(str(composed / "checkpoints" / "student" / name / "model.safetensors"))
-        two_weights = load_file(str(two / "checkpoints" / "student" / name / "model.safetensors"))
+        one = load_file(str(checkpoints_dir(composed, "student") / name / "model.safetensors"))
+        two_weights = load_file(str(checkpoints_dir(two, "student") / name / "model.safetensors"))
         assert max_weight_diff(one, two_weights) < 1e-4
-    histories = [json.load(open(d / "checkpoints" / "student" / "step-00000004" / "trainer_state.json"))["history"]
+    histories = [json.load(open(checkpoints_dir(d, "student") / "step-00000004" / "trainer_state.json"))["history"]
                  for d in (composed, two)]
     for a, b in zip(*histories):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
 
 
 def test_sigkill_then_resume_gives_identical_weights(composed, tmp_path):
-    shutil.copytree(composed / "teacher", tmp_path / "teacher")
+    copy_stages(composed, tmp_path)
     args = [*SMALL, "--student_max_steps", 12, "--output_dir", tmp_path]
     reference = tmp_path / "reference"
-    shutil.copytree(composed / "teacher", reference / "teacher")
+    copy_stages(composed, reference)
     run_tool("distill.py", "--output_dir", reference, *SMALL, "--student_max_steps", 12)
     proc = subprocess.Popen(tool_command("distill.py", *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_for(tmp_path / "checkpoints" / "student" / "step-00000006" / "trainer_state.json", proc)
+    wait_for(checkpoints_dir(tmp_path, "student") / "step-00000006" / "trainer_state.json", proc)
     proc.kill()
     proc.wait()
-    assert not (tmp_path / "checkpoints" / "student" / "step-00000012").exists()
+    assert not (checkpoints_dir(tmp_path, "student") / "step-00000012").exists()
     result = run_tool("distill.py", *args, "--resume")
     assert "resumed from" in result.stderr, result.stderr[-2000:]
-    final = [load_file(str(d / "checkpoints" / "student" / "step-00000012" / "model.safetensors"))
+    final = [load_file(str(checkpoints_dir(d, "student") / "step-00000012" / "model.safetensors"))
              for d in (reference, tmp_path)]
     assert any(k.startswith("projections.") for k in final[0]) and max_weight_diff(*final) < 1e-6
 
