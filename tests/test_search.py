@@ -2,22 +2,23 @@
 refusal one line with nothing written."""
 import json
 import os
+import shutil
 
 import onnx
 import pytest
 
-from conftest import TINY, run_tool
+from conftest import copy_stages, run_tool
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
-def exported_teacher(tmp_path_factory):
+def exported_teacher(tiny_run, tmp_path_factory):
+    """The shared run's teacher and its export, copied: the search writes search/ beside them."""
     out = tmp_path_factory.mktemp("search")
-    run_tool("train_teacher.py", "--config", TINY, "--output_dir", out)
-    run_tool("export.py", "--teacher", "--output_dir", out, "--int8_search", "off")
+    copy_stages(tiny_run, str(out))
+    teacher_export = layout.export_dir(str(tiny_run), layout.ModelRef("teacher"))
+    shutil.copytree(teacher_export, os.path.join(out, os.path.relpath(teacher_export, tiny_run)))
     return out
 
 
@@ -70,7 +71,7 @@ def test_refusals_are_one_line_and_write_nothing(exported_teacher, flags, messag
     assert "refused" not in after and set(after) - set(before) <= {"latency"}
 
 
-def test_a_run_without_an_exported_teacher_is_refused(tmp_path):
-    run_tool("train_teacher.py", "--config", TINY, "--output_dir", tmp_path, "--max_steps", "1")
+def test_a_run_without_an_exported_teacher_is_refused(tiny_run, tmp_path):
+    copy_stages(tiny_run, str(tmp_path))
     result = run_tool("search.py", "--output_dir", tmp_path, "--speedup", "2", check=False)
     assert result.returncode != 0 and "tools/export.py --teacher" in result.stderr
