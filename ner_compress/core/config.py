@@ -13,7 +13,10 @@ from ner_compress.core.errors import UserError
 
 def flag_field(default, help_text, **argparse_extra):
     """A field of an options dataclass: its default and the help (and choices) of its flag."""
-    return dataclasses.field(default=default, metadata={"help": help_text, **argparse_extra})
+    metadata = {"help": help_text, **argparse_extra}
+    if isinstance(default, list):  # dataclasses refuse a mutable default: each instance gets a copy
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -235,7 +238,7 @@ def _field_kind(f):
     if "List[dict]" in text:
         return "json"
     for name, kind in (("bool", bool), ("int", int), ("float", float)):
-        if f.type is kind or text in (f"typing.Optional[{name}]",):
+        if f.type is kind or text in (f"typing.Optional[{name}]", f"typing.List[{name}]"):  # a list: per value
             return kind
     return str
 
@@ -300,18 +303,29 @@ def add_config_flags(parser, names):
 
 
 def add_dataclass_flags(parser, cls):
-    """One ``--name`` flag per field of the dataclass ``cls``: type, default, choices and help from
-    the field itself, so a tool's flags cannot drift from the options it builds."""
+    """One ``--name`` flag per field of the dataclass ``cls``, its type, default, help and argparse extras from the
+    field (metadata ``flag``: another name, ``--from``; ``one_of``: exactly one of the fields sharing it)."""
+    groups = {}
     for f in fields(cls):
         kind = _field_kind(f)
         meta = dict(f.metadata)
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(f"--{f.name}", type=kind, required=True, **meta)
+        flag, one_of = f"--{meta.pop('flag', f.name)}", meta.pop("one_of", None)
+        if one_of and one_of not in groups:
+            groups[one_of] = parser.add_mutually_exclusive_group(required=True)
+        target = groups[one_of] if one_of else parser
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is dataclasses.MISSING:
+            target.add_argument(flag, dest=f.name, type=kind, required=True, **meta)
         elif kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=f.default, **meta)
+            target.add_argument(flag, dest=f.name, action="store_true", default=default, **meta)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, **meta)
+            target.add_argument(flag, dest=f.name, type=kind, default=default, **meta)
     return parser
+
+
+def options_from_args(cls, args):
+    """The dataclass ``cls`` of the parsed flags ``add_dataclass_flags`` added for it."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def resolve_config(args, inherit=None):
