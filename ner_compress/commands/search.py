@@ -9,7 +9,7 @@ do not cost; the layers come from the latency table (``measure/latency_table``),
 """
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -20,7 +20,7 @@ from ner_compress.compress.plan_search import Plan, Values, candidate_plans, dis
 from ner_compress.compress.training import save_model_dir
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
-from ner_compress.core.config import ReconstructionOptions, add_dataclass_flags, flag_field, group_fields
+from ner_compress.core.config import ReconstructionOptions, flag_field, group_fields, options_from_args
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import model_inputs
 from ner_compress.deploy.backends import FUSED_FILE, INT8_FILE, ONNX_DIR
@@ -181,6 +181,5 @@ def record_measured(out_dir, record, graph, feeds, opts, threads):
 def search_cli(argv=None):
     cfg, args = stages.parse_stage_config(
         "Stage 8: the sub-network with the best dev F1 within a latency budget (per-layer heads and neurons).",
-        SEARCH_CONFIG_FLAGS, argv, extra=lambda parser: add_dataclass_flags(parser, SearchOptions),
-        inherit=stages.recorded_config("teacher"))
-    run_search(cfg, SearchOptions(**{f.name: getattr(args, f.name) for f in fields(SearchOptions)}))
+        SEARCH_CONFIG_FLAGS, argv, extra=stages.flags_of(SearchOptions), inherit=stages.recorded_config("teacher"))
+    run_search(cfg, options_from_args(SearchOptions, args))

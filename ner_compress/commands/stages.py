@@ -4,18 +4,20 @@
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 from ner_compress.measure import benchmark, report
 from ner_compress.deploy import export
 from ner_compress.core import layout, parallel, runtime
 from ner_compress.compress import reconstruction_stage, student, supernet, training, vocab_pruning
-from ner_compress.deploy.backends import BACKENDS, check_backend
+from ner_compress.deploy.backends import check_backend
 from ner_compress.deploy.onnx_quant import calibration_sentences
 from ner_compress.core.artifacts import MANIFEST, check_same_inputs, read_manifest, write_json
 from ner_compress.core.layout import SOURCES, ModelRef
 from ner_compress.core.config import (DataOptions, DropoutOptions, ExportOptions, HiddenMatchOptions, ModelOptions,
                                       OfaOptions, ReconstructionOptions, RunOptions, StudentOptions, TeacherTraining,
-                                      group_fields, parse_config)
+                                      add_dataclass_flags, flag_field, group_fields, options_from_args, parse_config)
 from ner_compress.models.model_data import prepare_data
 from ner_compress.core.errors import UserError
 from ner_compress.models.families import load_config, model_class_for
@@ -159,7 +161,7 @@ def chosen_models(output_dir, names=None):
 def run_benchmark(cfg, opts, command):
     """Measure the teacher and every exported width; write DIR/report/{results.json,report.md,pareto.png}."""
     data = start(cfg)
-    if opts["export_missing"]:
+    if opts.export_missing:
         export_missing(cfg, data)
     models = models_to_measure(cfg, opts)
     pruned = pruning_sizes(cfg)
@@ -180,11 +182,11 @@ def export_missing(cfg, data):
 
 def models_to_measure(cfg, opts):
     """(ref, export dir) of each chosen export, once every chosen backend is known to be able to run it."""
-    models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in chosen_models(cfg.output_dir, opts["models"])]
+    models = [(ref, layout.export_dir(cfg.output_dir, ref)) for ref in chosen_models(cfg.output_dir, opts.models)]
     if not models:
         raise UserError(f"{os.path.join(cfg.output_dir, 'export')}: no exported model; run `python tools/export.py "
                         f"--teacher` and `python tools/export.py --width_mult 0.5`, or pass --export_missing")
-    for backend in opts["backends"]:
+    for backend in opts.backends:
         for _, directory in models:
             check_backend(backend, os.path.join(directory, "static"))
     return models
@@ -204,42 +206,29 @@ def measure(cfg, opts, models, splits):
     os.makedirs(work_dir, exist_ok=True)
     sentences = splits.test
     # Paddle INT8 calibrates on training sentences: dev and test are what it is judged on
-    opts = {**opts, "calibration_sentences": calibration_sentences(splits.train, opts["calibration_sentences"],
-                                                                   opts["calibration_seed"])}
+    calibration = calibration_sentences(splits.train, opts.calibration_sentences, opts.calibration_seed)
     # the ceiling first: after the predictors run, their OpenMP threads keep spinning and steal cores
-    ceiling = benchmark.matmul_gflops(opts["threads"])
+    ceiling = benchmark.matmul_gflops(opts.threads)
     with tqdm(desc="benchmark", dynamic_ncols=True) as bar:
-        rows = report.annotate(benchmark.measure_in_fresh_processes(models, sentences, work_dir, opts,
+        rows = report.annotate(benchmark.measure_in_fresh_processes(models, sentences, calibration, work_dir, opts,
                                                                     bar.set_postfix_str))
-    return {"machine": benchmark.machine_info(), "threads": opts["threads"] or os.cpu_count(),
-            "matmul_gflops": ceiling, "batch_size": opts["batch_size"], "repeats": opts["repeats"],
-            "test_sentences": len(sentences), "speed_sentences": min(len(sentences), opts["speed_sentences"]),
-            "latency_sentences": min(len(sentences), opts["latency_sentences"]), "rows": rows}
+    return {"machine": benchmark.machine_info(), "threads": opts.threads or os.cpu_count(),
+            "matmul_gflops": ceiling, "batch_size": opts.batch_size, "repeats": opts.repeats,
+            "test_sentences": len(sentences), "speed_sentences": min(len(sentences), opts.speed_sentences),
+            "latency_sentences": min(len(sentences), opts.latency_sentences), "rows": rows}
+
+
+def flags_of(cls):
+    """The ``extra`` of ``parse_stage_config`` that adds the fields of the options dataclass ``cls``."""
+    return lambda parser: add_dataclass_flags(parser, cls)
 
 
 def benchmark_cli(argv=None):
-    def extra(parser):
-        parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-        parser.add_argument("--batch_size", type=int, default=32, help="sentences per batch for throughput")
-        parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
-        parser.add_argument("--speed_sentences", type=int, default=1000, help="test sentences timed per run")
-        parser.add_argument("--latency_sentences", type=int, default=200, help="sentences timed at batch 1")
-        parser.add_argument("--calibration_sentences", type=int, default=320,
-                            help="training sentences that calibrate Paddle INT8")
-        parser.add_argument("--calibration_seed", type=int, default=0, help="which training sentences")
-        parser.add_argument("--export_missing", action="store_true", help="export teacher/widths not yet exported")
-        parser.add_argument("--backend", default=None, help="paddle (FP32 and INT8 Paddle Inference) or onnxruntime "
-                            "(model.onnx, fused model.opt.onnx, INT8 model.int8.onnx); default: both")
-        parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                            help='only these models, named as in the table ("teacher", "width 0.5", "student"); '
-                                 "default: every exported one")
     cfg, args = parse_stage_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
-                             ["test_limit", "cache_dir", "vocab_file", "verbose"], argv, extra=extra,
-                             inherit=recorded_config("teacher"))
-    opts = {k: getattr(args, k) for k in ("threads", "batch_size", "repeats", "speed_sentences", "latency_sentences",
-                                          "calibration_sentences", "calibration_seed", "export_missing", "models")}
-    opts["backends"] = [args.backend] if args.backend else list(BACKENDS)
-    run_benchmark(cfg, opts, "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                             ["test_limit", "cache_dir", "vocab_file", "verbose"], argv,
+                             extra=flags_of(benchmark.BenchmarkOptions), inherit=recorded_config("teacher"))
+    run_benchmark(cfg, options_from_args(benchmark.BenchmarkOptions, args),
+                  "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
 def train_teacher_cli(argv=None):
@@ -247,12 +236,17 @@ def train_teacher_cli(argv=None):
     run_teacher(pruned_teacher_config(cfg))
 
 
+@dataclass
+class PruneOutput:
+    """Where ``tools/prune_vocab.py`` writes."""
+    out: Optional[str] = flag_field(None, "the pruned model directory to write (default: DIR/pruned_model)")
+
+
 def prune_vocab_cli(argv=None):
-    def extra(parser):
-        parser.add_argument("--out", help="the pruned model directory to write (default: DIR/pruned_model)")
     cfg, args = parse_stage_config("Cut a local model directory's vocabulary to the characters of the training corpus "
                              "(plus --keep_chars_file and the special tokens).",
-                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv, extra=extra)
+                             DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv,
+                             extra=flags_of(PruneOutput))
     runtime.setup_logging()
     out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
@@ -264,44 +258,57 @@ def distill_cli(argv=None):
     run_student(cfg)
 
 
+@dataclass
+class SourceOption:
+    """Which model's width supernet a stage uses (``--from``)."""
+    source: str = flag_field("teacher", "the model whose width supernet to use (student: DIR/student_ofa/)",
+                             choices=SOURCES, flag="from")
+
+
+@dataclass
+class ReconstructTarget(SourceOption):
+    """The model ``tools/reconstruct.py`` refits: a width of ``--from``'s supernet, or the student."""
+    student: bool = flag_field(False, "refit the student instead of a width")
+
+    def ref(self, width_mult):
+        return ModelRef("student") if self.student else ModelRef(self.source, width_mult)
+
+
+@dataclass
+class ExportTarget(SourceOption):
+    """The model ``tools/export.py`` exports: a width of ``--from``'s supernet, or one named by its flag."""
+    teacher: bool = flag_field(False, "export the teacher instead of a width")
+    student: bool = flag_field(False, "export the student instead of a width")
+    search: Optional[str] = flag_field(
+        None, "export the searched model search/NAME (tools/search.py) instead of a width", metavar="NAME")
+
+    def ref(self, width_mult):
+        if sum(map(bool, (self.teacher, self.student, self.search))) > 1:
+            raise UserError("--teacher, --student and --search: export one model at a time")
+        if self.search:
+            return ModelRef("search", label=self.search)
+        if self.teacher or self.student:
+            return ModelRef("student" if self.student else "teacher")
+        return ModelRef(self.source, width_mult)
+
+
 def reconstruct_cli(argv=None):
-    def extra(parser):
-        parser.add_argument("--student", action="store_true", help="refit the student instead of a width")
-        add_source_flag(parser)
     cfg, args = parse_stage_config("Refit a width of a supernet (or the student) layer by layer against the teacher on "
                                    "training sentences; kept in place when dev F1 rises.", RECONSTRUCTION_FLAGS, argv,
-                                   extra=extra, inherit=recorded_config("teacher"))
-    run_reconstruction(cfg, ModelRef("student") if args.student else ModelRef(args.source, cfg.width_mult))
-
-
-def add_source_flag(parser):
-    parser.add_argument("--from", dest="source", choices=SOURCES, default="teacher",
-                        help="the model whose width supernet to use (student: DIR/student_ofa/)")
+                                   extra=flags_of(ReconstructTarget), inherit=recorded_config("teacher"))
+    run_reconstruction(cfg, options_from_args(ReconstructTarget, args).ref(cfg.width_mult))
 
 
 def ofa_compress_cli(argv=None):
     cfg, args = parse_stage_config("Distil the teacher (or --from student) into an OFA width supernet; best per width "
-                             "goes to DIR/ofa/ (DIR/student_ofa/).", OFA_FLAGS, argv, extra=add_source_flag,
+                             "goes to DIR/ofa/ (DIR/student_ofa/).", OFA_FLAGS, argv, extra=flags_of(SourceOption),
                              inherit=recorded_config("teacher"))
-    run_ofa(cfg, source=args.source)
+    run_ofa(cfg, source=options_from_args(SourceOption, args).source)
 
 
 def export_cli(argv=None):
-    def extra(parser):
-        parser.add_argument("--teacher", action="store_true", help="export the teacher instead of a width")
-        parser.add_argument("--student", action="store_true", help="export the student instead of a width")
-        parser.add_argument("--search", default=None, metavar="NAME",
-                            help="export the searched model search/NAME (tools/search.py) instead of a width")
-        add_source_flag(parser)
     cfg, args = parse_stage_config("Export a width of a supernet (or --teacher, --student) under DIR/export/: "
                                    "dynamic and static graph and ONNX (FP32, fused, INT8), each parity-checked.",
-                             EXPORT_FLAGS, argv, extra=extra, inherit=recorded_config("teacher"))
-    if sum(map(bool, (args.teacher, args.student, args.search))) > 1:
-        raise UserError("--teacher, --student and --search: export one model at a time")
-    if args.search:
-        run_export(cfg, ModelRef("search", label=args.search))
-    elif args.teacher or args.student:
-        run_export(cfg, ModelRef("student" if args.student else "teacher"))
-    else:
-        run_export(cfg, ModelRef(args.source, cfg.width_mult))
+                             EXPORT_FLAGS, argv, extra=flags_of(ExportTarget), inherit=recorded_config("teacher"))
+    run_export(cfg, options_from_args(ExportTarget, args).ref(cfg.width_mult))
 

@@ -13,6 +13,8 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 import paddle
@@ -22,13 +24,37 @@ from ner_compress.measure import timing
 from ner_compress.models.families import load_config
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.artifacts import MANIFEST, read_manifest
-from ner_compress.deploy.backends import (FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger, OnnxTagger,
-                                          StaticTagger, default_backend, load_tagger, onnx_path_for)
+from ner_compress.core.config import flag_field
+from ner_compress.deploy.backends import (BACKENDS, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger,
+                                          OnnxTagger, StaticTagger, default_backend, load_tagger, onnx_path_for)
 from ner_compress.deploy.inference import Tagger
 from ner_compress.core.static_files import PIR_PROGRAM, static_model_files
 from ner_compress.data.entity_scores import entity_scores
 from ner_compress.models.width_plan import plan_of
 from ner_compress.deploy.parity import max_abs_diff
+
+
+@dataclass
+class BenchmarkOptions:
+    """What ``tools/benchmark.py`` measures and how (``config.add_dataclass_flags``)."""
+    threads: Optional[int] = flag_field(None, "CPU threads (default: all cores)")
+    batch_size: int = flag_field(32, "sentences per batch for throughput")
+    repeats: int = flag_field(5, "timed runs per figure (median)")
+    speed_sentences: int = flag_field(1000, "test sentences timed per run")
+    latency_sentences: int = flag_field(200, "sentences timed at batch 1")
+    backend: Optional[str] = flag_field(None, "paddle (FP32 and INT8 Paddle Inference) or onnxruntime (model.onnx, "
+                                        "fused model.opt.onnx, INT8 model.int8.onnx); default: both")
+    export_missing: bool = flag_field(False, "export teacher/widths not yet exported")
+    models: Optional[List[str]] = flag_field(
+        None, 'only these models, named as in the table ("teacher", "width 0.5", "student"); default: every '
+        "exported one", nargs="+", metavar="NAME")
+    # Paddle INT8 calibrates on training sentences, so dev and test stay what it is judged on
+    calibration_sentences: int = flag_field(320, "training sentences that calibrate Paddle INT8")
+    calibration_seed: int = flag_field(0, "which training sentences")
+
+    @property
+    def backends(self):
+        return [self.backend] if self.backend else list(BACKENDS)
 
 
 # --- backends --------------------------------------------------------------------------------
@@ -257,21 +283,22 @@ def int8_configuration(export_dir):
     return f"{int8['method']}, {int8['configuration']}" if int8.get("configuration") else None
 
 
-def tagger_for(kind, export_dir, work_dir, opts):
-    """The tagger of one precision_kind and the row's file figures (bytes on disk, ONNX graph, fusions)."""
+def tagger_for(kind, export_dir, work_dir, opts, calibration_sentences):
+    """The tagger of one precision_kind and the row's file figures (bytes on disk, ONNX graph, fusions);
+    Paddle INT8 is calibrated on ``calibration_sentences``."""
     static_dir = os.path.join(export_dir, "static")
     if kind == "fp32":
-        return (StaticTagger(static_dir, threads=opts["threads"], batch_size=opts["batch_size"]),
+        return (StaticTagger(static_dir, threads=opts.threads, batch_size=opts.batch_size),
                 {"disk_bytes": disk_bytes(static_dir)})
     if kind == "int8":
-        feeds = calibration(Tagger(static_dir, opts["batch_size"]), opts["calibration_sentences"], opts["batch_size"])
+        feeds = calibration(Tagger(static_dir, opts.batch_size), calibration_sentences, opts.batch_size)
         int8_dir = quantize_int8(static_dir, os.path.join(work_dir, f"{os.path.basename(export_dir)}-int8"), feeds)
-        return (StaticTagger(int8_dir, threads=opts["threads"], batch_size=opts["batch_size"], int8=True),
+        return (StaticTagger(int8_dir, threads=opts.threads, batch_size=opts.batch_size, int8=True),
                 {"disk_bytes": disk_bytes(int8_dir)})
     path = onnx_path_for(static_dir, "int8" if kind == "onnxruntime-int8" else "fp32")
     if kind == "onnxruntime-unfused":
         path = os.path.join(os.path.dirname(path), ONNX_FILE)
-    tagger = OnnxTagger(static_dir, path, threads=opts["threads"], batch_size=opts["batch_size"])
+    tagger = OnnxTagger(static_dir, path, threads=opts.threads, batch_size=opts.batch_size)
     files = {"disk_bytes": os.path.getsize(path), "graph": os.path.basename(path),
              "fusion": fusion_counts(export_dir, os.path.basename(path))}
     if kind == "onnxruntime-int8":
@@ -286,32 +313,32 @@ def measure_variant(job):
     console.quiet_libraries()  # a fresh process: the tool's logger levels are not inherited
     ref, export_dir, kind, opts = job["model"], job["export_dir"], job["kind"], job["opts"]
     sentences, shape = job["sentences"], model_shape(export_dir)
-    tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts)
+    tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts, job["calibration_sentences"])
     row = {**model_fields(ref), "parameters": parameters(export_dir), "layers": shape["layers"], "heads": shape["heads"], "ffn_neurons": shape["ffn"],
            "backend": job["backend"], "precision_kind": kind, "pid": os.getpid(),
            "dtype": "int8" if kind.endswith("int8") else "fp32", **files, **accuracy(tagger, sentences)}
     speed_row(tagger, row, sentences, opts)
-    speed = sentences[: opts["speed_sentences"]]
+    speed = sentences[: opts.speed_sentences]
     if kind == "fp32":
-        row["gflops_achieved"] = forward_flops(shape, fixed_batches(tagger, speed, opts["batch_size"])) \
+        row["gflops_achieved"] = forward_flops(shape, fixed_batches(tagger, speed, opts.batch_size)) \
             / row["batch_seconds"] / 1e9
-        row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts["batch_size"]), speed,
-                                                    opts["batch_size"], opts["repeats"])["sentences_per_s"]
+        row["dynamic_sentences_per_s"] = throughput(DynamicTagger(export_dir, opts.batch_size), speed,
+                                                    opts.batch_size, opts.repeats)["sentences_per_s"]
     if kind in ("onnxruntime-unfused", "onnxruntime-fp32"):
-        paddle = StaticTagger(os.path.join(export_dir, "static"), threads=opts["threads"])
+        paddle = StaticTagger(os.path.join(export_dir, "static"), threads=opts.threads)
         row["max_abs_diff_vs_paddle"] = sample_logits_diff(paddle, tagger, sentences)
     return row
 
 
-def measure_in_fresh_processes(models, sentences, work_dir, opts, progress):
+def measure_in_fresh_processes(models, sentences, calibration_sentences, work_dir, opts, progress):
     """``measure_variant`` of every model x backend x precision, each in a process of its own, one at a
     time (so that no row runs after another's predictor threads and caches). The processes are forked
     from a server that has only imported this module: a fresh process without the import each time."""
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [{"model": ref, "export_dir": directory, "backend": backend, "kind": kind, "sentences": sentences,
-             "work_dir": work_dir, "opts": opts} for ref, directory in models
-            for backend, kind in variants(directory, opts["backends"])]
+             "calibration_sentences": calibration_sentences, "work_dir": work_dir, "opts": opts}
+            for ref, directory in models for backend, kind in variants(directory, opts.backends)]
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])  # __main__: else each child re-imports it
     rows = []
@@ -336,9 +363,9 @@ def compare_tags(rows):
 def speed_row(tagger, row, sentences, opts):
     """``row`` plus batch-1 latency (a batch-1 copy of ``tagger``'s predictor) and batch throughput."""
     batch_size, tagger.batch_size = tagger.batch_size, 1
-    row.update(latency_ms(tagger, sentences[: opts["latency_sentences"]]))
+    row.update(latency_ms(tagger, sentences[: opts.latency_sentences]))
     tagger.batch_size = batch_size
-    row.update(throughput(tagger, sentences[: opts["speed_sentences"]], batch_size, opts["repeats"]))
+    row.update(throughput(tagger, sentences[: opts.speed_sentences], batch_size, opts.repeats))
     return row
 
 
