@@ -14,12 +14,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 
 from ner_compress.core import layout
+from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.core.layout import ModelRef
+from ner_compress.deploy.backends import DEFAULT_BACKEND
 from ner_compress.measure import timing
 from ner_compress.measure.targets import target, target_lines
 from ner_compress.measure.server_process import ServerProcess
@@ -29,6 +33,21 @@ log = logging.getLogger("ner_compress")
 LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfile.py")
 MB = 1024 * 1024
 BODY_TIMEOUT_S = 3  # the served --body_timeout_s: the abuse checks' stalled client waits that long
+
+
+@dataclass
+class LoadtestOptions:
+    """What ``tools/loadtest.py`` serves and how hard it loads it (``config.add_dataclass_flags``)."""
+    output_dir: str = flag_field("output", "reads DIR/export/*, writes DIR/report/loadtest.*")
+    model_dir: Optional[List[str]] = flag_field(
+        None, "a static model dir (repeatable); default: teacher and width 0.5 under --output_dir", action="append")
+    backend: Optional[str] = flag_field(None, "onnxruntime or paddle (default: the server's, ONNX Runtime on CPU)")
+    clients: List[int] = flag_field([1, 8, 32], "concurrent clients per level", nargs="+")
+    seconds: int = flag_field(20, "length of each level")
+    max_requests: int = flag_field(50_000, "requests per level at most")
+    sentences: int = flag_field(2000, "MSRA test sentences to send")
+    locust_python: str = flag_field(sys.executable, "a Python with locust installed")
+    no_abuse: bool = flag_field(False, "skip the abusive-request checks")
 
 
 def models_to_test(output_dir, model_dirs=None):
@@ -135,32 +154,35 @@ def locust_python_or_fail(python):
     return python
 
 
-def run(opts):
-    """``opts``: output_dir, models [(name, dir)], clients, seconds, max_requests, sentences, backend,
-    locust_python, abuse. Returns the results written to DIR/report/loadtest.{md,json}."""
-    locust_python = locust_python_or_fail(opts["locust_python"])
-    report_dir = os.path.join(opts["output_dir"], "report")
+def run(opts, command):
+    """The load test ``opts`` (a ``LoadtestOptions``) asks for, ``command`` the line that asked. Returns the
+    results written to DIR/report/loadtest.{md,json}."""
+    if min(opts.clients) < 1 or opts.seconds < 1 or opts.max_requests < 1 or opts.sentences < 1:
+        raise UserError("--clients, --seconds, --max_requests and --sentences: must be at least 1")
+    models, backend = models_to_test(opts.output_dir, opts.model_dir), opts.backend or DEFAULT_BACKEND
+    locust_python = locust_python_or_fail(opts.locust_python)
+    report_dir = os.path.join(opts.output_dir, "report")
     os.makedirs(report_dir, exist_ok=True)
-    sentences = msra_test_sentences(opts["sentences"])
-    results = {"command": opts["command"], "clients": opts["clients"], "seconds": opts["seconds"],
-               "sentences": len(sentences), "backend": opts["backend"], "cores": os.cpu_count(), "load_average": os.getloadavg(), "models": []}
+    sentences = msra_test_sentences(opts.sentences)
+    results = {"command": command, "clients": opts.clients, "seconds": opts.seconds, "sentences": len(sentences),
+               "backend": backend, "cores": os.cpu_count(), "load_average": os.getloadavg(), "models": []}
     with tempfile.TemporaryDirectory() as work_dir:
         sentences_file = os.path.join(work_dir, "sentences.json")
         with open(sentences_file, "w", encoding="utf-8") as fh:
             json.dump(sentences, fh, ensure_ascii=False)
-        for name, model_dir in opts["models"]:
+        for name, model_dir in models:
             log.info("%s: offline reference", name)
-            model = {"model": name, "model_dir": model_dir, **offline_figures(model_dir, opts["backend"], sentences)}
-            server = ServerProcess(model_dir, "--backend", opts["backend"], "--body_timeout_s", BODY_TIMEOUT_S,
+            model = {"model": name, "model_dir": model_dir, **offline_figures(model_dir, backend, sentences)}
+            server = ServerProcess(model_dir, "--backend", backend, "--body_timeout_s", BODY_TIMEOUT_S,
                                    log_path=os.path.join(work_dir, "srv.log"))
             with server:
                 model["idle_rss_mb"] = server.rss_bytes() / MB
                 model["levels"] = []
-                for clients in opts["clients"]:
-                    log.info("%s: %d clients for %d s", name, clients, opts["seconds"])
-                    model["levels"].append(locust_level(server, clients, opts["seconds"], opts["max_requests"],
+                for clients in opts.clients:
+                    log.info("%s: %d clients for %d s", name, clients, opts.seconds)
+                    model["levels"].append(locust_level(server, clients, opts.seconds, opts.max_requests,
                                                         sentences_file, work_dir, locust_python))
-                if opts["abuse"] and name == opts["models"][-1][0]:
+                if not opts.no_abuse and name == models[-1][0]:
                     log.info("%s: abusive requests", name)
                     model["abuse"] = abuse_checks(server, BODY_TIMEOUT_S)
             results["models"].append(model)
