@@ -7,10 +7,22 @@ the file goes on.
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import List, Optional
 
+from ner_compress.core.config import flag_field
 from ner_compress.core.errors import UserError
 
 DEFAULT_MAX_CHARS = 100_000  # longer lines are refused per line, not by the run
+
+
+@dataclass
+class PredictOptions:
+    """What ``tools/predict.py`` tags, ``--text`` or ``--input_file``, and in what batches."""
+    text: Optional[List[str]] = flag_field(None, "a text to tag (repeatable)", action="append", one_of="input")
+    input_file: Optional[str] = flag_field(None, "UTF-8 file, one text per line; '-' for stdin", one_of="input")
+    batch_size: int = flag_field(32, "texts per model call (--input_file)")
+    max_chars: int = flag_field(DEFAULT_MAX_CHARS, "longest line accepted")
 _CHUNK = 1 << 20
 
 
@@ -74,3 +86,13 @@ def tag_input(tagger, input_file, batch_size, max_chars):
     with stream:
         for batch in read_lines(stream, batch_size, max_chars):
             emit(tag_batch(tagger, batch))
+
+
+def predict(opts, engine):
+    """Tag the texts ``opts`` names with the model ``engine`` (``backends.EngineOptions``) loads: one JSON
+    record per text on stdout."""
+    tagger = engine.tagger(opts.batch_size)
+    if opts.text:
+        emit(tagger.predict(opts.text))
+    else:
+        tag_input(tagger, opts.input_file, opts.batch_size, opts.max_chars)
