@@ -248,7 +248,7 @@ def prune_vocab_cli(argv=None):
                              DATA_FLAGS + ["model_name_or_path", "keep_chars_file", "verbose"], argv,
                              extra=flags_of(PruneOutput))
     runtime.setup_logging()
-    out = args.out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
+    out = options_from_args(PruneOutput, args).out or os.path.join(cfg.output_dir, vocab_pruning.PRUNED_DIR)
     print(f"{out}: {vocab_pruning.summary(vocab_pruning.prune(cfg, cfg.model_name_or_path, out))}")
 
 
