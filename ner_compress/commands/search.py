@@ -23,7 +23,8 @@ from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
 from ner_compress.core.config import ReconstructionOptions, flag_field, group_fields, options_from_args
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import model_inputs
-from ner_compress.deploy.backends import FUSED_FILE, INT8_FILE, ONNX_DIR
+from ner_compress.deploy.backends import onnx_path_for
+from ner_compress.models.width_plan import layer_plan
 from ner_compress.measure import latency_table as lt
 
 log = logging.getLogger("ner_compress")
@@ -63,10 +64,14 @@ def check_options(opts):
         raise UserError(f"--workload_sentences {opts.workload_sentences}: use at least 1")
 
 
+def exported_graph(output_dir, ref, precision):
+    """The ONNX graph the tagger runs for an export (``backends.onnx_path_for``)."""
+    return onnx_path_for(os.path.join(layout.export_dir(output_dir, ref), "static"), precision)
+
+
 def teacher_graph(output_dir, precision):
     """The teacher's exported ONNX graph the budget is measured on, or a one-line error saying how to make it."""
-    path = os.path.join(layout.export_dir(output_dir, layout.ModelRef("teacher")), ONNX_DIR,
-                        INT8_FILE if precision == "int8" else FUSED_FILE)
+    path = exported_graph(output_dir, layout.ModelRef("teacher"), precision)
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; the search times the exported teacher: run `python tools/export.py "
                         f"--teacher --output_dir {output_dir}` first" + (" (INT8 kept)" if precision == "int8" else ""))
@@ -89,11 +94,10 @@ def layer_shape(config):
                          int(config.intermediate_size))
 
 
-def latency_model(cfg, opts, teacher, feeds, threads):
+def latency_model(cfg, opts, teacher, feeds, workload, threads):
     """(the latency table, the teacher's milliseconds per sentence as the table predicts them). The teacher is
     timed when the table is measured, for what the layers do not cost; a cached table keeps that figure, so a
     --speedup names the same budget on every run."""
-    workload = lt.Workload.from_feeds(feeds, opts.batch_size)
     shape = layer_shape(teacher.config)
     full = ([shape.heads] * int(teacher.config.num_hidden_layers), [shape.intermediate] *
             int(teacher.config.num_hidden_layers))
@@ -123,13 +127,15 @@ def budget_ms(opts, teacher_ms):
     return budget
 
 
-def uniform_plan(table, layers, heads, intermediate, budget):
-    """The widest uniform cut within ``budget`` (whole heads, neurons in the same ratio), or None."""
+def uniform_plan(table, config, budget):
+    """The widest uniform cut within ``budget`` (whole heads, neurons in the same ratio: ``layer_plan``'s rule),
+    or None."""
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
     for kept in range(heads, 0, -1):
-        neurons = int(round(intermediate * kept / heads))
-        predicted = table.predict([kept] * layers, [neurons] * layers)
+        cut = layer_plan(config, [kept] * layers)
+        predicted = table.predict(cut.layer_heads, cut.layer_neurons)
         if predicted <= budget:
-            return Plan((kept,) * layers, (neurons,) * layers, predicted)
+            return Plan(cut.layer_heads, cut.layer_neurons, predicted)
     return None
 
 
@@ -140,12 +146,13 @@ def run_search(cfg, opts):
     teacher = stages.load_teacher(cfg, data)
     threads = opts.threads or os.cpu_count() or 1
     feeds = workload_feeds(data, opts)
-    table, teacher_ms = latency_model(cfg, opts, teacher, feeds, threads)
+    workload = lt.Workload.from_feeds(feeds, opts.batch_size)
+    table, teacher_ms = latency_model(cfg, opts, teacher, feeds, workload, threads)
     budget = budget_ms(opts, teacher_ms)
     ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
     values = Values.from_importance(heads, neurons, lt.neuron_grid(neurons.shape[1], heads.shape[1]))
     plans = [(values.source, plan) for plan in candidate_plans(values, table, budget)]
-    uniform = uniform_plan(table, heads.shape[0], heads.shape[1], neurons.shape[1], budget)
+    uniform = uniform_plan(table, teacher.config, budget)
     if uniform:
         plans.append(("uniform", uniform))
     plans = distinct(plans, key=lambda pair: pair[1])
@@ -157,23 +164,23 @@ def run_search(cfg, opts):
     record = {"budget_ms": budget, "teacher_ms": teacher_ms, "predicted_ms": plan.predicted_ms,
               "batch_size": opts.batch_size, "backend": opts.backend, "precision": opts.precision, "threads": threads,
               "candidates": candidates, "latency_table": table.machine}
-    save_model_dir(model, data, cfg, {"dev_f1": max(c["dev_f1"] for c in candidates)}, out_dir, "search",
+    best_f1 = max(c["dev_f1"] for c in candidates)
+    save_model_dir(model, data, cfg, {"dev_f1": best_f1}, out_dir, "search",
                    inputs={"teacher": read_manifest(teacher_dir, "teacher", verify_weights=False)},
                    search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))
     if not opts.skip_export:
         stages.run_export(cfg, ref, data)
-        graph = os.path.join(layout.export_dir(cfg.output_dir, ref), ONNX_DIR,
-                             INT8_FILE if opts.precision == "int8" else FUSED_FILE)
-        record_measured(out_dir, record, graph, feeds, opts, threads)
+        record_measured(out_dir, record, exported_graph(cfg.output_dir, ref, opts.precision), feeds, workload,
+                        threads)
     log.info("search: %s -> %s: %s, dev F1 %.4f, predicted %.3f ms%s (budget %.3f, teacher %.3f)", name, out_dir,
-             plan.describe(), max(c["dev_f1"] for c in candidates), plan.predicted_ms,
+             plan.describe(), best_f1, plan.predicted_ms,
              f", measured {record['measured_ms']:.3f} ms" if "measured_ms" in record else "", budget, teacher_ms)
     return record
 
 
-def record_measured(out_dir, record, graph, feeds, opts, threads):
+def record_measured(out_dir, record, graph, feeds, workload, threads):
     """The exported graph timed on the budget's workload, added to the searched model's manifest."""
-    record["measured_ms"] = lt.model_ms(graph, feeds, lt.Workload.from_feeds(feeds, opts.batch_size), threads)
+    record["measured_ms"] = lt.model_ms(graph, feeds, workload, threads)
     manifest = read_manifest(out_dir, "search", verify_weights=False)
     write_json(os.path.join(out_dir, MANIFEST), {**manifest, "search": record})
 

@@ -14,8 +14,7 @@ from ner_compress.compress.supernet import importance_batches
 from ner_compress.compress.training import evaluate
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
-from ner_compress.models.families import model_class_for
-from ner_compress.models.modeling import numpy_logits, sub_model_state
+from ner_compress.models.modeling import build_sub_model, numpy_logits
 from ner_compress.models.width_plan import layer_plan
 
 REFIT_CANDIDATES = 3  # measured: the refit lifted a per-layer cut 4.1 dev points, a uniform one 2.0
@@ -30,18 +29,14 @@ def ranked_teacher(cfg, data, teacher):
     start = time.process_time()
     heads, neurons = reorder_by_importance(model, *fisher_importance(model, batches))
     detail.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%.0f CPU-s)",
-             heads.size, neurons.size, len(batches), time.process_time() - start)
+                heads.size, neurons.size, len(batches), time.process_time() - start)
     model.eval()
     return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
 
 
 def plan_model(teacher_dir, teacher, state, plan):
     """The family's NER class cut to ``plan`` (a ``search.Plan``), holding the leading slice of ``state``."""
-    width_plan = layer_plan(teacher.config, plan.heads, plan.neurons)
-    model = model_class_for(teacher_dir, "teacher")(copy.deepcopy(teacher.config), plan=width_plan)
-    model.set_state_dict(sub_model_state(state, model))
-    model.eval()
-    return model
+    return build_sub_model(teacher_dir, layer_plan(teacher.config, plan.heads, plan.neurons), state, flag="teacher")
 
 
 def dev_f1(cfg, data, model):
@@ -57,7 +52,7 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
         model = plan_model(teacher_dir, teacher, state, plan)
         scored.append({"plan": plan, "source": source, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
         detail.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
-                 scored[-1]["dev_f1_cut"])
+                    scored[-1]["dev_f1_cut"])
     scored.sort(key=lambda c: -c["dev_f1_cut"])
     for candidate in scored[:0 if cfg.skip_reconstruction else REFIT_CANDIDATES]:
         record, after = reconstruction_stage.refit_and_score(cfg, data, candidate["model"], teacher,
@@ -66,7 +61,7 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
             candidate["model"] = plan_model(teacher_dir, teacher, state, candidate["plan"])
         candidate["reconstruction"] = record
         detail.info("search: %s refit dev F1 %.4f -> %.4f", candidate["plan"].describe(), candidate["dev_f1_cut"],
-                 after["f1"])
+                    after["f1"])
     for candidate in scored:
         rec = candidate.get("reconstruction")
         candidate["dev_f1"] = rec["dev_f1_after"] if rec and rec["kept"] else candidate["dev_f1_cut"]
