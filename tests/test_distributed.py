@@ -2,10 +2,12 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import TINY, checkpoints_dir, export_vs_supernet_diff, launch, run_tool
+from conftest import ROOT, TINY, checkpoints_dir, export_vs_supernet_diff, launch, run_tool
 from safetensors.numpy import load_file
 
 from ner_compress.core import layout
@@ -75,3 +77,36 @@ def test_two_processes_match_one_process_with_the_global_batch(two_process_run, 
     assert [h["step"] for h in one_state["history"]] == [h["step"] for h in two_state["history"]] == [1, 2, 3, 4]
     for a, b in zip(one_state["history"], two_state["history"]):
         assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+RANKS_LEAVE_TOGETHER = '''
+import os, sys, threading, time
+sys.path.insert(0, {root!r})
+from ner_compress.core import parallel
+from ner_compress.core.errors import run_cli
+
+out = sys.argv[1]
+def main():
+    parallel.init()
+    if parallel.rank() == 0:
+        time.sleep(2)
+        open(os.path.join(out, "written"), "w").close()
+        time.sleep(1)
+        return
+    def watch():  # rank 1 is done at once; it sees rank 0's file only if it is still running
+        while not os.path.exists(os.path.join(out, "written")):
+            time.sleep(0.05)
+        open(os.path.join(out, "seen by rank 1"), "w").close()
+    threading.Thread(target=watch, daemon=True).start()
+run_cli(main)
+'''
+
+
+def test_a_finished_rank_waits_for_the_others_and_the_launch_exits_0(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_LEAVE_TOGETHER.format(root=str(ROOT)))
+    result = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+                             "--log_dir", str(tmp_path / "log"), str(script), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert (tmp_path / "seen by rank 1").exists()

@@ -34,3 +34,12 @@ def run_cli(main):
     except StopRequested as err:
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
+    leave_process_group()
+
+
+def leave_process_group():
+    """After a command that succeeded under ``paddle.distributed.launch``: ``parallel.finish``. Looked up, not
+    imported: only the training commands load ``core.parallel`` (and Paddle), the deploy install has neither."""
+    parallel = sys.modules.get("ner_compress.core.parallel")
+    if parallel is not None:
+        parallel.finish()
