@@ -28,7 +28,7 @@ from ner_compress.models.families import save_tokenizer
 from ner_compress.core.artifacts import atomic_dir, model_input, write_manifest
 from ner_compress.core.console import detail, verbose
 from ner_compress.core.checkpoint import Checkpointer, resume_path, stop_on_signals
-from ner_compress.core.config import Schedule
+from ner_compress.core.options import Schedule
 from ner_compress.core.errors import StopRequested
 from ner_compress.data.corpus import IGNORE_INDEX, collate, train_batches
 from ner_compress.data.decoding import Decoder

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ner_compress.core import compat, console
-from ner_compress.core.config import flag_field
+from ner_compress.core.options import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.deploy.inference import INPUT_NAMES, Tagger, read_meta  # noqa: F401  (INPUT_NAMES: re-exported)
 from ner_compress.core.static_files import static_model_files

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from ner_compress.core.config import flag_field
+from ner_compress.core.options import flag_field
 from ner_compress.core.errors import UserError
 
 DEFAULT_MAX_CHARS = 100_000  # longer lines are refused per line, not by the run

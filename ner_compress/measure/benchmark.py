@@ -24,7 +24,7 @@ from ner_compress.measure import timing
 from ner_compress.models.families import load_config
 from ner_compress.data.vocab import copy_vocab
 from ner_compress.core.artifacts import MANIFEST, read_manifest
-from ner_compress.core.config import flag_field
+from ner_compress.core.options import flag_field
 from ner_compress.deploy.backends import (BACKENDS, FUSED_FILE, INT8_FILE, ONNX_DIR, ONNX_FILE, DynamicTagger,
                                           OnnxTagger, StaticTagger, default_backend, load_tagger, onnx_path_for)
 from ner_compress.deploy.inference import Tagger

@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 
 from ner_compress.core import layout
-from ner_compress.core.config import flag_field
+from ner_compress.core.options import flag_field
 from ner_compress.core.errors import UserError
 from ner_compress.core.layout import ModelRef
 from ner_compress.deploy.backends import DEFAULT_BACKEND

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from ner_compress.deploy.backends import EngineOptions
 from ner_compress.core import runtime
-from ner_compress.core.config import flag_field
+from ner_compress.core.options import flag_field
 from ner_compress.core.errors import UserError
 
 OPTIONS_VARIABLE = "NER_COMPRESS_SERVE_OPTIONS"
