@@ -25,7 +25,8 @@ def exported_teacher(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def searched(exported_teacher):
     out = exported_teacher
-    run_tool("search.py", "--output_dir", out, "--speedup", "1.05", "--workload_sentences", "16", "--name", "fast")
+    run_tool("search.py", "--output_dir", out, "--speedup", "1.05", "--workload_sentences", "16", "--name", "fast",
+             "--search_max_steps", "4", "--search_eval_steps", "2")
     return out
 
 
@@ -46,10 +47,22 @@ def test_the_searched_model_is_within_budget_and_exported(searched):
     assert ref in layout.exported_models(str(searched))
 
 
+def test_the_chosen_model_is_trained_and_keeps_its_best_step(searched):
+    model_dir, _ = layout.trained_dir(str(searched), layout.ModelRef("search", label="fast"))
+    manifest = json.load(open(os.path.join(model_dir, MANIFEST)))
+    training = manifest["search"]["training"]
+    assert training["steps"] == 4 and training["kept_step"] in (0, 2, 4)
+    assert training["dev_f1"] >= training["dev_f1_before"]  # step 0 (the refit) is kept unless training beats it
+    assert manifest["metrics"]["dev_f1"] == training["dev_f1"]
+    assert os.path.isdir(layout.checkpoint_dir(str(searched), "search_fast"))
+
+
 def test_the_latency_table_is_reused(searched):
     result = run_tool("search.py", "--output_dir", searched, "--speedup", "1.05", "--workload_sentences", "16",
-                      "--name", "again", "--skip_export")
+                      "--name", "again", "--skip_export", "--search_max_steps", "0")
     assert "latency table cached" in result.stderr
+    manifest = json.load(open(os.path.join(searched, "search", "again", MANIFEST)))
+    assert "training" not in manifest["search"]  # 0 steps: the refit is the model
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -57,6 +70,7 @@ def test_the_latency_table_is_reused(searched):
     (["--latency_ms", "1e-6"], "no sub-network meets it"),
     (["--speedup", "2", "--latency_ms", "1"], "exactly one of --latency_ms or --speedup"),
     (["--speedup", "2", "--backend", "paddle"], "--backend paddle"),
+    (["--speedup", "2", "--search_eval_steps", "0"], "--search_eval_steps 0"),
 ])
 def test_refusals_are_one_line_and_write_nothing(exported_teacher, flags, message):
     before = sorted(os.listdir(os.path.join(exported_teacher, "search"))) if os.path.isdir(

@@ -20,7 +20,8 @@ from ner_compress.compress.plan_search import Plan, Values, candidate_plans, dis
 from ner_compress.compress.training import save_model_dir
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
-from ner_compress.core.config import ReconstructionOptions, flag_field, group_fields, options_from_args
+from ner_compress.core.config import ReconstructionOptions, group_fields, options_from_args
+from ner_compress.core.options import flag_field, schedule_of, with_schedule
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import model_inputs
 from ner_compress.deploy.backends import onnx_path_for
@@ -33,9 +34,11 @@ SEARCH_CONFIG_FLAGS = group_fields(ReconstructionOptions) + ["dev_limit", "impor
                                                              "vocab_file", "cpu_threads", "verbose"]
 
 
+@with_schedule("search", "search_", "distillation of the chosen model", learning_rate=1e-4, max_steps=300,
+               num_train_epochs=0.0, eval_steps=50, also=" (and at step 0, the refit; 0 steps: keep the refit)")
 @dataclass
 class SearchOptions:
-    """The budget, and what the latency is measured on."""
+    """The budget, what the latency is measured on, and how the chosen model is trained."""
     latency_ms: Optional[float] = flag_field(None, "the budget: milliseconds per sentence at --batch_size (model "
                                              "only, ONNX Runtime); give this or --speedup")
     speedup: Optional[float] = flag_field(None, "the budget as a speed-up over the teacher's measured latency")
@@ -62,6 +65,8 @@ def check_options(opts):
                         f"use --backend onnxruntime (the searched model still exports to Paddle Inference)")
     if opts.workload_sentences < 1:
         raise UserError(f"--workload_sentences {opts.workload_sentences}: use at least 1")
+    if opts.search_eval_steps < 1:
+        raise UserError(f"--search_eval_steps {opts.search_eval_steps}: must be at least 1")
 
 
 def exported_graph(output_dir, ref, precision):
@@ -165,6 +170,11 @@ def run_search(cfg, opts):
               "batch_size": opts.batch_size, "backend": opts.backend, "precision": opts.precision, "threads": threads,
               "candidates": candidates, "latency_table": table.machine}
     best_f1 = max(c["dev_f1"] for c in candidates)
+    schedule = schedule_of(opts, "search")
+    if schedule.max_steps > 0 or schedule.num_train_epochs > 0:
+        record["training"] = searched_model.distil(cfg, data, ranked, model, schedule,
+                                                   layout.checkpoint_dir(cfg.output_dir, f"search_{name}"))
+        best_f1 = record["training"]["dev_f1"]
     save_model_dir(model, data, cfg, {"dev_f1": best_f1}, out_dir, "search",
                    inputs={"teacher": read_manifest(teacher_dir, "teacher", verify_weights=False)},
                    search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))

@@ -3,15 +3,18 @@
 The teacher's units are sorted by Fisher importance on training sentences (``unit_importance``); a plan
 (``plan_search``) keeps each layer's leading ones. Candidates are scored on dev as cut, the best
 ``REFIT_CANDIDATES`` are refit to the teacher layer by layer (``reconstruction``; kept only where dev F1 rises),
-and the best on dev is kept. Test is never read here.
+and the best on dev is kept, then distilled from the teacher for a few hundred steps (``distil``; the refit
+start kept unless training beats it on dev). Test is never read here.
 """
 import copy
 import time
 from functools import partial
 
 from ner_compress.compress import reconstruction_stage
+from ner_compress.compress.matches import default_matches
+from ner_compress.compress.student import StudentDistiller
 from ner_compress.compress.supernet import importance_batches
-from ner_compress.compress.training import evaluate
+from ner_compress.compress.training import Stage, evaluate, run_stage
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.models.modeling import build_sub_model, numpy_logits
@@ -76,3 +79,30 @@ def candidate_record(candidate):
             "predicted_ms": round(plan.predicted_ms, 4), "values": candidate["source"],
             "dev_f1_cut": candidate["dev_f1_cut"], "dev_f1": candidate["dev_f1"],
             "refit": "not tried" if rec is None else "kept" if rec["kept"] else "not kept (dev F1 fell)"}
+
+
+def distil(cfg, data, teacher, model, schedule, checkpoint_root):
+    """``model`` distilled from ``teacher`` as a student of the same depth (soft and hard labels, each layer's
+    hidden states), scored on dev at step 0 and every ``schedule.eval_steps``; it ends holding the best weights.
+    Returns the training record (steps, the step kept, dev F1 before and after, CPU-seconds)."""
+    layers = model.config.num_hidden_layers
+    distiller = StudentDistiller(teacher, model, default_matches(layers, layers, cfg.lambda_distill), cfg)
+    kept = {}
+
+    def keep_best(step, state):
+        f1 = dev_f1(cfg, data, model)
+        detail.info("search: training step %d dev F1 %.4f", step, f1)
+        if step == 0:
+            kept["dev_f1_before"] = f1
+        if f1 > state["best"].get("dev_f1", -1.0):
+            state["best"] = {"dev_f1": f1, "step": step}
+            kept["weights"] = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+    start = time.process_time()
+    state = run_stage(cfg, Stage(name="search", model=distiller.model, data=data, schedule=schedule,
+                                 step_fn=distiller.step, eval_fn=keep_best, checkpoint_root=checkpoint_root))
+    model.set_state_dict(kept["weights"])
+    model.eval()
+    return {"steps": state["step"], "learning_rate": schedule.learning_rate, "kept_step": state["best"]["step"],
+            "dev_f1_before": kept["dev_f1_before"], "dev_f1": state["best"]["dev_f1"],
+            "cpu_seconds": round(time.process_time() - start, 1)}

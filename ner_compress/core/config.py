@@ -338,8 +338,8 @@ def validate(cfg):
                         f"(the whole graph or nothing)")
     if cfg.int8_calibration_sentences < 1:
         raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
-    for prefix in SCHEDULE_PREFIXES.values():
-        if getattr(cfg, f"{prefix}eval_steps") < 1:
+    for prefix in SCHEDULE_PREFIXES.values():  # a tool's own schedule (tools/search.py) is checked by the tool
+        if getattr(cfg, f"{prefix}eval_steps", 1) < 1:
             raise UserError(f"--{prefix}eval_steps {getattr(cfg, f'{prefix}eval_steps')}: must be at least 1")
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
