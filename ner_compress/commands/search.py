@@ -21,7 +21,7 @@ from ner_compress.compress.training import save_model_dir
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest, write_json
 from ner_compress.core.config import ReconstructionOptions, group_fields, options_from_args
-from ner_compress.core.options import flag_field, schedule_of, with_schedule
+from ner_compress.core.options import check_schedules, flag_field, schedule_of, with_schedule
 from ner_compress.core.errors import UserError
 from ner_compress.data.window_scores import model_inputs
 from ner_compress.deploy.backends import onnx_path_for
@@ -65,8 +65,7 @@ def check_options(opts):
                         f"use --backend onnxruntime (the searched model still exports to Paddle Inference)")
     if opts.workload_sentences < 1:
         raise UserError(f"--workload_sentences {opts.workload_sentences}: use at least 1")
-    if opts.search_eval_steps < 1:
-        raise UserError(f"--search_eval_steps {opts.search_eval_steps}: must be at least 1")
+    check_schedules(opts)
 
 
 def exported_graph(output_dir, ref, precision):

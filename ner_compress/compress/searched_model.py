@@ -14,7 +14,7 @@ from ner_compress.compress import reconstruction_stage
 from ner_compress.compress.matches import default_matches
 from ner_compress.compress.student import StudentDistiller
 from ner_compress.compress.supernet import importance_batches
-from ner_compress.compress.training import Stage, evaluate, run_stage
+from ner_compress.compress.training import Stage, best_dev_eval, evaluate, run_stage
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.models.modeling import build_sub_model, numpy_logits
@@ -89,18 +89,14 @@ def distil(cfg, data, teacher, model, schedule, checkpoint_root):
     distiller = StudentDistiller(teacher, model, default_matches(layers, layers, cfg.lambda_distill), cfg)
     kept = {}
 
-    def keep_best(step, state):
-        f1 = dev_f1(cfg, data, model)
-        detail.info("search: training step %d dev F1 %.4f", step, f1)
-        if step == 0:
-            kept["dev_f1_before"] = f1
-        if f1 > state["best"].get("dev_f1", -1.0):
-            state["best"] = {"dev_f1": f1, "step": step}
-            kept["weights"] = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    def keep_weights(state):  # the first best is step 0's: the refit the training starts from
+        kept.setdefault("dev_f1_before", state["best"]["dev_f1"])
+        kept["weights"] = {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
     start = time.process_time()
+    eval_fn = best_dev_eval("search", model, data, cfg, keep_weights)
     state = run_stage(cfg, Stage(name="search", model=distiller.model, data=data, schedule=schedule,
-                                 step_fn=distiller.step, eval_fn=keep_best, checkpoint_root=checkpoint_root))
+                                 step_fn=distiller.step, eval_fn=eval_fn, checkpoint_root=checkpoint_root))
     model.set_state_dict(kept["weights"])
     model.eval()
     return {"steps": state["step"], "learning_rate": schedule.learning_rate, "kept_step": state["best"]["step"],

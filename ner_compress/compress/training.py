@@ -291,9 +291,9 @@ def save_model_dir(model, data, cfg, metrics, out_dir, stage, speed=None, inputs
                        architecture=model.config.model_type, runtime=runtime.report(), speed=speed or {}, **extra)
 
 
-def best_model_eval(name, model, data, cfg, out_dir, **manifest):
-    """``eval_fn`` for a stage with one model: dev F1, and ``model`` saved to ``out_dir`` (``save_model_dir``
-    of stage ``name``, ``manifest`` added) at each new best."""
+def best_dev_eval(name, model, data, cfg, on_best):
+    """``eval_fn`` for a stage with one model: dev scores, and ``on_best(state)`` at each new best (recorded in
+    ``state["best"]``)."""
     dev_windows = data.windows("dev")
 
     def eval_fn(step, state):
@@ -301,11 +301,18 @@ def best_model_eval(name, model, data, cfg, out_dir, **manifest):
         scores = evaluate(partial(numpy_logits, model), data, dev_windows, cfg.per_device_eval_batch_size,
                           cfg.decoding)
         detail.info("%s step %d dev P %.4f R %.4f F1 %.4f", name, step, scores["precision"], scores["recall"],
-                 scores["f1"])
+                    scores["f1"])
         if scores["f1"] > state["best"].get("dev_f1", -1.0):
             state["best"] = {"dev_f1": scores["f1"], "dev": scores, "step": step}
-            save_model_dir(model, data, cfg, state["best"], out_dir, name, state.get("speed"), **manifest)
+            on_best(state)
     return eval_fn
+
+
+def best_model_eval(name, model, data, cfg, out_dir, **manifest):
+    """``best_dev_eval`` that saves ``model`` to ``out_dir`` (``save_model_dir`` of stage ``name``, ``manifest``
+    added) at each new best."""
+    return best_dev_eval(name, model, data, cfg, lambda state: save_model_dir(
+        model, data, cfg, state["best"], out_dir, name, state.get("speed"), **manifest))
 
 
 def best_of(name, state, out_dir):

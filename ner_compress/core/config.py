@@ -9,7 +9,7 @@ from typing import List, Optional
 import yaml
 
 from ner_compress.core.errors import UserError
-from ner_compress.core.options import SCHEDULE_PREFIXES, flag_field, schedule_of, with_schedule
+from ner_compress.core.options import check_schedules, flag_field, schedule_of, with_schedule
 
 
 @dataclass
@@ -338,9 +338,7 @@ def validate(cfg):
                         f"(the whole graph or nothing)")
     if cfg.int8_calibration_sentences < 1:
         raise UserError(f"--int8_calibration_sentences {cfg.int8_calibration_sentences}: use at least 1")
-    for prefix in SCHEDULE_PREFIXES.values():  # a tool's own schedule (tools/search.py) is checked by the tool
-        if getattr(cfg, f"{prefix}eval_steps", 1) < 1:
-            raise UserError(f"--{prefix}eval_steps {getattr(cfg, f'{prefix}eval_steps')}: must be at least 1")
+    check_schedules(cfg)
     if cfg.device not in ("cpu", "gpu"):
         raise UserError(f"--device {cfg.device}: use cpu or gpu")
     if cfg.hidden_size % cfg.num_attention_heads:

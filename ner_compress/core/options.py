@@ -3,6 +3,8 @@ trains (``Schedule``, added to a stage's option group as prefixed flags by ``wit
 import dataclasses
 from dataclasses import dataclass, fields
 
+from ner_compress.core.errors import UserError
+
 
 def flag_field(default, help_text, **argparse_extra):
     """A field of an options dataclass: its default and the help (and choices) of its flag."""
@@ -43,3 +45,11 @@ def schedule_of(options, stage):
     ``with_schedule`` gave ``options``."""
     prefix = SCHEDULE_PREFIXES[stage]
     return Schedule(**{f.name: getattr(options, prefix + f.name) for f in fields(Schedule)})
+
+
+def check_schedules(options):
+    """Refuse, in one line, an evaluation interval below 1 in any stage schedule ``options`` carries."""
+    for prefix in SCHEDULE_PREFIXES.values():
+        value = getattr(options, f"{prefix}eval_steps", 1)  # Config has the stages' schedules, a tool its own
+        if value < 1:
+            raise UserError(f"--{prefix}eval_steps {value}: must be at least 1")

@@ -74,7 +74,7 @@ def finish():
     when ranks exit at different moments (seen once in CI, after every artifact was written)."""
     if world_size() == 1:
         return
-    dist.barrier()
+    barrier()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
