@@ -194,3 +194,20 @@ def test_accuracy_equals_predict_tool_on_the_same_sentences(bench, tmp_path):
     assert row["predicted"] == sum(len(r["entities"]) for r in records) == scores["predicted"]
     for key in ("precision", "recall", "f1"):
         assert row[key] == pytest.approx(scores[key], abs=1e-12)
+
+
+def test_another_test_file_is_scored_into_its_own_report(bench, tmp_path):
+    """--test_file replaces the test split whatever the training source (an out-of-domain check); --report_dir
+    keeps the in-domain report as it was."""
+    out, _ = bench
+    before = read_report(out)
+    ood = tmp_path / "ood.txt"
+    ood.write_text("张 B-PER\n三 I-PER\n在 O\n京 B-LOC\n\n上 B-LOC\n海 I-LOC\n好 O\n", encoding="utf-8")
+    report_dir = os.path.join(str(out), "report", "ood")
+    run("benchmark.py", "--output_dir", out, "--test_file", ood, "--report_dir", report_dir, "--models", "teacher",
+        "--backend", "onnxruntime", "--repeats", 1, "--speed_sentences", 2, "--latency_sentences", 2)
+    results = json.load(open(os.path.join(report_dir, "results.json")))
+    assert (results["test_sentences"], results["test_source"]) == (2, str(ood))
+    assert {r["model"] for r in results["rows"]} == {"teacher"}
+    assert f"Test sentences: 2 ({ood})" in open(os.path.join(report_dir, "report.md"), encoding="utf-8").read()
+    assert read_report(out) == before

@@ -165,9 +165,9 @@ def run_benchmark(cfg, opts, command):
         export_missing(cfg, data)
     models = models_to_measure(cfg, opts)
     pruned = pruning_sizes(cfg)
-    measured = measure(cfg, opts, models, data.splits)
+    report_dir = opts.report_dir or layout.report_dir(cfg.output_dir)
+    measured = measure(cfg, opts, models, data.splits, report_dir)
     results = {"command": command, **measured, "vocab_pruning": pruned, "targets": report.all_targets(measured["rows"])}
-    report_dir = layout.report_dir(cfg.output_dir)
     report.write_report(report_dir, results, report.markdown(results), "results.json", "report.md")
     report.plot_pareto(results["rows"], os.path.join(report_dir, "pareto.png"))
     return results
@@ -197,12 +197,12 @@ def pruning_sizes(cfg):
     return vocab_pruning.pruning_sizes(recorded_config("teacher")(cfg.output_dir).get("model_name_or_path"))
 
 
-def measure(cfg, opts, models, splits):
+def measure(cfg, opts, models, splits, report_dir):
     """Every model x backend x precision on the test set, each in a fresh process; the rows with the machine
     and the settings they were measured with."""
     from tqdm import tqdm
 
-    work_dir = os.path.join(layout.report_dir(cfg.output_dir), "models")
+    work_dir = os.path.join(report_dir, "models")
     os.makedirs(work_dir, exist_ok=True)
     sentences = splits.test
     # Paddle INT8 calibrates on training sentences: dev and test are what it is judged on
@@ -214,7 +214,8 @@ def measure(cfg, opts, models, splits):
                                                                     bar.set_postfix_str))
     return {"machine": benchmark.machine_info(), "threads": opts.threads or os.cpu_count(),
             "matmul_gflops": ceiling, "batch_size": opts.batch_size, "repeats": opts.repeats,
-            "test_sentences": len(sentences), "speed_sentences": min(len(sentences), opts.speed_sentences),
+            "test_sentences": len(sentences), "test_source": splits.sources.get("test", "MSRA test"),
+            "speed_sentences": min(len(sentences), opts.speed_sentences),
             "latency_sentences": min(len(sentences), opts.latency_sentences), "rows": rows}
 
 
@@ -225,7 +226,7 @@ def flags_of(cls):
 
 def benchmark_cli(argv=None):
     cfg, args = parse_stage_config("Accuracy, size and speed of the teacher and every exported width, side by side.",
-                             ["test_limit", "cache_dir", "vocab_file", "verbose"], argv,
+                             ["test_file", "test_limit", "cache_dir", "vocab_file", "verbose"], argv,
                              extra=flags_of(benchmark.BenchmarkOptions), inherit=recorded_config("teacher"))
     run_benchmark(cfg, options_from_args(benchmark.BenchmarkOptions, args),
                   "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -102,9 +102,8 @@ def _limit(items, n):
 def load_splits(cfg):
     """Train, dev and test sentences with the label list, from local files or the MSRA wheel."""
     if cfg.train_file:
-        train = read_conll_chars(cfg.train_file, cfg.strict_tags)
-        test = read_conll_chars(cfg.test_file, cfg.strict_tags) if cfg.test_file else []
-        sources = {"train": cfg.train_file, "test": cfg.test_file}
+        train, test = read_conll_chars(cfg.train_file, cfg.strict_tags), []
+        sources = {"train": cfg.train_file}
     elif cfg.dataset == "msra_wheel":
         corpus = resources.msra_corpus_path(cfg.cache_dir)
         everything = read_conll_chars(corpus, cfg.strict_tags)
@@ -115,6 +114,9 @@ def load_splits(cfg):
         sources = {"corpus": "paddlenlp.datasets msra_ner"}
     else:
         raise UserError(f"--dataset {cfg.dataset}: use msra_wheel or paddlenlp_msra_ner, or pass --train_file")
+    if cfg.test_file:  # with any training source: an out-of-domain set scored by the same models
+        test = read_conll_chars(cfg.test_file, cfg.strict_tags)
+        sources["test"] = cfg.test_file
     if cfg.dev_file:
         dev = read_conll_chars(cfg.dev_file, cfg.strict_tags)
         sources["dev"] = cfg.dev_file

@@ -51,6 +51,9 @@ class BenchmarkOptions:
     # Paddle INT8 calibrates on training sentences, so dev and test stay what it is judged on
     calibration_sentences: int = flag_field(320, "training sentences that calibrate Paddle INT8")
     calibration_seed: int = flag_field(0, "which training sentences")
+    report_dir: Optional[str] = flag_field(
+        None, "where results.json, report.md and pareto.png go (default: DIR/report); with --test_file, e.g. "
+        "DIR/report/ood keeps the in-domain report")
 
     @property
     def backends(self):

@@ -209,7 +209,7 @@ def markdown(results):
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results['threads']} threads; float32 matmul ceiling {results['matmul_gflops']:.1f} GFLOP/s  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["machine"]["versions"].items()) + "  ",
-        f"Test sentences: {results['test_sentences']}. Each model x backend x precision measured in a process of "
+        f"Test sentences: {results['test_sentences']} ({results.get('test_source', 'MSRA test')}). Each model x backend x precision measured in a process of "
         "its own. Batch-1 latency: text to tags, one real test sentence at "
         f"a time in the test set's order (first {results['latency_sentences']}, after 10 warm-up calls). "
         f"Throughput: first {results['speed_sentences']} sentences, batch {results['batch_size']}, "
