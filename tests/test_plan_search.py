@@ -119,7 +119,9 @@ def test_latency_table_is_cached_and_measured_again_for_other_threads(tmp_path):
     def measure(threads):
         def run():
             calls.append(threads)
-            return lt.measure_table(TINY_SHAPE, workload, threads, lambda table: 0.5)
+            key = lt.machine_key(threads, "onnxruntime", "fp32", workload, TINY_SHAPE)
+            return lt.measure_table(TINY_SHAPE, key, lt.onnx_part_timer(TINY_SHAPE, workload, threads),
+                                    lambda table: 0.5)
         return run
 
     key = lt.machine_key(1, "onnxruntime", "fp32", workload, TINY_SHAPE)

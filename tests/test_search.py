@@ -69,7 +69,7 @@ def test_the_latency_table_is_reused(searched):
     (["--speedup", "0.5"], "the teacher itself meets it"),
     (["--latency_ms", "1e-6"], "no sub-network meets it"),
     (["--speedup", "2", "--latency_ms", "1"], "exactly one of --latency_ms or --speedup"),
-    (["--speedup", "2", "--backend", "paddle"], "--backend paddle"),
+    (["--speedup", "2", "--backend", "paddle", "--precision", "int8"], "--backend paddle --precision int8"),
     (["--speedup", "2", "--search_eval_steps", "0"], "--search_eval_steps 0"),
 ])
 def test_refusals_are_one_line_and_write_nothing(exported_teacher, flags, message):
@@ -89,3 +89,44 @@ def test_a_run_without_an_exported_teacher_is_refused(tiny_run, tmp_path):
     copy_stages(tiny_run, str(tmp_path))
     result = run_tool("search.py", "--output_dir", tmp_path, "--speedup", "2", check=False)
     assert result.returncode != 0 and "tools/export.py --teacher" in result.stderr
+
+
+def test_a_paddle_inference_budget_is_searched_on_its_own_table(exported_teacher, monkeypatch):
+    """Every stack and the chosen export run in Paddle Inference; the figure returned is their parameter bytes,
+    as the tiny model's real times are all call overhead; its embeddings are most of its bytes (--speedup 1.02)."""
+    from ner_compress.commands.search import search_cli
+    from ner_compress.core.static_files import static_model_files
+    from ner_compress.measure import paddle_latency
+
+    timed = []
+
+    def static_ms(static_dir, feeds, workload, threads, repeats=3):
+        assert real_static_ms(static_dir, feeds, workload, threads, repeats=1) > 0
+        timed.append(static_dir)
+        return os.path.getsize(static_model_files(static_dir)[1]) / 1e4
+
+    real_static_ms = paddle_latency.static_ms
+    monkeypatch.setattr(paddle_latency, "static_ms", static_ms)
+    search_cli(["--output_dir", str(exported_teacher), "--backend", "paddle", "--speedup", "1.02",
+                "--workload_sentences", "8", "--name", "on_paddle", "--search_max_steps", "0"])
+    record = json.load(open(os.path.join(exported_teacher, "search", "on_paddle", MANIFEST)))["search"]
+    assert record["backend"] == "paddle" and record["predicted_ms"] <= record["budget_ms"] < record["teacher_ms"]
+    assert record["latency_table"]["backend"] == "paddle" and "paddle" in record["latency_table"]
+    assert record["measured_ms"] == pytest.approx(record["predicted_ms"], rel=0.05)  # parameters are additive
+    assert timed[-1].endswith(os.path.join("search_on_paddle", "static")) and len(timed) > 10
+
+
+def test_paddle_part_costs_add_up_to_the_stacks_they_were_taken_from():
+    """Whatever share of a whole layer goes to each part, predictions equal an additive stack's cost."""
+    from ner_compress.measure import latency_table as lt
+    from ner_compress.measure.paddle_latency import StackTimer
+
+    def stack_ms(layers, heads, neurons):  # 0.7 ms outside the layers, parts linear in their width
+        return 0.7 + layers * (0.05 + 0.02 * heads + 0.001 * neurons)
+
+    timer = StackTimer(stack_ms, 4, 32)
+    shape = lt.LayerShape(16, 4, 4, 32)
+    teacher_ms = stack_ms(3, 4, 32)
+    table = lt.measure_table(shape, {}, timer.part_ms, lambda t: teacher_ms - t.predict([4] * 3, [32] * 3))
+    plan = ([1, 4, 2], [8, 32, 16])
+    assert table.predict(*plan) == pytest.approx(0.7 + sum(0.05 + 0.02 * h + 0.001 * n for h, n in zip(*plan)))

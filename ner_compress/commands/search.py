@@ -1,10 +1,11 @@
 """Stage 8, ``tools/search.py``: the sub-network for a latency budget, per-layer widths searched on this
 machine's measured latency, written and exported like any model (``search/<name>``, ``export/search_<name>``).
 
-The latency is ONNX Runtime's, milliseconds per sentence over dev sentences' real lengths at ``--batch_size``
-(1: one request at a time; 32: length-sorted batches), model only (text to ids and Viterbi are the same for
-every model). The teacher's exported graph is timed for the budget (``--speedup``) and for what the layers
-do not cost; the layers come from the latency table (``measure/latency_table``), cached under
+The latency is ONNX Runtime's (``--backend paddle``: Paddle Inference's), milliseconds per sentence over dev
+sentences' real lengths at ``--batch_size`` (1: one request at a time; 32: length-sorted batches), model only
+(text to ids and Viterbi are the same for every model). The teacher's exported graph is timed for the budget
+(``--speedup``) and for what the layers do not cost; the layers come from the latency table
+(``measure/latency_table``, ``measure/paddle_latency``), cached under
 ``search/latency/`` and measured again when the machine, threads or libraries differ.
 """
 import logging
@@ -27,6 +28,7 @@ from ner_compress.data.window_scores import model_inputs
 from ner_compress.deploy.backends import onnx_path_for
 from ner_compress.models.width_plan import layer_plan
 from ner_compress.measure import latency_table as lt
+from ner_compress.measure import paddle_latency
 
 log = logging.getLogger("ner_compress")
 # what the search reads of the run (its data, importance batches, the refit's calibration)
@@ -44,9 +46,11 @@ class SearchOptions:
     speedup: Optional[float] = flag_field(None, "the budget as a speed-up over the teacher's measured latency")
     batch_size: int = flag_field(1, "sentences per call the latency is measured at: 1 (one request) or 32",
                                  choices=[1, 32])
-    backend: str = flag_field("onnxruntime", "the runtime the latency is for (only onnxruntime has a latency "
-                              "table so far)", choices=["onnxruntime", "paddle"])
-    precision: str = flag_field("fp32", "fp32 (the fused graph) or int8 (its INT8 copy)", choices=["fp32", "int8"])
+    backend: str = flag_field("onnxruntime", "the runtime the latency is for: onnxruntime (the fused ONNX graph) "
+                              "or paddle (Paddle Inference on the static graph, oneDNN)",
+                              choices=["onnxruntime", "paddle"])
+    precision: str = flag_field("fp32", "fp32 or int8 (ONNX Runtime only: the export's INT8 copy)",
+                                choices=["fp32", "int8"])
     threads: Optional[int] = flag_field(None, "CPU threads the latency is measured with (default: all cores)")
     workload_sentences: int = flag_field(128, "dev sentences whose lengths the latency is measured on")
     name: Optional[str] = flag_field(None, "the searched model's name (default: from the budget, e.g. b1_4.2ms)")
@@ -60,26 +64,44 @@ def check_options(opts):
         value = getattr(opts, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} {value}: must be positive")
-    if opts.backend != "onnxruntime":
-        raise UserError(f"--backend {opts.backend}: the latency table is measured for ONNX Runtime only so far; "
-                        f"use --backend onnxruntime (the searched model still exports to Paddle Inference)")
+    if opts.backend == "paddle" and opts.precision != "fp32":
+        raise UserError(f"--backend paddle --precision {opts.precision}: an export has no Paddle INT8 program (the "
+                        f"benchmark calibrates one when it runs); use --precision fp32, or --backend onnxruntime")
     if opts.workload_sentences < 1:
         raise UserError(f"--workload_sentences {opts.workload_sentences}: use at least 1")
     check_schedules(opts)
 
 
-def exported_graph(output_dir, ref, precision):
-    """The ONNX graph the tagger runs for an export (``backends.onnx_path_for``)."""
-    return onnx_path_for(os.path.join(layout.export_dir(output_dir, ref), "static"), precision)
+def exported_graph(output_dir, ref, opts):
+    """What the backend runs of an export: the ONNX graph the tagger loads (``backends.onnx_path_for``), or for
+    Paddle Inference the static graph's directory."""
+    static = os.path.join(layout.export_dir(output_dir, ref), "static")
+    return static if opts.backend == "paddle" else onnx_path_for(static, opts.precision)
 
 
-def teacher_graph(output_dir, precision):
-    """The teacher's exported ONNX graph the budget is measured on, or a one-line error saying how to make it."""
-    path = exported_graph(output_dir, layout.ModelRef("teacher"), precision)
-    if not os.path.isfile(path):
+def export_ms(graph, opts, feeds, workload, threads):
+    """Milliseconds per sentence of ``exported_graph`` on the workload, with the budget's backend."""
+    if opts.backend == "paddle":
+        return paddle_latency.static_ms(graph, feeds, workload, threads)
+    return lt.model_ms(graph, feeds, workload, threads)
+
+
+def teacher_graph(output_dir, opts):
+    """The teacher's export the budget is measured on, or a one-line error saying how to make it."""
+    path = exported_graph(output_dir, layout.ModelRef("teacher"), opts)
+    if not os.path.exists(path):
         raise UserError(f"{path}: missing; the search times the exported teacher: run `python tools/export.py "
-                        f"--teacher --output_dir {output_dir}` first" + (" (INT8 kept)" if precision == "int8" else ""))
+                        f"--teacher --output_dir {output_dir}` first" +
+                        (" (INT8 kept)" if opts.precision == "int8" else ""))
     return path
+
+
+def part_timer(cfg, opts, shape, feeds, workload, threads):
+    """``part_time(part, width)`` of the backend's latency table (``latency_table``, ``paddle_latency``)."""
+    if opts.backend == "paddle":
+        teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
+        return paddle_latency.part_timer(teacher_dir, teacher_graph(cfg.output_dir, opts), feeds, workload, threads)
+    return lt.onnx_part_timer(shape, workload, threads, opts.precision)
 
 
 def workload_feeds(data, opts):
@@ -106,16 +128,17 @@ def latency_model(cfg, opts, teacher, feeds, workload, threads):
     full = ([shape.heads] * int(teacher.config.num_hidden_layers), [shape.intermediate] *
             int(teacher.config.num_hidden_layers))
 
-    def measure():
-        teacher_ms = lt.model_ms(teacher_graph(cfg.output_dir, opts.precision), feeds, workload, threads)
-        return lt.measure_table(shape, workload, threads, lambda table: max(0.0, teacher_ms - table.predict(*full)),
-                                opts.precision, opts.backend, log)
-
     key = lt.machine_key(threads, opts.backend, opts.precision, workload, shape)
+
+    def measure():
+        teacher_ms = export_ms(teacher_graph(cfg.output_dir, opts), opts, feeds, workload, threads)
+        return lt.measure_table(shape, key, part_timer(cfg, opts, shape, feeds, workload, threads),
+                                lambda table: max(0.0, teacher_ms - table.predict(*full)), log)
+
     path = os.path.join(cfg.output_dir, layout.SEARCH_DIR, "latency",
                         f"{opts.backend}_{opts.precision}_b{opts.batch_size}_t{threads}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    teacher_graph(cfg.output_dir, opts.precision)  # refused before anything is measured
+    teacher_graph(cfg.output_dir, opts)  # refused before anything is measured
     table, cached = lt.cached_table(path, key, measure)
     log.info("search: teacher %.3f ms per sentence at batch %d; latency table %s (%s)", table.predict(*full),
              opts.batch_size, "cached" if cached else "measured", path)
@@ -179,17 +202,16 @@ def run_search(cfg, opts):
                    search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))
     if not opts.skip_export:
         stages.run_export(cfg, ref, data)
-        record_measured(out_dir, record, exported_graph(cfg.output_dir, ref, opts.precision), feeds, workload,
-                        threads)
+        record["measured_ms"] = export_ms(exported_graph(cfg.output_dir, ref, opts), opts, feeds, workload, threads)
+        record_measured(out_dir, record)
     log.info("search: %s -> %s: %s, dev F1 %.4f, predicted %.3f ms%s (budget %.3f, teacher %.3f)", name, out_dir,
              plan.describe(), best_f1, plan.predicted_ms,
              f", measured {record['measured_ms']:.3f} ms" if "measured_ms" in record else "", budget, teacher_ms)
     return record
 
 
-def record_measured(out_dir, record, graph, feeds, workload, threads):
-    """The exported graph timed on the budget's workload, added to the searched model's manifest."""
-    record["measured_ms"] = lt.model_ms(graph, feeds, workload, threads)
+def record_measured(out_dir, record):
+    """The search record with the exported model's measured latency, into the searched model's manifest."""
     manifest = read_manifest(out_dir, "search", verify_weights=False)
     write_json(os.path.join(out_dir, MANIFEST), {**manifest, "search": record})
 

@@ -218,10 +218,13 @@ def _affine(table, width):
 
 def machine_key(threads, backend, precision, workload, shape):
     """What a table is valid for: measured again when any of it changes."""
-    import onnxruntime
+    if backend == "paddle":
+        import paddle as runtime_module
+    else:
+        import onnxruntime as runtime_module
 
     return {"cpu": cpuinfo_field("model name", platform.processor()), "cores": os.cpu_count(),
-            "threads": threads, "backend": backend, "precision": precision, "onnxruntime": onnxruntime.__version__,
+            "threads": threads, "backend": backend, "precision": precision, backend: runtime_module.__version__,
             "batch_size": workload.batch_size, "sentences": workload.sentences,
             "workload": hashlib.sha256(repr(workload.shapes).encode()).hexdigest()[:16], "shape": asdict(shape)}
 
@@ -239,14 +242,19 @@ def measured_points(values, most=8):
     return [values[i] for i in index]
 
 
-def measure_table(shape, workload, threads, rest_ms_fn, precision="fp32", backend="onnxruntime", log=None):
-    """A new table: ``measured_points`` of the head counts 1..heads and of ``neuron_grid``; ``rest_ms_fn(table)``
-    gives the rest of the model."""
-    table = LatencyTable(machine_key(threads, backend, precision, workload, shape), asdict(shape))
+def onnx_part_timer(shape, workload, threads, precision="fp32"):
+    """``part_time(part, width)`` for ``measure_table``: ONNX Runtime's parts, each timed alone."""
+    return lambda part, width: part_ms(shape, part, width, workload, threads, precision=precision)
+
+
+def measure_table(shape, key, part_time, rest_ms_fn, log=None):
+    """A new table for ``key`` (``machine_key``): ``part_time(part, width)`` at ``measured_points`` of the head
+    counts 1..heads and of ``neuron_grid``; ``rest_ms_fn(table)`` gives the rest of the model."""
+    table = LatencyTable(key, asdict(shape))
     for heads in measured_points(list(range(1, shape.heads + 1))):
-        table.attention_ms[heads] = part_ms(shape, "attention", heads, workload, threads, precision=precision)
+        table.attention_ms[heads] = part_time("attention", heads)
     for neurons in measured_points(neuron_grid(shape.intermediate, shape.heads)):
-        table.ffn_ms[neurons] = part_ms(shape, "ffn", neurons, workload, threads, precision=precision)
+        table.ffn_ms[neurons] = part_time("ffn", neurons)
     table.rest_ms = rest_ms_fn(table)
     if log:
         log.info("latency table: %d attention and %d FFN widths measured", len(table.attention_ms), len(table.ffn_ms))

@@ -224,8 +224,9 @@ def markdown(results):
     lines = ["# Load test: tools/serve.py under Locust", "",
              f"Command: `{results['command']}`  ",
              f"{results['cores']} cores; load average at the start {results['load_average'][0]:.1f}; backend "
-             f"{results.get('backend', '?')}; {results['sentences']} MSRA test sentences, one per request, closed-loop clients, "
-             f"{results['seconds']} s per level. Offline = `Tagger.predict` in the load-test process, same sentences.",
+             f"{results.get('backend', '?')}; {results['sentences']} MSRA test sentences, one per request, closed-loop "
+             f"clients, {results['seconds']} s per level. Offline = `Tagger.predict` in the load-test process, same "
+             "sentences.",
              "", "| model | clients | requests | req/s | sent/s | p50 ms | p95 ms | p99 ms | errors | server RSS MB "
              "(peak) | offline sent/s (b=32) | served / offline | offline p50 ms (b=1) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

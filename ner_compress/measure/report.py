@@ -100,7 +100,8 @@ def student_targets(rows, backend=DEFAULT_BACKEND):
         if not (teacher and row):
             continue
         ratio = row["sentences_per_s"] / teacher["sentences_per_s"]
-        add_target(checks, f"{model} {kind}: >= {speed}x teacher throughput at batch 32", f"{ratio:.2f}x", ratio >= speed)
+        add_target(checks, f"{model} {kind}: >= {speed}x teacher throughput at batch 32", f"{ratio:.2f}x",
+                   ratio >= speed)
         ratio = teacher["latency_ms_p50"] / row["latency_ms_p50"]
         add_target(checks, f"{model} {kind}: >= {latency}x lower batch-1 p50", f"{ratio:.2f}x", ratio >= latency)
         ratio = row["f1"] / teacher["f1"] if teacher["f1"] else 0.0
@@ -209,9 +210,9 @@ def markdown(results):
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results['threads']} threads; float32 matmul ceiling {results['matmul_gflops']:.1f} GFLOP/s  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["machine"]["versions"].items()) + "  ",
-        f"Test sentences: {results['test_sentences']} ({results.get('test_source', 'MSRA test')}). Each model x backend x precision measured in a process of "
-        "its own. Batch-1 latency: text to tags, one real test sentence at "
-        f"a time in the test set's order (first {results['latency_sentences']}, after 10 warm-up calls). "
+        f"Test sentences: {results['test_sentences']} ({results.get('test_source', 'MSRA test')}). Each model x "
+        "backend x precision measured in a process of its own. Batch-1 latency: text to tags, one real test "
+        f"sentence at a time in the test set's order (first {results['latency_sentences']}, after 10 warm-up calls). "
         f"Throughput: first {results['speed_sentences']} sentences, batch {results['batch_size']}, "
         f"median of {results['repeats']} runs after a warm-up, length-sorted and unsorted batches. "
         "F1 / teacher and x teacher: against the FP32 teacher on the same backend (ONNX Runtime: its fused "
