@@ -318,7 +318,8 @@ def measure_variant(job):
     sentences, shape = job["sentences"], model_shape(export_dir)
     tagger, files = tagger_for(kind, export_dir, job["work_dir"], opts, job["calibration_sentences"])
     row = {**model_fields(ref), "parameters": parameters(export_dir), "layers": shape["layers"],
-           "heads": shape["heads"], "ffn_neurons": shape["ffn"], "backend": job["backend"], "precision_kind": kind, "pid": os.getpid(),
+           "heads": shape["heads"], "ffn_neurons": shape["ffn"], "backend": job["backend"], "precision_kind": kind,
+           "pid": os.getpid(),
            "dtype": "int8" if kind.endswith("int8") else "fp32", **files, **accuracy(tagger, sentences)}
     speed_row(tagger, row, sentences, opts)
     speed = sentences[: opts.speed_sentences]

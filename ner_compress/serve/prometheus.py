@@ -64,7 +64,8 @@ class ServerMetrics:
             lines += [f'ner_http_requests_total{{path="{path}",status="{status}"}} {count}'
                       for (path, status), count in sorted(self.requests.items())]
             lines += ["# HELP ner_request_duration_seconds Time from request start to response, POST /predict.",
-                      "# TYPE ner_request_duration_seconds histogram", *self.latency.lines("ner_request_duration_seconds"),
+                      "# TYPE ner_request_duration_seconds histogram",
+                      *self.latency.lines("ner_request_duration_seconds"),
                       "# HELP ner_batch_texts Texts per predictor call (dynamic batching gathers requests).",
                       "# TYPE ner_batch_texts histogram", *self.batch_texts.lines("ner_batch_texts")]
         lines += ["# HELP ner_queued_texts Texts accepted and not yet answered.", "# TYPE ner_queued_texts gauge",
