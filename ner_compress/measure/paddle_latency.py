@@ -38,8 +38,9 @@ class StackTimer:
 
     def part_ms(self, part, width):
         """``latency_table.measure_table``'s ``part_time``."""
-        stack = (self.stack_ms(lt.LAYERS_PER_GRAPH, width, self.neurons) if part == "attention"
-                 else self.stack_ms(lt.LAYERS_PER_GRAPH, self.heads, width))
+        heads, neurons = (width, self.neurons) if part == "attention" else (self.heads, width)
+        whole = (heads, neurons) == (self.heads, self.neurons)  # the stack already timed: not exported again
+        stack = self.whole_stack if whole else self.stack_ms(lt.LAYERS_PER_GRAPH, heads, neurons)
         return (stack - self.whole_stack) / lt.LAYERS_PER_GRAPH + self.whole_layer / 2
 
 
