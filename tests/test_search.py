@@ -116,6 +116,25 @@ def test_a_paddle_inference_budget_is_searched_on_its_own_table(exported_teacher
     assert timed[-1].endswith(os.path.join("search_on_paddle", "static")) and len(timed) > 10
 
 
+def test_a_refused_int8_copy_leaves_an_fp32_search_timed(exported_teacher, monkeypatch, capfd):
+    """The export's INT8 refusal (its F1 margin missed) is a warning for an FP32 budget: the FP32 graph is timed."""
+    from ner_compress.commands import stages
+    from ner_compress.commands.search import search_cli
+    from ner_compress.core.errors import Int8Refused
+
+    def export_then_refuse_int8(cfg, ref, data=None):
+        real_export(cfg, ref, data)
+        raise Int8Refused("--int8_max_f1_drop 0.5: dynamic INT8 drops dev F1 by 0.51 points")
+
+    real_export = stages.run_export
+    monkeypatch.setattr(stages, "run_export", export_then_refuse_int8)
+    search_cli(["--output_dir", str(exported_teacher), "--speedup", "1.05", "--workload_sentences", "8",
+                "--name", "no_int8", "--search_max_steps", "0"])
+    record = json.load(open(os.path.join(exported_teacher, "search", "no_int8", MANIFEST)))["search"]
+    assert record["measured_ms"] > 0
+    assert "WARNING INT8 not kept: --int8_max_f1_drop 0.5" in capfd.readouterr().err
+
+
 def test_paddle_part_costs_add_up_to_the_stacks_they_were_taken_from():
     """Whatever share of a whole layer goes to each part, predictions equal an additive stack's cost."""
     from ner_compress.measure import latency_table as lt

@@ -11,14 +11,13 @@ import os
 from ner_compress.commands import stage_pool
 from ner_compress.commands.stages import (DEMO_CONFIG, EXPORT_FLAGS, OFA_FLAGS, RECONSTRUCTION_FLAGS, STUDENT_FLAGS,
                                           TEACHER_FLAGS, load_teacher, parse_stage_config,
-                                          pruned_teacher_config, run_export, run_ofa, run_reconstruction,
+                                          pruned_teacher_config, export_keeping_fp32, run_ofa, run_reconstruction,
                                           run_student, run_teacher, start)
 from ner_compress.compress import student
 from ner_compress.core import layout
 from ner_compress.core.artifacts import MANIFEST, read_manifest
 from ner_compress.core.checkpoint import TRAINER_STATE, Checkpointer
 from ner_compress.core.config import PipelineOptions, group_fields
-from ner_compress.core.errors import Int8Refused
 from ner_compress.core.layout import ModelRef
 from ner_compress.measure import benchmark, report
 from ner_compress.models.e5_pretrained import resolve_model_path
@@ -30,14 +29,6 @@ log = logging.getLogger("ner_compress")
 
 def widths(cfg):
     return sorted(cfg.width_mult_list, reverse=True)
-
-
-def export_keeping_fp32(cfg, ref, data):
-    """``run_export``; a refused INT8 copy is a warning here: the run goes on with the FP32 export."""
-    try:
-        run_export(cfg, ref, data)
-    except Int8Refused as refusal:
-        log.warning("INT8 not kept: %s", refusal)
 
 
 def reconstruct(cfg, refs, data):

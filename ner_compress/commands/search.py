@@ -200,8 +200,8 @@ def run_search(cfg, opts):
     save_model_dir(model, data, cfg, {"dev_f1": best_f1}, out_dir, "search",
                    inputs={"teacher": read_manifest(teacher_dir, "teacher", verify_weights=False)},
                    search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))
-    if not opts.skip_export:
-        stages.run_export(cfg, ref, data)
+    if not opts.skip_export:  # a refused INT8 copy stops an int8 search only: it has nothing else to time
+        (stages.run_export if opts.precision == "int8" else stages.export_keeping_fp32)(cfg, ref, data)
         record["measured_ms"] = export_ms(exported_graph(cfg.output_dir, ref, opts), opts, feeds, workload, threads)
         record_measured(out_dir, record)
     log.info("search: %s -> %s: %s, dev F1 %.4f, predicted %.3f ms%s (budget %.3f, teacher %.3f)", name, out_dir,

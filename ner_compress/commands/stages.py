@@ -19,7 +19,7 @@ from ner_compress.core.config import (DataOptions, DropoutOptions, ExportOptions
                                       OfaOptions, ReconstructionOptions, RunOptions, StudentOptions, TeacherTraining,
                                       add_dataclass_flags, flag_field, group_fields, options_from_args, parse_config)
 from ner_compress.models.model_data import prepare_data
-from ner_compress.core.errors import UserError
+from ner_compress.core.errors import Int8Refused, UserError
 from ner_compress.models.families import load_config, model_class_for
 from ner_compress.models.modeling import check_model_options, load_pretrained
 
@@ -146,6 +146,14 @@ def run_export(cfg, ref, data=None):
         source_dir, stage = layout.trained_dir(cfg.output_dir, ref)
         return export.export_full_width(cfg, data, source_dir, out_dir, stage=stage)
     return export.export_width(cfg, data, layout.ofa_dir(cfg.output_dir, ref.source), out_dir, ref.width)
+
+
+def export_keeping_fp32(cfg, ref, data):
+    """``run_export``; a refused INT8 copy is a warning: the FP32 export is complete and the caller goes on."""
+    try:
+        run_export(cfg, ref, data)
+    except Int8Refused as refusal:
+        log.warning("INT8 not kept: %s", refusal)
 
 
 def chosen_models(output_dir, names=None):
