@@ -107,7 +107,7 @@ def test_predict_tool_takes_precision(output_dir):
 
 def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
     """run_pipeline (and an FP32 search) keeps the FP32 export and logs the refusal; any other error still stops it."""
-    from ner_compress.commands import stages as full_run
+    from ner_compress.commands import stages as stages
     from ner_compress.core.errors import Int8Refused, UserError
     from ner_compress.core.layout import ModelRef
 
@@ -115,17 +115,17 @@ def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
         raise Int8Refused("--int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points")
 
     warnings = []  # captured here: the project's logger may not propagate to pytest's handler
-    monkeypatch.setattr(full_run.log, "warning", lambda fmt, *args: warnings.append(fmt % args))
-    monkeypatch.setattr(full_run, "run_export", refuse)
-    full_run.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
+    monkeypatch.setattr(stages.log, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    monkeypatch.setattr(stages, "run_export", refuse)
+    stages.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
     assert warnings == ["INT8 not kept: --int8_max_f1_drop 1: dynamic INT8 drops dev F1 by 1.27 points"]
 
     def broken(cfg, ref, data):
         raise UserError("export parity failed")
 
-    monkeypatch.setattr(full_run, "run_export", broken)
+    monkeypatch.setattr(stages, "run_export", broken)
     with pytest.raises(UserError, match="export parity failed"):
-        full_run.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
+        stages.export_keeping_fp32(None, ModelRef("teacher", 0.5), None)
 
 
 def test_int8_search_off_writes_the_whole_graph_copy_or_nothing(output_dir, tmp_path):
