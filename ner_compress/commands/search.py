@@ -10,6 +10,8 @@ sentences' real lengths at ``--batch_size`` (1: one request at a time; 32: lengt
 """
 import logging
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -166,6 +168,14 @@ def uniform_plan(table, config, budget):
     return None
 
 
+@contextmanager
+def timed(seconds, phase):
+    """Wall seconds of the block into ``seconds[phase]``: where a search's minutes go, in its record."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = round(time.perf_counter() - start, 1)
+
+
 def run_search(cfg, opts):
     """Search, write ``search/<name>``, export it and time it: the manifest of the searched model."""
     check_options(opts)
@@ -174,9 +184,12 @@ def run_search(cfg, opts):
     threads = opts.threads or os.cpu_count() or 1
     feeds = workload_feeds(data, opts)
     workload = lt.Workload.from_feeds(feeds, opts.batch_size)
-    table, teacher_ms = latency_model(cfg, opts, teacher, feeds, workload, threads)
+    seconds = {}
+    with timed(seconds, "latency_model"):
+        table, teacher_ms = latency_model(cfg, opts, teacher, feeds, workload, threads)
     budget = budget_ms(opts, teacher_ms)
-    ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
+    with timed(seconds, "importance"):
+        ranked, state, heads, neurons = searched_model.ranked_teacher(cfg, data, teacher)
     values = Values.from_importance(heads, neurons, lt.neuron_grid(neurons.shape[1], heads.shape[1]))
     plans = [(values.source, plan) for plan in candidate_plans(values, table, budget)]
     uniform = uniform_plan(table, teacher.config, budget)
@@ -184,29 +197,35 @@ def run_search(cfg, opts):
         plans.append(("uniform", uniform))
     plans = distinct(plans, key=lambda pair: pair[1])
     teacher_dir = layout.stage_dir(cfg.output_dir, "teacher")
-    model, plan, candidates = searched_model.best_candidate(cfg, data, teacher_dir, ranked, state, plans)
+    with timed(seconds, "candidates"):
+        model, plan, candidates = searched_model.best_candidate(cfg, data, teacher_dir, ranked, state, plans)
     name = opts.name or f"b{opts.batch_size}_{budget:.3g}ms"
     ref = layout.ModelRef("search", label=name)
     out_dir = layout.trained_dir(cfg.output_dir, ref)[0]
     record = {"budget_ms": budget, "teacher_ms": teacher_ms, "predicted_ms": plan.predicted_ms,
               "batch_size": opts.batch_size, "backend": opts.backend, "precision": opts.precision, "threads": threads,
-              "candidates": candidates, "latency_table": table.machine}
+              "candidates": candidates, "latency_table": table.machine, "seconds": seconds}
     best_f1 = max(c["dev_f1"] for c in candidates)
     schedule = schedule_of(opts, "search")
     if schedule.max_steps > 0 or schedule.num_train_epochs > 0:
-        record["training"] = searched_model.distil(cfg, data, ranked, model, schedule,
-                                                   layout.checkpoint_dir(cfg.output_dir, f"search_{name}"))
+        with timed(seconds, "training"):
+            record["training"] = searched_model.distil(cfg, data, ranked, model, schedule,
+                                                       layout.checkpoint_dir(cfg.output_dir, f"search_{name}"))
         best_f1 = record["training"]["dev_f1"]
     save_model_dir(model, data, cfg, {"dev_f1": best_f1}, out_dir, "search",
                    inputs={"teacher": read_manifest(teacher_dir, "teacher", verify_weights=False)},
                    search=record, layer_heads=list(plan.heads), layer_ffn_neurons=list(plan.neurons))
     if not opts.skip_export:  # a refused INT8 copy stops an int8 search only: it has nothing else to time
-        (stages.run_export if opts.precision == "int8" else stages.export_keeping_fp32)(cfg, ref, data)
-        record["measured_ms"] = export_ms(exported_graph(cfg.output_dir, ref, opts), opts, feeds, workload, threads)
+        with timed(seconds, "export"):
+            (stages.run_export if opts.precision == "int8" else stages.export_keeping_fp32)(cfg, ref, data)
+        with timed(seconds, "measure"):
+            record["measured_ms"] = export_ms(exported_graph(cfg.output_dir, ref, opts), opts, feeds, workload,
+                                              threads)
         record_measured(out_dir, record)
     log.info("search: %s -> %s: %s, dev F1 %.4f, predicted %.3f ms%s (budget %.3f, teacher %.3f)", name, out_dir,
              plan.describe(), best_f1, plan.predicted_ms,
              f", measured {record['measured_ms']:.3f} ms" if "measured_ms" in record else "", budget, teacher_ms)
+    log.info("search: %s wall seconds", ", ".join(f"{phase} {value:.0f}" for phase, value in seconds.items()))
     return record
 
 

@@ -52,14 +52,18 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
     cut, the best few refit, the best on dev kept."""
     scored = []
     for source, plan in plans:
+        start = time.perf_counter()
         model = plan_model(teacher_dir, teacher, state, plan)
-        scored.append({"plan": plan, "source": source, "model": model, "dev_f1_cut": dev_f1(cfg, data, model)})
+        scored.append({"plan": plan, "source": source, "model": model, "dev_f1_cut": dev_f1(cfg, data, model),
+                       "seconds": time.perf_counter() - start})
         detail.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
                     scored[-1]["dev_f1_cut"])
     scored.sort(key=lambda c: -c["dev_f1_cut"])
     for candidate in scored[:0 if cfg.skip_reconstruction else REFIT_CANDIDATES]:
+        start = time.perf_counter()
         record, after = reconstruction_stage.refit_and_score(cfg, data, candidate["model"], teacher,
                                                              candidate["dev_f1_cut"])
+        candidate["seconds"] += time.perf_counter() - start
         if not record["kept"]:  # the refit lowered dev F1: back to the cut weights
             candidate["model"] = plan_model(teacher_dir, teacher, state, candidate["plan"])
         candidate["reconstruction"] = record
@@ -78,7 +82,8 @@ def candidate_record(candidate):
     return {"layer_heads": list(plan.heads), "layer_ffn_neurons": list(plan.neurons),
             "predicted_ms": round(plan.predicted_ms, 4), "values": candidate["source"],
             "dev_f1_cut": candidate["dev_f1_cut"], "dev_f1": candidate["dev_f1"],
-            "refit": "not tried" if rec is None else "kept" if rec["kept"] else "not kept (dev F1 fell)"}
+            "refit": "not tried" if rec is None else "kept" if rec["kept"] else "not kept (dev F1 fell)",
+            "seconds": round(candidate["seconds"], 1)}
 
 
 def distil(cfg, data, teacher, model, schedule, checkpoint_root):
