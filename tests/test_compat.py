@@ -1,4 +1,5 @@
 """Each workaround in ner_compress/core/compat.py and supernet.py: the defect, then the fix."""
+import contextlib
 import copy
 import os
 import signal
@@ -341,3 +342,66 @@ def test_paddle2onnx_export_leaves_polygraphy_installing_unless_guarded(guarded,
     else:  # upstream: the export switched installing on for the rest of the process
         assert "autoinstall 1 True" in result.stdout, result.stdout
         assert "ner_compress_absent_module" in installs.read_text()
+
+
+# --- paddle 2.6.2 and 3.3.1: LayerNorm's input gradient with a frozen scale ---------------------
+
+def layer_norm_input_gradient(scale_frozen):
+    """LayerNorm's input gradient (a non-trivial scale) with or without a gradient on its scale, and the
+    finite-difference gradient it should equal."""
+    paddle.seed(0)
+    norm = paddle.nn.LayerNorm(16)
+    norm.weight.set_value(paddle.rand([16]) + 0.5)
+    norm.weight.stop_gradient = scale_frozen
+    weights = paddle.arange(16, dtype="float32")
+    x = paddle.randn([1, 16], dtype="float32")
+    grad_x = x.clone()
+    grad_x.stop_gradient = False
+    (norm(grad_x) * weights).sum().backward()
+    value = lambda v: float((norm(paddle.to_tensor(v.astype("float32"))) * weights).sum())  # noqa: E731
+    base, step = x.numpy().astype("float64"), 1e-2
+    numeric = [(value(base + step * e) - value(base - step * e)) / (2 * step) for e in np.eye(16)[:, None, :]]
+    return grad_x.grad.numpy()[0], np.array(numeric)
+
+
+def test_layer_norm_input_gradient_is_wrong_when_its_scale_is_frozen():
+    if not compat.LAYER_NORM_FROZEN_SCALE:
+        pytest.skip(f"LAYER_NORM_FROZEN_SCALE is off for paddle {compat.PADDLE_VERSION}")
+    live, numeric = layer_norm_input_gradient(scale_frozen=False)
+    assert np.abs(live - numeric).max() < 1e-2
+    frozen, numeric = layer_norm_input_gradient(scale_frozen=True)
+    assert np.abs(frozen - numeric).max() > 0.5  # the defect; when a version mends it, key the flag off there
+
+
+def test_fisher_importance_with_frozen_weights_equals_it_with_every_weight_live(tiny_bert):
+    from ner_compress.compress import unit_importance
+
+    for sub in tiny_bert.sublayers():
+        if isinstance(sub, paddle.nn.LayerNorm):  # scales of one hide the defect
+            sub.weight.set_value(paddle.rand(sub.weight.shape) + 0.5)
+    rng = np.random.RandomState(0)
+    batches = [{"input_ids": paddle.to_tensor(rng.randint(5, 100, size=(4, 12))),
+                "token_type_ids": paddle.zeros([4, 12], dtype="int64"),
+                "labels": paddle.to_tensor(rng.randint(0, 7, size=(4, 12)))} for _ in range(2)]
+    flags = [p.stop_gradient for p in tiny_bert.parameters()]
+    importance = unit_importance.fisher_importance(tiny_bert, batches)
+    assert [p.stop_gradient for p in tiny_bert.parameters()] == flags  # restored
+    original = unit_importance.weights_frozen
+    try:
+        unit_importance.weights_frozen = lambda model: contextlib.nullcontext()  # every weight live
+        reference = unit_importance.fisher_importance(tiny_bert, batches)
+
+        def naive(model):  # what freezing every weight would give: LayerNorm scales frozen too
+            with contextlib.ExitStack() as stack:
+                stack.callback(lambda: [setattr(p, "stop_gradient", False) for p in model.parameters()])
+                for p in model.parameters():
+                    p.stop_gradient = True
+                yield
+        unit_importance.weights_frozen = contextlib.contextmanager(naive)
+        wrong = unit_importance.fisher_importance(tiny_bert, batches)
+    finally:
+        unit_importance.weights_frozen = original
+    for mine, ref, bad in zip(importance, reference, wrong):
+        assert np.allclose(mine, ref, rtol=1e-4, atol=1e-12)
+        if compat.LAYER_NORM_FROZEN_SCALE:
+            assert not np.allclose(bad, ref, rtol=1e-2, atol=0)

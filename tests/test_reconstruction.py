@@ -10,7 +10,8 @@ import pytest
 
 from conftest import TINY_LABELS, copy_stages, run_tool
 from ner_compress.compress import reconstruction_stage
-from ner_compress.compress.reconstruction import PROJECTIONS, calibration_set, reconstruct, ridge_solution
+from ner_compress.compress.reconstruction import (PROJECTIONS, calibration_set, reconstruct, ridge_solution,
+                                                  ridge_solutions)
 from ner_compress.core import layout
 from ner_compress.core.config import Config
 from ner_compress.data.corpus import Window
@@ -68,6 +69,29 @@ def test_ridge_solution_recovers_an_affine_map():
     x, w, b = rng.randn(500, 12), rng.randn(12, 5), rng.randn(5)
     fit_w, fit_b = ridge_solution(x, x @ w + b, 1e-12)
     assert np.allclose(fit_w, w, atol=1e-6) and np.allclose(fit_b, b, atol=1e-6)
+
+
+def test_ridge_solutions_share_one_gram_matrix_and_match_one_solve_each():
+    rng = np.random.RandomState(2)
+    x, y = rng.randn(200, 10), rng.randn(200, 3)
+    for alpha, (w, b) in zip((1e-4, 1e-1), ridge_solutions(x, y, (1e-4, 1e-1))):
+        one_w, one_b = ridge_solution(x, y, alpha)
+        assert np.allclose(w, one_w) and np.allclose(b, one_b)
+    assert not np.allclose(*[w for w, _ in ridge_solutions(x, y, (1e-4, 1e-1))])
+
+
+def test_refits_sharing_a_targets_cache_run_the_teacher_once_and_refit_alike():
+    teacher = bert()
+    calls = []
+    teacher.register_forward_post_hook(lambda layer, inputs, output: calls.append(1))
+    calib, cache = calibration(), {}
+    first, again = half_width_cut(teacher), half_width_cut(teacher)
+    records = reconstruct(first, teacher, calib, [0, 1], targets_cache=cache)
+    teacher_runs = len(calls)
+    assert teacher_runs == len(calib.batches)
+    assert reconstruct(again, teacher, calib, [0, 1], targets_cache=cache) == records
+    assert len(calls) == teacher_runs  # the second refit read the teacher's rows from the cache
+    assert all(np.array_equal(v.numpy(), again.state_dict()[k].numpy()) for k, v in first.state_dict().items())
 
 
 def test_calibration_holds_out_a_quarter_and_sorts_by_length():

@@ -168,16 +168,24 @@ def inputs_and_targets(layer, name, calls, calibration, teacher_rows, residual):
     return recorded["input"], targets
 
 
-def ridge_solution(x, y, alpha):
-    """Weights [in, out] and bias minimising |xW + b - y|^2 + lam |W|^2 (bias not penalised), in float64;
-    lam = alpha x trace(centred input covariance) / input width."""
+def ridge_solutions(x, y, alphas):
+    """Weights [in, out] and bias minimising |xW + b - y|^2 + lam |W|^2 (bias not penalised) for each of
+    ``alphas``, in float64; lam = alpha x trace(centred input covariance) / input width. The Gram matrix, most
+    of the cost, is made once for all of them."""
     x, y = x.astype(np.float64), y.astype(np.float64)
     mean_x, mean_y = x.mean(0), y.mean(0)
     xc = x - mean_x
-    gram = xc.T @ xc
-    lam = alpha * np.trace(gram) / x.shape[1]
-    w = np.linalg.solve(gram + lam * np.eye(x.shape[1]), xc.T @ (y - mean_y))
-    return w, mean_y - mean_x @ w
+    gram, cross = xc.T @ xc, xc.T @ (y - mean_y)
+    unit = np.trace(gram) / x.shape[1] * np.eye(x.shape[1])
+    solutions = []
+    for alpha in alphas:
+        w = np.linalg.solve(gram + alpha * unit, cross)
+        solutions.append((w, mean_y - mean_x @ w))
+    return solutions
+
+
+def ridge_solution(x, y, alpha):
+    return ridge_solutions(x, y, [alpha])[0]
 
 
 def relative_error(x, y, w, b):
@@ -205,7 +213,8 @@ def refit_projection(linear, inputs, targets, ridge_grid=RIDGE_GRID):
         x_held, y_held, ridge_grid = x_fit, y_fit, ridge_grid[:1]
     current = (linear.weight.numpy().astype(np.float64), linear.bias.numpy().astype(np.float64))
     fit_before, held_before = relative_error(x_fit, y_fit, *current), relative_error(x_held, y_held, *current)
-    held_after, alpha = min((relative_error(x_held, y_held, *ridge_solution(x_fit, y_fit, a)), a) for a in ridge_grid)
+    held_after, alpha = min((relative_error(x_held, y_held, *fit), a)
+                            for fit, a in zip(ridge_solutions(x_fit, y_fit, ridge_grid), ridge_grid))
     if held_after >= held_before:
         return Refit(alpha, fit_before, fit_before, held_before, held_before, False)
     w, b = ridge_solution(np.concatenate([x_fit, x_held]), np.concatenate([y_fit, y_held]), alpha)
@@ -215,17 +224,22 @@ def refit_projection(linear, inputs, targets, ridge_grid=RIDGE_GRID):
                  relative_error(x_held, y_held, w, b), True)
 
 
-def reconstruct(model, teacher, calibration, teacher_layers, target="projection"):
+def reconstruct(model, teacher, calibration, teacher_layers, target="projection", targets_cache=None):
     """Refit every encoder layer of ``model`` (eval mode, in place) against ``teacher_layers[i]`` of
     ``teacher``; one record per layer, bottom first. ``target``: ``projection`` (the teacher projection's
     output) or ``residual`` (the teacher's residual sum: also makes up for layers a student skips and for
-    the errors of the layers below; post-LN layers only)."""
+    the errors of the layers below; post-LN layers only). ``targets_cache``: a dict kept across refits of
+    several models against one teacher and calibration, so the teacher runs once."""
     model.eval()
     teacher.eval()
     residual = target == "residual"
     if residual and any(getattr(layer, "normalize_before", False) for layer in encoder_layers(model)):
         residual = False  # pre-LN: no LayerNorm right after the residual add to read the sum from
-    teacher_rows = teacher_targets(teacher, calibration, teacher_layers, residual)
+    cache = {} if targets_cache is None else targets_cache
+    key = (tuple(sorted(set(teacher_layers))), residual)
+    if key not in cache:
+        cache[key] = teacher_targets(teacher, calibration, teacher_layers, residual)
+    teacher_rows = cache[key]
     calls = first_layer_calls(model, calibration)
     records = []
     for i, layer in enumerate(encoder_layers(model)):

@@ -38,22 +38,26 @@ def calibration(cfg, data):
                            data.encoder.pad_id, cfg.seed)
 
 
-def refit(cfg, data, model, teacher):
-    """Reconstruct ``model`` in place against ``teacher``: the record of what was done (no dev score yet)."""
-    calib = calibration(cfg, data)
+def refit(cfg, data, model, teacher, cache=None):
+    """Reconstruct ``model`` in place against ``teacher``: the record of what was done (no dev score yet).
+    ``cache``: a dict kept across refits against the same teacher (calibration and the teacher's targets)."""
+    cache = {} if cache is None else cache
+    if "calibration" not in cache:
+        cache["calibration"] = calibration(cfg, data)
+    calib = cache["calibration"]
     wall, cpu = time.perf_counter(), time.process_time()
     layers = reconstruct(model, teacher, calib, layer_map(model.config.num_hidden_layers,
                                                           teacher.config.num_hidden_layers),
-                         cfg.reconstruction_target)
+                         cfg.reconstruction_target, targets_cache=cache.setdefault("targets", {}))
     return {"calibration": {"split": "train", "sentences": calib.sentences, "seed": cfg.seed,
                             "held_out_batches": sum(calib.held_out)},
             "target": cfg.reconstruction_target, "ridge_grid": list(RIDGE_GRID), "layers": layers,
             "seconds": round(time.perf_counter() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
 
 
-def refit_and_score(cfg, data, model, teacher, before_f1):
-    """Reconstruct ``model`` in place and score it on dev: (record, dev scores after)."""
-    record = refit(cfg, data, model, teacher)
+def refit_and_score(cfg, data, model, teacher, before_f1, cache=None):
+    """Reconstruct ``model`` in place and score it on dev: (record, dev scores after); ``cache`` as ``refit``'s."""
+    record = refit(cfg, data, model, teacher, cache)
     scores = evaluate(partial(numpy_logits, model), data, data.windows("dev"), cfg.per_device_eval_batch_size,
                       cfg.decoding)
     record.update({"dev_f1_before": before_f1, "dev_f1_after": scores["f1"], "kept": scores["f1"] > before_f1})

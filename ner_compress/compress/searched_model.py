@@ -59,10 +59,11 @@ def best_candidate(cfg, data, teacher_dir, teacher, state, plans):
         detail.info("search: %s predicted %.3f ms, dev F1 as cut %.4f", plan.describe(), plan.predicted_ms,
                     scored[-1]["dev_f1_cut"])
     scored.sort(key=lambda c: -c["dev_f1_cut"])
+    cache = {}  # one calibration set and one teacher pass for every refit
     for candidate in scored[:0 if cfg.skip_reconstruction else REFIT_CANDIDATES]:
         start = time.perf_counter()
         record, after = reconstruction_stage.refit_and_score(cfg, data, candidate["model"], teacher,
-                                                             candidate["dev_f1_cut"])
+                                                             candidate["dev_f1_cut"], cache)
         candidate["seconds"] += time.perf_counter() - start
         if not record["kept"]:  # the refit lowered dev F1: back to the cut weights
             candidate["model"] = plan_model(teacher_dir, teacher, state, candidate["plan"])

@@ -10,6 +10,7 @@ import paddle
 from paddlenlp.transformers.ofa_utils import reorder_head, reorder_neuron
 
 from ner_compress.compress.training import token_loss
+from ner_compress.core.compat import weights_frozen
 from ner_compress.models.encoder_changes import encoder_layers
 
 
@@ -51,18 +52,19 @@ def fisher_importance(model, batches):
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model as it will run
     try:
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
-            token_loss(logits, batch["labels"]).backward()
-            heads += np.stack([mask.grad.numpy() ** 2 for mask in head_masks])
-            neurons += np.stack([mask.grad.numpy() ** 2 for mask in neuron_masks])
-            for mask in head_masks + neuron_masks:
-                mask.clear_gradient()
-            model.clear_gradients()
+        with weights_frozen(model):  # only the masks' gradients are read
+            for batch in batches:
+                logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+                token_loss(logits, batch["labels"]).backward()
+                heads += np.stack([mask.grad.numpy() ** 2 for mask in head_masks])
+                neurons += np.stack([mask.grad.numpy() ** 2 for mask in neuron_masks])
+                for mask in head_masks + neuron_masks:
+                    mask.clear_gradient()
+                model.clear_gradients()
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
+        model.train() if was_training else model.eval()  # Paddle 2.6 train() takes no flag
     return heads, neurons
 
 

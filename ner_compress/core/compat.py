@@ -150,6 +150,36 @@ def polygraphy_without_installs():
             os.environ["POLYGRAPHY_AUTOINSTALL_DEPS"] = before
 
 
+# --- paddle 2.6.2 and 3.3.1: LayerNorm's input gradient when its scale needs none ------------
+
+# ``layer_norm``'s backward leaves the scale out of the input's gradient when the scale has
+# ``stop_gradient`` set: wrong by the scale per channel (seen on 2.6.2 and 3.3.1; tests/test_compat.py
+# checks it against finite differences). A model frozen to take gradients of masks only must keep its
+# LayerNorm scales live; they are a few hundred numbers a layer, so that costs nothing.
+LAYER_NORM_FROZEN_SCALE = major(PADDLE_VERSION) in (2, 3)
+
+
+@contextlib.contextmanager
+def weights_frozen(model):
+    """Inside the block ``model``'s weights take no gradient (a backward for masks or inputs only does a third
+    less work), but for LayerNorm scales where ``LAYER_NORM_FROZEN_SCALE``; every flag is restored after."""
+    import paddle
+
+    live = set()
+    if LAYER_NORM_FROZEN_SCALE:
+        live = {id(sub.weight) for sub in model.sublayers(include_self=True)
+                if isinstance(sub, paddle.nn.LayerNorm) and sub.weight is not None}
+    params = model.parameters()
+    before = [p.stop_gradient for p in params]
+    try:
+        for p in params:
+            p.stop_gradient = id(p) not in live
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.stop_gradient = flag
+
+
 PATCHES = (
     Patch("superlayernorm_forward", "paddleslim 2.6.0 on paddle 2.6.x and 3.x", on_paddleslim_2_6,
           patch_superlayernorm_forward),
