@@ -1,6 +1,7 @@
 """Latency-budget search parts: the latency table (measured, cached, re-measured), Fisher importance and the
 reorder it drives, and the knapsack that picks per-layer widths."""
 import itertools
+import os
 
 import numpy as np
 import paddle
@@ -132,3 +133,33 @@ def test_latency_table_is_cached_and_measured_again_for_other_threads(tmp_path):
     _, cached = lt.cached_table(path, lt.machine_key(2, "onnxruntime", "fp32", workload, TINY_SHAPE), measure(2))
     assert not cached and calls == [1, 2]
     assert first.predict([4, 4], [32, 32]) > first.predict([1, 1], [8, 8]) > first.rest_ms
+
+
+def test_a_scaled_table_predicts_every_plan_scaled():
+    table = lt.LatencyTable({}, {}, {1: 1.0, 4: 2.5}, {8: 0.5, 32: 2.0}, 0.75)
+    faster = table.scaled(0.8)
+    for heads, neurons in (([4, 4], [32, 32]), ([1, 4], [8, 32])):
+        assert faster.predict(heads, neurons) == pytest.approx(0.8 * table.predict(heads, neurons))
+    assert table.rest_ms == 0.75  # the cached table itself is left as measured
+
+
+def test_a_timing_is_the_lowest_of_its_passes(monkeypatch):
+    monkeypatch.setattr(lt.timing, "repeat_seconds", lambda once, repeats: [0.4, 0.2, 0.3][:repeats])
+    workload = lt.Workload.from_lengths([5, 9], batch_size=1)
+    assert lt.workload_ms(lambda feed: None, [{}, {}], workload, repeats=3) == pytest.approx(100.0)
+
+
+def test_fisher_importance_is_cached_for_the_same_weights_and_batches_only(tmp_path):
+    from ner_compress.compress.searched_model import cached_importance
+
+    model, path = bert(layers=1), str(tmp_path / "importance.npz")
+    (heads, neurons), cached = cached_importance(model, tiny_batches(), path)
+    assert not cached and os.path.isfile(path)
+    (again_heads, again_neurons), cached = cached_importance(model, tiny_batches(), path)
+    assert cached and np.array_equal(again_heads, heads) and np.array_equal(again_neurons, neurons)
+    _, cached = cached_importance(model, tiny_batches()[:3], path)
+    assert not cached  # other batches
+    weight = model.bert.encoder.layers[0].linear2.weight
+    weight.set_value(weight.numpy() * 1.5)
+    _, cached = cached_importance(model, tiny_batches()[:3], path)
+    assert not cached  # other weights

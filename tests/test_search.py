@@ -2,6 +2,7 @@
 refusal one line with nothing written."""
 import json
 import os
+import re
 import shutil
 
 import onnx
@@ -59,10 +60,15 @@ def test_the_chosen_model_is_trained_and_keeps_its_best_step(searched):
 
 def test_the_latency_table_is_reused(searched):
     result = run_tool("search.py", "--output_dir", searched, "--speedup", "1.05", "--workload_sentences", "16",
-                      "--name", "again", "--skip_export", "--search_max_steps", "0")
-    assert "latency table cached" in result.stderr
+                      "--name", "again", "--skip_export", "--verbose")
+    assert "latency table cached, scaled" in result.stderr
+    assert re.search(r"Fisher importance .* \(cached\)", result.stderr)
     manifest = json.load(open(os.path.join(searched, "search", "again", MANIFEST)))
-    assert "training" not in manifest["search"]  # 0 steps: the refit is the model
+    first = json.load(open(os.path.join(searched, "search", "fast", MANIFEST)))
+    assert manifest["search"]["latency_table"]["scaled"] > 0 and first["search"]["latency_table"]["scaled"] == 1
+    assert manifest["search"]["teacher_ms"] == pytest.approx(
+        first["search"]["teacher_ms"] * manifest["search"]["latency_table"]["scaled"], rel=1e-3)
+    assert "training" not in manifest["search"]  # by default the refit is the model
 
 
 @pytest.mark.parametrize("flags, message", [

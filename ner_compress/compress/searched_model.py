@@ -7,14 +7,18 @@ and the best on dev is kept, then distilled from the teacher for a few hundred s
 start kept unless training beats it on dev). Test is never read here.
 """
 import copy
+import hashlib
+import os
 import time
 from functools import partial
+
+import numpy as np
 
 from ner_compress.compress import reconstruction_stage
 from ner_compress.compress.matches import default_matches
 from ner_compress.compress.student import StudentDistiller
 from ner_compress.compress.supernet import importance_batches
-from ner_compress.compress.training import Stage, best_dev_eval, evaluate, run_stage
+from ner_compress.compress.training import Stage, best_dev_eval, evaluate, parameters_digest, run_stage
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.models.modeling import build_sub_model, numpy_logits
@@ -23,18 +27,45 @@ from ner_compress.models.width_plan import layer_plan
 REFIT_CANDIDATES = 3  # measured: the refit lifted a per-layer cut 4.1 dev points, a uniform one 2.0
 
 
-def ranked_teacher(cfg, data, teacher):
+def ranked_teacher(cfg, data, teacher, cache_path=None):
     """A copy of ``teacher`` with each layer's heads and neurons sorted by Fisher importance, its state (numpy),
-    and the sorted importances (heads [layers, heads], neurons [layers, neurons])."""
+    and the sorted importances (heads [layers, heads], neurons [layers, neurons]). ``cache_path``: where the
+    importance is kept for the next search on the same teacher and training batches."""
     model = copy.deepcopy(teacher)
     batches = importance_batches(data.windows("train"), cfg.per_device_eval_batch_size, cfg.importance_batches,
                                  data.encoder.pad_id, cfg.seed)
     start = time.process_time()
-    heads, neurons = reorder_by_importance(model, *fisher_importance(model, batches))
-    detail.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%.0f CPU-s)",
-                heads.size, neurons.size, len(batches), time.process_time() - start)
+    importance, cached = cached_importance(model, batches, cache_path)
+    heads, neurons = reorder_by_importance(model, *importance)
+    detail.info("search: Fisher importance of %d heads and %d neurons on %d training batches (%s)", heads.size,
+                neurons.size, len(batches), "cached" if cached else f"{time.process_time() - start:.0f} CPU-s")
     model.eval()
     return model, {k: v.numpy() for k, v in model.state_dict().items()}, heads, neurons
+
+
+def importance_key(model, batches):
+    """What an importance is valid for: the model's weights and the batches' ids and labels."""
+    digest = hashlib.sha256(parameters_digest(model).encode())
+    for batch in batches:
+        for name in ("input_ids", "token_type_ids", "labels"):
+            digest.update(np.ascontiguousarray(batch[name].numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def cached_importance(model, batches, path):
+    """((heads, neurons) Fisher importance, read from ``path``?): read when it was computed for the same weights
+    and batches (one search per budget on a teacher pays for it once), else computed and written there."""
+    key = importance_key(model, batches)
+    if path and os.path.isfile(path):
+        with np.load(path) as saved:
+            if str(saved["key"]) == key:
+                return (saved["heads"], saved["neurons"]), True
+    heads, neurons = fisher_importance(model, batches)
+    if path:
+        partial_path = f"{path}.partial-{os.getpid()}.npz"
+        np.savez(partial_path, key=np.array(key), heads=heads, neurons=neurons)
+        os.replace(partial_path, path)
+    return (heads, neurons), False
 
 
 def plan_model(teacher_dir, teacher, state, plan):

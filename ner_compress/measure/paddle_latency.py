@@ -21,7 +21,7 @@ from ner_compress.models.families import load_config, model_class_for
 from ner_compress.models.width_plan import layer_plan
 
 
-def static_ms(static_dir, feeds, workload, threads, repeats=3):
+def static_ms(static_dir, feeds, workload, threads, repeats=lt.REPEATS):
     """Milliseconds per sentence of an exported static graph through the tagger's predictor, over the workload."""
     tagger = StaticTagger(static_dir, threads=threads)
     return lt.workload_ms(lambda feed: tagger.logits(feed["input_ids"], feed["token_type_ids"]), feeds, workload,

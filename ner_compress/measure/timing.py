@@ -31,12 +31,17 @@ def call_ms(calls, warmup=10):
     return timings
 
 
-def median_seconds(run_once, repeats):
-    """Median wall seconds of ``repeats`` calls of ``run_once`` after one untimed warm-up call."""
+def repeat_seconds(run_once, repeats):
+    """Wall seconds of each of ``repeats`` calls of ``run_once`` after one untimed warm-up call."""
     run_once()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run_once()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(run_once, repeats):
+    """Median wall seconds of ``repeats`` calls of ``run_once`` after one untimed warm-up call."""
+    return statistics.median(repeat_seconds(run_once, repeats))
