@@ -336,6 +336,19 @@ def test_atomic_dir_failure_keeps_previous_contents(tmp_path):
     assert _leftovers(final.parent) == []
 
 
+def test_atomic_file_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    final = tmp_path / "importance.npz"
+    final.write_text("old")
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_file(str(final)) as tmp, open(tmp, "w") as fh:
+            fh.write("half")
+            raise RuntimeError("killed mid-write")
+    assert final.read_text() == "old" and os.listdir(tmp_path) == ["importance.npz"]
+    with artifacts.atomic_file(str(final)) as tmp, open(tmp, "w") as fh:
+        fh.write("new")
+    assert final.read_text() == "new" and os.listdir(tmp_path) == ["importance.npz"]
+
+
 def test_atomic_dir_success_replaces_old_contents(tmp_path):
     final = tmp_path / "out" / "teacher"
     final.mkdir(parents=True)

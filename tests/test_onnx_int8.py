@@ -107,7 +107,7 @@ def test_predict_tool_takes_precision(output_dir):
 
 def test_the_pipeline_goes_on_when_an_int8_copy_is_refused(monkeypatch):
     """run_pipeline (and an FP32 search) keeps the FP32 export and logs the refusal; any other error still stops it."""
-    from ner_compress.commands import stages as stages
+    from ner_compress.commands import stages
     from ner_compress.core.errors import Int8Refused, UserError
     from ner_compress.core.layout import ModelRef
 

@@ -19,6 +19,7 @@ from ner_compress.compress.matches import default_matches
 from ner_compress.compress.student import StudentDistiller
 from ner_compress.compress.supernet import importance_batches
 from ner_compress.compress.training import Stage, best_dev_eval, evaluate, parameters_digest, run_stage
+from ner_compress.core.artifacts import atomic_file
 from ner_compress.core.console import detail
 from ner_compress.compress.unit_importance import fisher_importance, reorder_by_importance
 from ner_compress.models.modeling import build_sub_model, numpy_logits
@@ -64,9 +65,8 @@ def cached_importance(model, batches, path):
                 return (saved["heads"], saved["neurons"]), True
     heads, neurons = fisher_importance(model, batches)
     if path:
-        partial_path = f"{path}.partial-{os.getpid()}.npz"
-        np.savez(partial_path, key=np.array(key), heads=heads, neurons=neurons)
-        os.replace(partial_path, path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), heads=heads, neurons=neurons)
     return (heads, neurons), False
 
 

@@ -78,11 +78,22 @@ def recover_interrupted(final):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def write_json(path, data):
+@contextlib.contextmanager
+def atomic_file(path):
+    """A temporary path beside ``path`` to write, renamed onto ``path`` when the block ends without error (else
+    removed): a reader never sees half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, ensure_ascii=False, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def weight_hashes(directory):
